@@ -1,0 +1,1 @@
+"""cvat-hooks receiver: verify, parse, match and durably queue CVAT webhook deliveries."""

@@ -1,0 +1,191 @@
+"""One delivery, from raw bytes to durably queued jobs: the story the receiver tells for each POST.
+
+verify -> parse -> what we last saw -> match -> record + enqueue (one Redis transaction) -> answer.
+
+Answers are chosen for CVAT's sender, which retries 5xx/408/429 (recent versions) and shows our
+reply body in its delivery log: 401 bad signature, 400 unreadable, 200 ping / no match / duplicate,
+202 queued, 503 only when the event could not be stored (so CVAT retries it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError, WatchError
+
+from receiver.events import BadEvent, Event, parse_event
+from receiver.rules import Match, Previous, RuleStore, match, previous_from_payload
+from receiver.settings import Settings
+from receiver.signature import HEADER, Verdict, verify
+from receiver.state import Seen, StateStore
+from workers.contract import ActionCall
+from workers.delivery_log import DeliveryLog, Outcome
+from workers.queueing import enqueue
+from workers.redaction import Redactor
+
+log = logging.getLogger(__name__)
+
+SEEN_KEY = "cvat-hooks:seen:{}"
+NO_MATCH_RETENTION = 86400
+"""Seconds a delivery that matched no rule stays listed: enough to debug a rule, cheap at volume."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the receiver says back to CVAT."""
+
+    status: int
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Intake:
+    """Everything one delivery needs; built once per app by ``receiver.app``."""
+
+    settings: Settings
+    redis: Redis
+    rules: RuleStore
+    deliveries: DeliveryLog
+    state: StateStore
+    redactor: Redactor
+
+    def receive(self, body: bytes, signature: str | None, *, peer: str = "-") -> Answer:
+        """Handle one POSTed delivery (body size already checked by the view)."""
+        verdict = verify(body, signature, self.settings.secrets)
+        if verdict is not Verdict.VALID and not self.settings.insecure_no_signature:
+            # Never log the header or the secrets: only what kind of failure it was.
+            log.warning("delivery rejected: %s %s (%d bytes from %s)", HEADER, verdict.value, len(body), peer)
+            return Answer(401, {"error": f"{HEADER} {verdict.value}"})
+        try:
+            event = parse_event(body)
+        except BadEvent as exc:
+            log.warning("delivery rejected: %s (%d bytes from %s)", exc, len(body), peer)
+            return Answer(400, {"error": str(exc)})
+        try:
+            return self._accept(event)
+        except RedisError as exc:
+            log.error("delivery %s: could not be stored, asking CVAT to retry: %s",
+                      event.delivery_id, self.redactor.text(str(exc)))
+            return Answer(503, {"error": "event could not be stored; retry later",
+                                "delivery_id": event.delivery_id})
+
+    def _accept(self, event: Event) -> Answer:
+        now = time.time()
+        if event.is_ping:
+            return self._store(event, [], Previous(None, None, "untracked"), now, Outcome.PING)
+        self.rules.maybe_reload()
+        previous = transitions_for(event, self.state.observe(event))
+        matches = match(self.rules.current, event, previous, datetime.fromtimestamp(now, UTC))
+        return self._store(event, matches, previous, now, Outcome.QUEUED if matches else Outcome.NO_MATCH)
+
+    def _store(self, event: Event, matches: list[Match], previous: Previous, now: float,
+               outcome: Outcome) -> Answer:
+        """Record the delivery and enqueue its jobs atomically, unless it was seen before."""
+        calls = calls_for(event, matches)
+        record = delivery_record(event, matches, calls, previous, outcome)
+        seen_key = SEEN_KEY.format(event.delivery_id)
+        retention = self.settings.workers.retention_seconds
+        with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(seen_key)
+                if pipe.exists(seen_key):
+                    pipe.unwatch()
+                    return self._duplicate(event, now)
+                pipe.multi()
+                pipe.set(seen_key, int(now), ex=self.settings.dedupe_seconds)
+                self.deliveries.add_received(pipe, record, record_actions(calls), now)
+                if outcome is Outcome.NO_MATCH:
+                    self.deliveries.expire(pipe, event.delivery_id, NO_MATCH_RETENTION)
+                job_ids = enqueue(calls, self.redis, pipe, failure_ttl=retention)
+                pipe.execute()
+            except WatchError:
+                # Another receiver stored this very event between our check and our write.
+                return self._duplicate(event, now)
+        if outcome is Outcome.PING:
+            log.info("delivery %s: ping from webhook %s", event.delivery_id, event.webhook_id)
+            return Answer(200, {"status": "ping", "delivery_id": event.delivery_id})
+        if not job_ids:
+            log.info("delivery %s: %s matched no rule", event.delivery_id, event.name)
+            return Answer(200, {"status": "no_match", "delivery_id": event.delivery_id})
+        log.info("delivery %s: %s matched %d rule(s), queued %d job(s)",
+                 event.delivery_id, event.name, len(matches), len(job_ids))
+        return Answer(202, {"status": "queued", "delivery_id": event.delivery_id, "jobs": job_ids})
+
+    def _duplicate(self, event: Event, now: float) -> Answer:
+        self.deliveries.add_duplicate(event.delivery_id, now)
+        log.info("delivery %s: duplicate of an event already received; nothing queued", event.delivery_id)
+        return Answer(200, {"status": "duplicate", "delivery_id": event.delivery_id})
+
+
+def transitions_for(event: Event, seen: Seen) -> Previous:
+    """Decide where ``changed``/``became``/``was`` take the old values from, and say which source.
+
+    An event older than what we already saw never fires a transition (CVAT does not promise
+    order); otherwise CVAT's own ``before_update``/``changes`` win, then our last-seen snapshot.
+    """
+    if event.action == "create":
+        return Previous(event.resource, {}, "created")
+    if seen.source == "stale":
+        return Previous(event.resource, None, "stale")
+    from_payload = previous_from_payload(event)
+    if from_payload is not None:
+        return from_payload
+    if seen.source == "last-seen":
+        return Previous(event.resource, seen.snapshot, "last-seen")
+    return Previous(event.resource, None, seen.source)
+
+
+def calls_for(event: Event, matches: list[Match]) -> list[ActionCall]:
+    """One job per planned action of every matched rule."""
+    essentials = event.essentials()
+    return [
+        ActionCall(
+            delivery_id=event.delivery_id,
+            rule_id=m.rule_id,
+            index=planned.index,
+            action=planned.action,
+            params=planned.params,
+            event=essentials,
+            retry=planned.retry,
+            queue=planned.queue,
+        )
+        for m in matches
+        for planned in m.actions
+    ]
+
+
+def record_actions(calls: list[ActionCall]) -> list[dict[str, Any]]:
+    """The per-action part of a delivery record."""
+    return [{"job_id": c.job_id, "rule_id": c.rule_id, "index": c.index, "action": c.action,
+             "queue": c.queue, "params": c.params, "retry": c.retry.to_json(), "run": c.run} for c in calls]
+
+
+def delivery_record(event: Event, matches: list[Match], calls: list[ActionCall], previous: Previous,
+                    outcome: Outcome) -> dict[str, Any]:
+    """What the delivery log keeps about a delivery's receipt (the payload too, for replays)."""
+    by_rule: dict[str, list[str]] = {}
+    for call in calls:
+        by_rule.setdefault(call.rule_id, []).append(call.job_id)
+    return {
+        "delivery_id": event.delivery_id,
+        "event": event.name,
+        "outcome": outcome.value,
+        "webhook_id": event.webhook_id,
+        "resource": event.resource,
+        "resource_id": event.resource_id,
+        "updated_date": event.updated_date,
+        "ids": event.ids,
+        "transitions": {"source": previous.source},
+        "essentials": event.essentials(),
+        "matched": [
+            {"rule_id": m.rule_id, "reasons": list(m.reasons), "jobs": by_rule.get(m.rule_id, []),
+             "errors": list(m.errors)}
+            for m in matches
+        ],
+        "payload": event.payload,
+    }

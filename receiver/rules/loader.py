@@ -1,0 +1,396 @@
+"""Load and validate ``rules.yaml`` (version 1), reporting every problem at once with its line.
+
+The file is read with PyYAML's *composed node tree* (safe tags only) so each rule, key and value
+keeps its line for messages such as
+``rules.yaml:14: rule 'export-finished-jobs': unknown operator 'eq' on 'job.state' (known: ...)``.
+Keys, ids and event names are taken as the text written, not as YAML 1.1 would resolve them:
+an unquoted ``on`` key is the boolean ``true`` to PyYAML, and ``on`` is our most important key.
+
+Errors make the file unusable (:class:`RulesError`); warnings (an ``on`` pattern that matches no
+known CVAT event) are kept on the :class:`RuleSet` for ``cvat-hooks rules check`` to show.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+import workers.actions
+from receiver.cvat_events import EVENT_NAMES, expand, resource_of
+from receiver.rules.model import (
+    OPERATORS,
+    TRANSITION_OPERATORS,
+    ActionDecl,
+    All,
+    AnyOf,
+    Check,
+    Condition,
+    Not,
+    Problem,
+    Rule,
+    RulesError,
+    RuleSet,
+)
+from receiver.rules.templating import check_template
+from workers.retry import RetryPolicy
+
+Validator = Callable[[str, Mapping[str, Any]], list[str]]
+"""``(action name, params without 'action') -> problems``; :func:`workers.actions.validate_params`."""
+
+VERSION = 1
+TOP_KEYS = ("version", "rules")
+RULE_KEYS = ("id", "description", "on", "if", "do", "retry")
+RETRY_KEYS = ("attempts", "backoff")
+GROUP_KEYS = ("all", "any", "not")
+
+_SLUG = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_PATH = re.compile(r"[^.\s]+(?:\.[^.\s]+)*")
+
+
+def _line(node: Node) -> int:
+    return node.start_mark.line + 1
+
+
+class _Builder:
+    """One validation pass: collects problems instead of stopping at the first."""
+
+    def __init__(self, source: str, loader: yaml.SafeLoader, validate_action: Validator) -> None:
+        self.source = source
+        self.loader = loader
+        self.validate_action = validate_action
+        self.problems: list[Problem] = []
+
+    # -- reporting and small helpers ------------------------------------------------------------
+
+    def error(self, node: Node | None, message: str, rule: str | None = None, *, warn: bool = False) -> None:
+        line = _line(node) if node is not None else None
+        self.problems.append(Problem(self.source, line, message, rule, "warning" if warn else "error"))
+
+    def value(self, node: Node) -> Any:
+        """The Python value of a node (safe types only; tags were checked before the walk)."""
+        return self.loader.construct_object(node, deep=True)
+
+    def pairs(self, node: MappingNode, rule: str | None) -> Iterator[tuple[str, Node, Node]]:
+        """``(key text, key node, value node)`` of a mapping; non-text and duplicate keys reported."""
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                self.error(key_node, "keys must be plain names", rule)
+                continue
+            key = key_node.value
+            if key in seen:
+                self.error(key_node, f"duplicate key {key!r} (first at line {seen[key]})", rule)
+                continue
+            seen[key] = _line(key_node)
+            yield key, key_node, value_node
+
+    # -- the file -------------------------------------------------------------------------------
+
+    def ruleset(self, root: Node | None) -> tuple[int, list[Rule]]:
+        if root is None:
+            self.error(None, f"empty file: expected 'version: {VERSION}' and 'rules'")
+            return VERSION, []
+        if not isinstance(root, MappingNode):
+            self.error(root, f"the file must be a mapping with 'version: {VERSION}' and 'rules'")
+            return VERSION, []
+        found = {key: (knode, vnode) for key, knode, vnode in self.pairs(root, None)}
+        for key, (knode, _) in found.items():
+            if key not in TOP_KEYS:
+                self.error(knode, f"unknown top-level key {key!r} (allowed: {', '.join(TOP_KEYS)})")
+        if "version" not in found:
+            self.error(root, f"missing 'version: {VERSION}'")
+        else:
+            version_node = found["version"][1]
+            version = self.value(version_node)
+            if isinstance(version, bool) or version != VERSION:
+                self.error(version_node, f"unsupported version {version!r} (this receiver reads {VERSION})")
+        if "rules" not in found:
+            self.error(root, "missing 'rules' (a list of rules)")
+            return VERSION, []
+        rules_node = found["rules"][1]
+        if not isinstance(rules_node, SequenceNode):
+            self.error(rules_node, "'rules' must be a list of rules")
+            return VERSION, []
+        first_line: dict[str, int] = {}
+        rules = []
+        for position, node in enumerate(rules_node.value, start=1):
+            rule = self.rule(node, position, first_line)
+            if rule is not None:
+                rules.append(rule)
+        return VERSION, rules
+
+    # -- one rule -------------------------------------------------------------------------------
+
+    def rule(self, node: Node, position: int, first_line: dict[str, int]) -> Rule | None:
+        label = f"#{position}"
+        if not isinstance(node, MappingNode):
+            self.error(node, "a rule must be a mapping with 'id', 'on' and 'do'", label)
+            return None
+        found = {key: (knode, vnode) for key, knode, vnode in self.pairs(node, label)}
+        rule_id = self.rule_id(found.get("id"), node, label, first_line)
+        label = rule_id or label
+        for key, (knode, _) in found.items():
+            if key not in RULE_KEYS:
+                self.error(knode, f"unknown key {key!r} (allowed: {', '.join(RULE_KEYS)})", label)
+        for key in ("on", "do"):
+            if key not in found:
+                self.error(node, f"missing {key!r}", label)
+        on = self.on(found["on"][1], label) if "on" in found else ()
+        condition = self.condition(found["if"][1], label, on) if "if" in found else None
+        actions = self.actions(found["do"][1], label) if "do" in found else ()
+        retry = self.retry(found["retry"][1], label) if "retry" in found else RetryPolicy()
+        description = ""
+        if "description" in found:
+            desc = found["description"][1]
+            if isinstance(desc, ScalarNode) and isinstance(self.value(desc), str | None):
+                description = desc.value
+            else:
+                self.error(desc, "'description' must be text", label)
+        if rule_id is None:
+            return None
+        return Rule(rule_id, on, condition, actions, retry or RetryPolicy(), description, _line(node))
+
+    def rule_id(self, item: tuple[Node, Node] | None, rule_node: Node, label: str,
+                first_line: dict[str, int]) -> str | None:
+        if item is None:
+            self.error(rule_node, "missing 'id'", label)
+            return None
+        node = item[1]
+        if not isinstance(node, ScalarNode) or not _SLUG.fullmatch(node.value):
+            shown = node.value if isinstance(node, ScalarNode) else "a " + node.id
+            self.error(node, f"id {shown!r} is not a slug (lowercase letters, digits, '-' and '_', "
+                             "starting with a letter or digit)", label)
+            return None
+        rule_id = node.value
+        if rule_id in first_line:
+            first = first_line[rule_id]
+            self.error(node, f"duplicate id {rule_id!r} (first defined at line {first})", rule_id)
+            return None
+        first_line[rule_id] = _line(rule_node)
+        return rule_id
+
+    def on(self, node: Node, label: str) -> tuple[str, ...]:
+        items = node.value if isinstance(node, SequenceNode) else [node]
+        if isinstance(node, SequenceNode) and not items:
+            self.error(node, "'on' must name at least one event", label)
+        patterns = []
+        for item in items:
+            if not isinstance(item, ScalarNode) or not item.value.strip():
+                self.error(item, "'on' must be an event name or a list of them", label)
+                continue
+            pattern = item.value.strip()
+            patterns.append(pattern)
+            if not expand(pattern):
+                close = difflib.get_close_matches(pattern, EVENT_NAMES, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.error(item, f"on {pattern!r} matches no known CVAT event{hint}", label, warn=True)
+        return tuple(patterns)
+
+    # -- conditions -----------------------------------------------------------------------------
+
+    def condition(self, node: Node, label: str, on: tuple[str, ...]) -> Condition | None:
+        """A condition mapping: paths and ``all``/``any``/``not`` groups, ANDed."""
+        if not isinstance(node, MappingNode) or not node.value:
+            self.error(node, "a condition must be a non-empty mapping of 'path: condition'", label)
+            return None
+        items: list[Condition] = []
+        for key, knode, vnode in self.pairs(node, label):
+            if key in ("all", "any"):
+                if not isinstance(vnode, SequenceNode) or not vnode.value:
+                    self.error(vnode, f"'{key}' must be a non-empty list of conditions", label)
+                    continue
+                subs = [c for c in (self.condition(n, label, on) for n in vnode.value) if c is not None]
+                items.append(All(tuple(subs)) if key == "all" else AnyOf(tuple(subs)))
+            elif key == "not":
+                sub = self.condition(vnode, label, on)
+                if sub is not None:
+                    items.append(Not(sub))
+            elif not _PATH.fullmatch(key):
+                self.error(knode, f"bad path {key!r} (dotted names, e.g. job.state or labels.0.name)", label)
+            else:
+                items.extend(self.checks(key, knode, vnode, label, on))
+        return items[0] if len(items) == 1 else All(tuple(items))
+
+    def checks(self, path: str, knode: Node, vnode: Node, label: str, on: tuple[str, ...]) -> list[Check]:
+        """The operators applied to one path (a plain value means ``equals``)."""
+        if not isinstance(vnode, MappingNode):
+            return [Check(path, "equals", self.value(vnode))]
+        if not vnode.value:
+            self.error(vnode, f"no operator given for {path!r}", label)
+        checks = []
+        for op, onode, arg_node in self.pairs(vnode, label):
+            if op not in OPERATORS:
+                known = ", ".join(OPERATORS)
+                self.error(onode, f"unknown operator {op!r} on {path!r} (known: {known})", label)
+                continue
+            arg = self.value(arg_node)
+            problem = _operand_problem(op, arg)
+            if problem:
+                self.error(arg_node, f"{op!r} on {path!r}: {problem}", label)
+                continue
+            if op in TRANSITION_OPERATORS:
+                self.check_transition(path, op, onode, label, on)
+            pattern = re.compile(arg) if op == "regex" else None
+            checks.append(Check(path, op, tuple(arg) if op in ("in", "not_in") else arg, pattern))
+        return checks
+
+    def check_transition(self, path: str, op: str, node: Node, label: str, on: tuple[str, ...]) -> None:
+        """A transition on a field of a resource none of the rule's events carry can never match."""
+        resources = {resource_of(name) for pattern in on for name in expand(pattern)}
+        head = path.split(".", 1)[0]
+        if resources and None not in resources and head not in resources:
+            about = ", ".join(sorted(r for r in resources if r))
+            self.error(node, f"{op!r} on {path!r} can never match: the rule's events are about {about}, "
+                             "and transitions only apply to the event's own object", label)
+
+    # -- actions and retry ----------------------------------------------------------------------
+
+    def actions(self, node: Node, label: str) -> tuple[ActionDecl, ...]:
+        if not isinstance(node, SequenceNode) or not node.value:
+            self.error(node, "'do' must be a non-empty list of actions", label)
+            return ()
+        decls = []
+        for index, item in enumerate(node.value):
+            where = f"action #{index + 1}"
+            if not isinstance(item, MappingNode):
+                self.error(item, f"{where} must be a mapping with 'action' and its parameters", label)
+                continue
+            name, params = None, {}
+            for key, _, vnode in self.pairs(item, label):
+                if key == "action":
+                    name = self.value(vnode)
+                    if not isinstance(name, str):
+                        self.error(vnode, f"{where}: 'action' must be an action name", label)
+                        name = None
+                    continue
+                params[key] = self.value(vnode)
+                self.check_templates(vnode, f"{where}: {key}", label)
+            if name is None:
+                self.error(item, f"{where}: missing 'action'", label)
+                continue
+            for problem in self.action_problems(name, params):
+                self.error(item, f"{where} ({name}): {problem}", label)
+            decls.append(ActionDecl(index, name, params, _line(item)))
+        return tuple(decls)
+
+    def action_problems(self, name: str, params: dict[str, Any]) -> list[str]:
+        try:
+            return list(self.validate_action(name, params))
+        except Exception as exc:  # a broken action module must not hide the file's other problems
+            return [f"parameters could not be checked ({type(exc).__name__}: {exc})"]
+
+    def check_templates(self, node: Node, where: str, label: str) -> None:
+        """Every string inside a parameter must be a valid template (checked at load, not at 3 a.m.)."""
+        if isinstance(node, ScalarNode):
+            text = self.value(node)
+            if isinstance(text, str) and (problem := check_template(text)):
+                self.error(node, f"{where}: {problem}", label)
+        elif isinstance(node, SequenceNode):
+            for child in node.value:
+                self.check_templates(child, where, label)
+        elif isinstance(node, MappingNode):
+            for key_node, child in node.value:
+                key = key_node.value if isinstance(key_node, ScalarNode) else "?"
+                self.check_templates(child, f"{where}.{key}", label)
+
+    def retry(self, node: Node, label: str) -> RetryPolicy | None:
+        if not isinstance(node, MappingNode):
+            self.error(node, "'retry' must be a mapping with 'attempts' and/or 'backoff'", label)
+            return None
+        found = {}
+        for key, knode, vnode in self.pairs(node, label):
+            if key not in RETRY_KEYS:
+                self.error(knode, f"unknown retry key {key!r} (allowed: {', '.join(RETRY_KEYS)})", label)
+            else:
+                found[key] = self.value(vnode)
+        kwargs: dict[str, Any] = {}
+        if "backoff" in found:
+            if not isinstance(found["backoff"], list):
+                self.error(node, "retry backoff must be a list of seconds", label)
+                return None
+            kwargs["backoff"] = tuple(found["backoff"])
+            kwargs["attempts"] = len(found["backoff"])  # one retry per listed delay unless told
+        if "attempts" in found:
+            kwargs["attempts"] = found["attempts"]
+        try:
+            return RetryPolicy(**kwargs)
+        except (TypeError, ValueError) as exc:
+            self.error(node, str(exc), label)
+            return None
+
+
+def _operand_problem(op: str, arg: Any) -> str | None:
+    """What is wrong with an operator's operand, if anything."""
+    if op in ("in", "not_in") and not isinstance(arg, list):
+        return "expects a list of values"
+    if op in ("exists", "changed") and not isinstance(arg, bool):
+        return "expects true or false"
+    if op in ("gt", "gte", "lt", "lte") and (isinstance(arg, bool) or not isinstance(arg, int | float | str)):
+        return "expects a number or an ISO date string"
+    if op == "regex":
+        if not isinstance(arg, str):
+            return "expects a regular expression string"
+        try:
+            re.compile(arg)
+        except re.error as exc:
+            return f"bad regex {arg!r}: {exc}"
+    return None
+
+
+def _compose(text: str, source: str) -> tuple[Node | None, yaml.SafeLoader]:
+    """The node tree of a document, syntax and unsafe tags rejected as a :class:`RulesError`."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is not None:
+            loader.construct_document(root)  # rejects tags the safe loader does not know
+    except yaml.MarkedYAMLError as exc:
+        loader.dispose()
+        mark = exc.problem_mark or exc.context_mark
+        what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        raise RulesError([Problem(source, mark.line + 1 if mark else None, f"YAML error: {what}")]) from exc
+    except yaml.YAMLError as exc:
+        loader.dispose()
+        raise RulesError([Problem(source, None, f"YAML error: {exc}")]) from exc
+    return root, loader
+
+
+def parse_rules(data: str | bytes, source: str = "rules.yaml", *,
+                validate_action: Validator | None = None) -> RuleSet:
+    """Validate rules text and build a :class:`RuleSet` (``RulesError`` listing every problem).
+
+    ``validate_action`` checks one action's parameters; it defaults to
+    :func:`workers.actions.validate_params` (tests inject a fake, the actions are the workers').
+    """
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RulesError([Problem(source, None, f"not UTF-8 text: {exc}")]) from exc
+    root, loader = _compose(text, source)
+    try:
+        builder = _Builder(source, loader, validate_action or workers.actions.validate_params)
+        version, rules = builder.ruleset(root)
+    finally:
+        loader.dispose()
+    problems = sorted(builder.problems, key=lambda p: p.line or 0)
+    if any(p.severity == "error" for p in problems):
+        raise RulesError(problems)
+    return RuleSet(version, tuple(rules), source, tuple(problems), hashlib.sha256(raw).hexdigest())
+
+
+def load_rules(path: str | Path, *, validate_action: Validator | None = None) -> RuleSet:
+    """Read and validate a rules file (an unreadable file is a :class:`RulesError` too)."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        problem = Problem(str(path), None, f"cannot read the rules file: {exc.strerror or exc}")
+        raise RulesError([problem]) from exc
+    return parse_rules(raw, str(path), validate_action=validate_action)

@@ -1,0 +1,116 @@
+"""Decide which rules an event fires and plan their actions: pure, so it is easy to test and explain.
+
+:func:`match` is what the receiver enqueues from; :func:`explain` is the same decision for every
+rule, matched or not, for ``cvat-hooks rules test``. A placeholder that cannot be rendered fails
+only its own action (recorded in :attr:`Match.errors`), never the whole delivery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+import workers.actions
+from receiver.events import Event
+from receiver.rules.conditions import evaluate
+from receiver.rules.model import Previous, Rule, RuleSet
+from receiver.rules.templating import RenderError, render_params, template_variables
+from workers.retry import RetryPolicy
+
+
+class ActionInfo(Protocol):
+    """What matching needs to know of an action (``workers.actions.ActionSpec`` has it)."""
+
+    @property
+    def queue(self) -> str: ...
+
+    @property
+    def path_params(self) -> Collection[str]: ...
+
+
+@dataclass(frozen=True)
+class PlannedAction:
+    """One action of a matched rule, rendered and ready to become one RQ job."""
+
+    index: int
+    """Position in the rule's ``do`` list (part of the deterministic job id)."""
+    action: str
+    params: dict[str, Any]
+    """The parameters with every placeholder rendered."""
+    queue: str
+    retry: RetryPolicy
+
+
+@dataclass(frozen=True)
+class Match:
+    """A rule that fired for an event: why, what to run, and which actions could not be rendered."""
+
+    rule_id: str
+    reasons: tuple[str, ...]
+    actions: tuple[PlannedAction, ...]
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The decision for one rule, matched or not (``match`` is set when it matched)."""
+
+    rule_id: str
+    matched: bool
+    reasons: tuple[str, ...]
+    match: Match | None = None
+
+
+def _plan(rule: Rule, variables: Mapping[str, Any], registry: Mapping[str, ActionInfo],
+          reasons: tuple[str, ...]) -> Match:
+    """Render a matched rule's actions; a failure is recorded against its action only."""
+    planned, errors = [], []
+    for decl in rule.actions:
+        where = f"action #{decl.index + 1} ({decl.action})"
+        spec = registry.get(decl.action)
+        if spec is None:
+            errors.append(f"{where}: no such action is registered")
+            continue
+        try:
+            params = render_params(decl.params, variables, path_params=spec.path_params)
+        except RenderError as exc:
+            errors.append(f"{where}: {exc}")
+            continue
+        planned.append(PlannedAction(decl.index, decl.action, params, spec.queue, rule.retry))
+    return Match(rule.id, reasons, tuple(planned), tuple(errors))
+
+
+def explain(ruleset: RuleSet, event: Event, previous: Previous | None, now: datetime, *,
+            actions: Mapping[str, ActionInfo] | None = None) -> list[Explanation]:
+    """For every rule in order: did it match this event, and why (or why not).
+
+    ``previous`` is the state before the event (``None`` or an unknown snapshot: no transition
+    matches); ``now`` gives ``{date}``; ``actions`` defaults to :data:`workers.actions.REGISTRY`.
+    """
+    registry: Mapping[str, ActionInfo] = workers.actions.REGISTRY if actions is None else actions
+    ctx = event.context()
+    variables: dict[str, Any] | None = None
+    out = []
+    for rule in ruleset.rules:
+        pattern = rule.matching_pattern(event.name)
+        if pattern is None:
+            out.append(Explanation(rule.id, False, (f"event {event.name} not in on ({', '.join(rule.on)})",)))
+            continue
+        on_reason = f"event {event.name} matches on {pattern!r}"
+        verdict = evaluate(rule.condition, ctx, previous)
+        reasons = (on_reason, *verdict.reasons)
+        if not verdict.matched:
+            out.append(Explanation(rule.id, False, reasons))
+            continue
+        if variables is None:
+            variables = template_variables(event, now=now)
+        out.append(Explanation(rule.id, True, reasons, _plan(rule, variables, registry, reasons)))
+    return out
+
+
+def match(ruleset: RuleSet, event: Event, previous: Previous | None, now: datetime, *,
+          actions: Mapping[str, ActionInfo] | None = None) -> list[Match]:
+    """The rules an event fires, in file order, with their actions rendered (see :func:`explain`)."""
+    return [e.match for e in explain(ruleset, event, previous, now, actions=actions) if e.match is not None]

@@ -1,0 +1,169 @@
+"""The values of the rule engine: a loaded rule set, its rules, their conditions, and load problems.
+
+Everything here is a frozen dataclass built once by :mod:`receiver.rules.loader`; matching only
+reads them, so one :class:`RuleSet` can be shared by every request thread and swapped atomically
+on reload.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from receiver.cvat_events import PING, expand, matches
+from workers.retry import RetryPolicy
+
+SCALAR_OPERATORS = ("equals", "not_equals", "in", "not_in", "regex", "exists", "gt", "gte", "lt", "lte")
+"""Operators that look at the field's current value only."""
+TRANSITION_OPERATORS = ("changed", "became", "was")
+"""Operators that compare the field's current value with its previous one (see :class:`Previous`)."""
+OPERATORS = SCALAR_OPERATORS + TRANSITION_OPERATORS
+
+PREVIOUS_SOURCES = ("payload", "last-seen", "created", "stale", "unknown")
+
+
+@dataclass(frozen=True)
+class Previous:
+    """What the resource of an event looked like before it, as far as the receiver knows.
+
+    Transitions (``changed``, ``became``, ``was``) need it: older CVAT sends ``before_update``/
+    ``changes``, newer CVAT does not, so the receiver falls back on what it last saw itself.
+    """
+
+    resource: str | None
+    """The payload key of the resource, e.g. ``job``: only paths starting with ``job.`` are about it."""
+    snapshot: dict[str, Any] | None
+    """The resource object as it was before this event; ``None`` when unknown (nothing then matches)."""
+    source: str
+    """Who decided: ``payload``, ``last-seen``, ``created`` (empty before a create), ``stale``
+    (the event is older than what was already seen) or ``unknown``. Recorded in the delivery log."""
+
+    def __post_init__(self) -> None:
+        if self.source not in PREVIOUS_SOURCES:
+            known = ", ".join(PREVIOUS_SOURCES)
+            raise ValueError(f"previous source must be one of {known}, not {self.source!r}")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One operator applied to one dotted path, e.g. ``job.state`` ``became`` ``'completed'``."""
+
+    path: str
+    op: str
+    value: Any
+    pattern: re.Pattern[str] | None = None
+    """The compiled ``regex`` operand (compiled once, at load)."""
+
+
+@dataclass(frozen=True)
+class All:
+    """Every condition holds (a rule's ``if`` mapping, an ``all:`` list, several operators on a path)."""
+
+    items: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """At least one condition holds (``any:``)."""
+
+    items: tuple[Condition, ...]
+
+
+@dataclass(frozen=True)
+class Not:
+    """The condition does not hold (``not:``)."""
+
+    item: Condition
+
+
+Condition = Check | All | AnyOf | Not
+
+
+@dataclass(frozen=True)
+class ActionDecl:
+    """One entry of a rule's ``do`` list, parameters still unrendered."""
+
+    index: int
+    """Position in ``do`` (0-based): part of the deterministic job id."""
+    action: str
+    params: Mapping[str, Any]
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule of ``rules.yaml``."""
+
+    id: str
+    on: tuple[str, ...]
+    """Event names or ``*`` patterns (see :mod:`receiver.cvat_events`)."""
+    condition: Condition | None
+    actions: tuple[ActionDecl, ...]
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    description: str = ""
+    line: int | None = None
+
+    def matching_pattern(self, event_name: str) -> str | None:
+        """The first ``on`` pattern that covers an event name, or ``None``."""
+        return next((p for p in self.on if matches(p, event_name)), None)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong (or suspicious, for a warning) with a rules file, located for a human."""
+
+    source: str
+    line: int | None
+    message: str
+    rule_id: str | None = None
+    """The rule's id, or ``#N`` (1-based position) when the rule has no usable id."""
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        where = f"{self.source}:{self.line}" if self.line is not None else self.source
+        rule = ""
+        if self.rule_id is not None:
+            rule = f"rule {self.rule_id}: " if self.rule_id.startswith("#") else f"rule {self.rule_id!r}: "
+        tag = "warning: " if self.severity == "warning" else ""
+        return f"{where}: {tag}{rule}{self.message}"
+
+
+class RulesError(Exception):
+    """A rules file that cannot be used; ``str()`` lists every problem, one per line."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    @property
+    def errors(self) -> tuple[Problem, ...]:
+        """The problems that made the file unusable (warnings left out)."""
+        return tuple(p for p in self.problems if p.severity == "error")
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """A validated rules file."""
+
+    version: int
+    rules: tuple[Rule, ...]
+    source: str
+    """Where the rules came from (a path), used in messages and logs."""
+    warnings: tuple[Problem, ...] = ()
+    digest: str = ""
+    """Hex SHA-256 of the file's bytes: tells which rules decided a delivery."""
+
+    def events_needed(self) -> set[str]:
+        """Every known CVAT event some rule listens to, ``ping`` excluded (it cannot be subscribed)."""
+        names: set[str] = set()
+        for rule in self.rules:
+            for pattern in rule.on:
+                names.update(expand(pattern))
+        names.discard(PING)
+        return names
+
+    def get(self, rule_id: str) -> Rule | None:
+        """The rule with this id, if any."""
+        return next((r for r in self.rules if r.id == rule_id), None)

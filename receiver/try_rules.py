@@ -1,0 +1,33 @@
+"""``cvat-hooks rules test``: what the receiver would decide for a payload, without Redis or queues."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from receiver.events import BadEvent, parse_event
+from receiver.rules import RuleSet, explain, previous_without_state
+
+
+def explain_payload(ruleset: RuleSet, body: bytes, *, now: datetime | None = None) -> dict[str, Any]:
+    """Every rule's verdict for one body, with reasons and rendered actions (ValueError if unreadable).
+
+    Transitions come from the payload alone (CVAT's ``before_update``/``changes``), as there is no
+    last-seen state here; a ``create:*`` event counts as a change from nothing.
+    """
+    try:
+        event = parse_event(body)
+    except BadEvent as exc:
+        raise ValueError(f"not a CVAT event: {exc}") from exc
+    previous = previous_without_state(event)
+    rules = []
+    for verdict in explain(ruleset, event, previous, now or datetime.now(UTC)):
+        entry: dict[str, Any] = {"rule_id": verdict.rule_id, "matched": verdict.matched,
+                                 "reasons": list(verdict.reasons)}
+        if verdict.match is not None:
+            entry["actions"] = [{"index": a.index, "action": a.action, "params": a.params, "queue": a.queue}
+                                for a in verdict.match.actions]
+            entry["errors"] = list(verdict.match.errors)
+        rules.append(entry)
+    return {"event": event.name, "delivery_id": event.delivery_id, "transitions": previous.source,
+            "rules": rules}

@@ -1,0 +1,312 @@
+"""Conditions and transitions: pure evaluation of a rule's ``if``, with the reasons it gives."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from receiver.events import Event, parse_event
+from receiver.rules import (
+    All,
+    AnyOf,
+    Check,
+    Not,
+    Previous,
+    evaluate,
+    lookup,
+    previous_from_payload,
+    previous_without_state,
+)
+from receiver.rules.conditions import is_missing, same
+
+PAYLOADS = Path(__file__).resolve().parents[2] / "shared" / "cvat-payloads"
+"""Real CVAT deliveries (``../shared/cvat-payloads`` next to the repository)."""
+
+
+def real_body(name: str) -> bytes:
+    """The exact body of a delivery captured from CVAT 2.73."""
+    return json.loads((PAYLOADS / "cvat-2.73" / f"{name}.json").read_text())["body_raw"].encode()
+
+
+def real_event(name: str, *, strip_previous: bool = False) -> Event:
+    """A captured delivery, optionally without ``before_update``/``changes`` (as newer CVAT sends)."""
+    if not strip_previous:
+        return parse_event(real_body(name))
+    payload = json.loads(real_body(name))
+    payload.pop("before_update", None)
+    payload.pop("changes", None)
+    return parse_event(json.dumps(payload).encode())
+
+
+def check(path: str, op: str, value: Any) -> Check:
+    """A single-operator condition, as the loader would build it."""
+    return Check(path, op, value, re.compile(value) if op == "regex" else None)
+
+
+CTX = {
+    "event": "update:job",
+    "job_id": 1,
+    "job": {"state": "completed", "stage": "acceptance", "assignee": None, "frame_count": 5,
+            "updated_date": "2026-11-22T17:39:11.960910Z", "resolved": False},
+    "labels": [{"name": "car"}, {"name": "person"}],
+}
+
+SCALAR_CASES = [
+    # (id, condition, expected)
+    ("equals-hit", check("job.stage", "equals", "acceptance"), True),
+    ("equals-miss", check("job.stage", "equals", "annotation"), False),
+    ("equals-null", check("job.assignee", "equals", None), True),
+    ("equals-bool-is-not-int", check("job.resolved", "equals", 0), False),
+    ("equals-top-level-id", check("job_id", "equals", 1), True),
+    ("equals-list-index", check("labels.1.name", "equals", "person"), True),
+    ("not-equals-hit", check("job.stage", "not_equals", "annotation"), True),
+    ("not-equals-miss", check("job.stage", "not_equals", "acceptance"), False),
+    ("in-hit", check("job.state", "in", ("completed", "rejected")), True),
+    ("in-miss", check("job.state", "in", ("new",)), False),
+    ("not-in-hit", check("job.state", "not_in", ("new",)), True),
+    ("not-in-miss", check("job.state", "not_in", ("completed",)), False),
+    ("regex-search", check("job.stage", "regex", "^acc"), True),
+    ("regex-miss", check("job.stage", "regex", "^ann"), False),
+    ("regex-non-text", check("job.frame_count", "regex", "5"), False),
+    ("exists-true", check("job.stage", "exists", True), True),
+    ("exists-null-counts", check("job.assignee", "exists", True), True),
+    ("exists-false-on-present", check("job.stage", "exists", False), False),
+    ("gt-number", check("job.frame_count", "gt", 4), True),
+    ("gte-number-equal", check("job.frame_count", "gte", 5), True),
+    ("lt-number", check("job.frame_count", "lt", 5), False),
+    ("lte-number", check("job.frame_count", "lte", 5), True),
+    ("gt-iso-date", check("job.updated_date", "gt", "2026-11-22T00:00:00Z"), True),
+    ("lt-iso-date", check("job.updated_date", "lt", "2026-01-01"), False),
+    ("gt-type-mismatch", check("job.frame_count", "gt", "4"), False),
+]
+
+
+@pytest.mark.parametrize(("cond", "expected"), [c[1:] for c in SCALAR_CASES], ids=[c[0] for c in SCALAR_CASES])
+def test_scalar_operators(cond: Check, expected: bool) -> None:
+    """Each operator compares the current value at its path as documented."""
+    assert evaluate(cond, CTX).matched is expected
+
+
+MISSING_CASES = [
+    ("equals", None, False),
+    ("not_equals", "x", False),
+    ("in", ("x",), False),
+    ("not_in", ("x",), False),
+    ("regex", ".*", False),
+    ("gt", 0, False),
+    ("exists", True, False),
+    ("exists", False, True),
+]
+
+
+@pytest.mark.parametrize(("op", "value", "expected"), MISSING_CASES, ids=[f"{c[0]}-{c[2]}" for c in MISSING_CASES])
+@pytest.mark.parametrize("path", ["job.nothing", "nothing.at.all", "labels.7.name", "job.stage.deeper"],
+                         ids=["missing-key", "missing-root", "index-out-of-range", "through-a-string"])
+def test_missing_path_is_a_non_match(path: str, op: str, value: Any, expected: bool) -> None:
+    """A missing path never matches and never raises; only ``exists: false`` is true for it."""
+    verdict = evaluate(check(path, op, value), CTX)
+    assert verdict.matched is expected
+    assert verdict.reasons
+
+
+COMBINATOR_CASES = [
+    ("all-true", All((check("job.stage", "equals", "acceptance"), check("job_id", "equals", 1))), True),
+    ("all-one-false", All((check("job.stage", "equals", "acceptance"), check("job_id", "equals", 2))), False),
+    ("any-one-true", AnyOf((check("job.stage", "equals", "x"), check("job_id", "equals", 1))), True),
+    ("any-none-true", AnyOf((check("job.stage", "equals", "x"), check("job_id", "equals", 2))), False),
+    ("not-false", Not(check("job.stage", "equals", "x")), True),
+    ("not-true", Not(check("job.stage", "equals", "acceptance")), False),
+    ("not-missing-includes-missing", Not(check("job.nothing", "equals", "x")), True),
+    ("nested", All((AnyOf((check("job_id", "equals", 9), Not(check("job.state", "equals", "new")))),
+                    check("labels.0.name", "in", ("car",)))), True),
+    ("no-condition", None, True),
+]
+
+
+@pytest.mark.parametrize(("cond", "expected"), [c[1:] for c in COMBINATOR_CASES],
+                         ids=[c[0] for c in COMBINATOR_CASES])
+def test_all_any_not(cond: Any, expected: bool) -> None:
+    """``all``/``any``/``not`` combine their items as boolean AND/OR/NOT."""
+    assert evaluate(cond, CTX).matched is expected
+
+
+REASON_CASES = [
+    ("equals-miss", check("job.stage", "equals", "annotation"), "job.stage: 'acceptance' != 'annotation'"),
+    ("equals-hit", check("job.stage", "equals", "acceptance"), "job.stage == 'acceptance'"),
+    ("missing", check("job.nothing", "equals", 1), "job.nothing is missing from the event"),
+    ("in", check("job.state", "in", ("new",)), "job.state: 'completed' not in [\"new\"]"),
+    ("gt", check("job.frame_count", "gt", 9), "job.frame_count: 5 not > 9"),
+]
+
+
+@pytest.mark.parametrize(("cond", "reason"), [c[1:] for c in REASON_CASES], ids=[c[0] for c in REASON_CASES])
+def test_reasons_say_why(cond: Check, reason: str) -> None:
+    """A verdict carries a human-readable reason naming the path and the values compared."""
+    assert evaluate(cond, CTX).reasons == (reason,)
+
+
+def test_failed_all_reports_only_the_failing_items() -> None:
+    """A failed ``all`` explains itself by the items that failed, not the ones that held."""
+    verdict = evaluate(All((check("job_id", "equals", 1), check("job.stage", "equals", "x"))), CTX)
+    assert verdict.reasons == ("job.stage: 'acceptance' != 'x'",)
+
+
+# -- transitions ------------------------------------------------------------------------------
+
+
+def job_was(**fields: Any) -> Previous:
+    """A last-seen snapshot of job 1 with the given fields."""
+    return Previous("job", {"id": 1, "state": "new", "stage": "annotation", **fields}, "last-seen")
+
+
+TRANSITION_CASES = [
+    # (id, payload, strip before_update/changes?, previous ("payload" = built from it), condition, expected)
+    ("payload-became", "update_job_completed", False, "payload", check("job.state", "became", "completed"), True),
+    ("payload-became-other", "update_job_completed", False, "payload", check("job.state", "became", "new"), False),
+    ("payload-was", "update_job_completed", False, "payload", check("job.state", "was", "new"), True),
+    ("payload-changed", "update_job_completed", False, "payload", check("job.stage", "changed", True), True),
+    ("payload-unchanged-field", "update_job_completed", False, "payload", check("job.frame_count", "changed", False),
+     True),
+    ("only-date-no-became", "update_job_only_updated_date", False, "payload",
+     check("job.state", "became", "new"), False),
+    ("only-date-state-unchanged", "update_job_only_updated_date", False, "payload",
+     check("job.state", "changed", False), True),
+    ("only-date-date-changed", "update_job_only_updated_date", False, "payload",
+     check("job.updated_date", "changed", True), True),
+    ("last-seen-became", "update_job_completed", True, job_was(), check("job.state", "became", "completed"), True),
+    ("last-seen-already-completed", "update_job_completed", True, job_was(state="completed"),
+     check("job.state", "became", "completed"), False),
+    ("last-seen-was", "update_job_completed", True, job_was(stage="validation"),
+     check("job.stage", "was", "validation"), True),
+    ("last-seen-only-date", "update_job_only_updated_date", True, job_was(),
+     check("job.state", "changed", True), False),
+    ("stale-no-became", "update_job_completed", True, Previous("job", None, "stale"),
+     check("job.state", "became", "completed"), False),
+    ("stale-no-unchanged", "update_job_completed", True, Previous("job", None, "stale"),
+     check("job.state", "changed", False), False),
+    ("unknown-no-changed", "update_job_completed", True, Previous("job", None, "unknown"),
+     check("job.state", "changed", True), False),
+    ("unknown-no-was", "update_job_completed", True, Previous("job", None, "unknown"),
+     check("job.state", "was", "new"), False),
+    ("no-previous-at-all", "update_job_completed", True, None, check("job.state", "became", "completed"), False),
+    ("other-resource-path", "update_job_completed", False, "payload", check("task.status", "changed", True), False),
+    ("top-level-id-not-a-field", "update_job_completed", False, "payload", check("job_id", "changed", False), False),
+    ("created-became", "create_task", False, Previous("task", {}, "created"),
+     check("task.status", "became", "annotation"), True),
+    ("created-was-nothing", "create_task", False, Previous("task", {}, "created"),
+     check("task.status", "was", "annotation"), False),
+    ("created-null-field-changed", "create_task", False, Previous("task", {}, "created"),
+     check("task.assignee", "changed", True), True),
+]
+
+
+@pytest.mark.parametrize(("payload", "strip", "previous", "cond", "expected"), [c[1:] for c in TRANSITION_CASES],
+                         ids=[c[0] for c in TRANSITION_CASES])
+def test_transitions(payload: str, strip: bool, previous: Any, cond: Check, expected: bool) -> None:
+    """``changed``/``became``/``was`` compare with the previous snapshot; unknown never matches."""
+    event = real_event(payload, strip_previous=strip)
+    if previous == "payload":
+        previous = previous_from_payload(event)
+        assert previous is not None
+    assert evaluate(cond, event.context(), previous).matched is expected
+
+
+def test_became_reason_names_old_value_and_source() -> None:
+    """The reason of a transition tells the old value and which source decided."""
+    event = real_event("update_job_completed")
+    verdict = evaluate(check("job.state", "became", "completed"), event.context(), previous_from_payload(event))
+    assert verdict.reasons == ("job.state became 'completed' (was 'new', source: payload)",)
+
+
+def test_unknown_previous_reason_names_source() -> None:
+    """When the previous state is unknown, the reason says so and names the source."""
+    event = real_event("update_job_completed", strip_previous=True)
+    verdict = evaluate(check("job.state", "became", "completed"), event.context(), Previous("job", None, "stale"))
+    assert "unknown" in verdict.reasons[0] and "stale" in verdict.reasons[0]
+
+
+PREVIOUS_CASES = [
+    # (id, payload dict, expected snapshot fields (None = no Previous))
+    ("changes-and-before", "real:update_job_completed", {"state": "new", "stage": "annotation", "id": 1}),
+    ("only-before-update", {"event": "update:task", "task": {"id": 3, "name": "new"}, "before_update": {"name": "old"}},
+     {"name": "old", "id": 3}),
+    ("only-changes", {"event": "update:job", "job": {"id": 1, "state": "completed"},
+                      "changes": {"state": {"from": "new", "to": "completed"}}}, {"state": "new", "id": 1}),
+    ("changes-win", {"event": "update:job", "job": {"id": 1, "state": "completed"},
+                     "before_update": {"state": "rejected"}, "changes": {"state": {"from": "new"}}}, {"state": "new"}),
+    ("neither", {"event": "update:job", "job": {"id": 1, "state": "completed"}}, None),
+    ("create-has-none", "real:create_task", None),
+    ("no-object", {"event": "update:job", "changes": {"state": {"from": "new"}}}, None),
+]
+
+
+@pytest.mark.parametrize(("payload", "expected"), [c[1:] for c in PREVIOUS_CASES], ids=[c[0] for c in PREVIOUS_CASES])
+def test_previous_from_payload(payload: Any, expected: dict[str, Any] | None) -> None:
+    """CVAT's ``before_update``/``changes`` become a snapshot of the object as it was."""
+    if isinstance(payload, str):
+        event = real_event(payload.removeprefix("real:"))
+    else:
+        event = parse_event(json.dumps(payload).encode())
+    previous = previous_from_payload(event)
+    if expected is None:
+        assert previous is None
+        return
+    assert previous is not None and previous.source == "payload" and previous.resource == event.resource
+    assert previous.snapshot is not None
+    assert {k: previous.snapshot.get(k) for k in expected} == expected
+
+
+def test_previous_from_payload_does_not_touch_the_event() -> None:
+    """Building the snapshot copies the object: the event's payload is unchanged."""
+    event = real_event("update_job_completed")
+    before = json.dumps(event.payload, sort_keys=True)
+    previous_from_payload(event)
+    assert json.dumps(event.payload, sort_keys=True) == before
+
+
+WITHOUT_STATE_CASES = [
+    ("update-with-payload", "update_job_completed", False, "payload"),
+    ("update-without", "update_job_completed", True, "unknown"),
+    ("create", "create_task", False, "created"),
+]
+
+
+@pytest.mark.parametrize(("payload", "strip", "source"), [c[1:] for c in WITHOUT_STATE_CASES],
+                         ids=[c[0] for c in WITHOUT_STATE_CASES])
+def test_previous_without_state(payload: str, strip: bool, source: str) -> None:
+    """Without the receiver's own state: the payload's previous values, empty for a create, else unknown."""
+    assert previous_without_state(real_event(payload, strip_previous=strip)).source == source
+
+
+def test_previous_rejects_unknown_source() -> None:
+    """A ``Previous`` with a made-up source is refused at construction."""
+    with pytest.raises(ValueError, match="source"):
+        Previous("job", None, "guess")
+
+
+LOOKUP_CASES = [
+    ("nested", "job.state", "completed"),
+    ("index", "labels.0.name", "car"),
+    ("null-value", "job.assignee", None),
+    ("missing", "job.nope", "MISSING"),
+    ("index-into-dict", "job.0", "MISSING"),
+]
+
+
+@pytest.mark.parametrize(("path", "expected"), [c[1:] for c in LOOKUP_CASES], ids=[c[0] for c in LOOKUP_CASES])
+def test_lookup(path: str, expected: Any) -> None:
+    """Dotted paths walk dicts by key and lists by digit; anything else is missing."""
+    value = lookup(CTX, path)
+    assert ("MISSING" if is_missing(value) else value) == expected
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [(True, 1, False), (1, 1.0, True), (None, None, True),
+                                                   (False, False, True), ("1", 1, False)],
+                         ids=["bool-vs-int", "int-vs-float", "nulls", "bools", "text-vs-number"])
+def test_same_keeps_booleans_apart(a: Any, b: Any, expected: bool) -> None:
+    """Rule equality does not treat ``true`` as ``1`` the way Python does."""
+    assert same(a, b) is expected

@@ -1,0 +1,94 @@
+"""The registry of actions: their names, where their code lives, and how their parameters are checked.
+
+The receiver validates every rule's parameters against this registry when ``rules.yaml`` loads, so
+a typo fails at load time instead of at 3 a.m. in a worker. Action modules are imported lazily and
+must stay light at import time (``cvat_sdk`` is only imported by ``workers.cvat_client``).
+
+An action module defines:
+
+- ``validate(params: Mapping[str, Any]) -> list[str]``: problems with the *unrendered* parameters
+  (placeholders such as ``{job_id}`` are still in the strings), one sentence each, empty if fine;
+- ``run(ctx: workers.context.ActionContext) -> dict``: do the work, idempotently, and return the
+  JSON result recorded in the delivery log. Raise ``workers.errors`` errors on purpose; anything
+  else is classified by ``workers.errors.classify``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE
+
+COMMON_PARAMS = frozenset({"require_all_jobs"})
+"""Parameters any action accepts; handled by ``workers.jobs`` before the action runs."""
+
+JOB_STAGES = ("annotation", "validation", "acceptance")
+JOB_STATES = ("new", "in progress", "rejected", "completed")
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """How the receiver and the workers know an action."""
+
+    name: str
+    module: str
+    queue: str = LIGHT_QUEUE
+    path_params: frozenset[str] = frozenset()
+    """Parameters that are file or object paths: placeholder values rendered into them cannot
+    contain ``/`` or ``..``, so an event cannot steer a write outside its directory."""
+    summary: str = ""
+
+    def load(self) -> ModuleType:
+        """Import the action's module (lazily: the receiver only needs ``validate``)."""
+        return importlib.import_module(self.module)
+
+
+REGISTRY: dict[str, ActionSpec] = {
+    spec.name: spec
+    for spec in (
+        ActionSpec("export", "workers.actions.export", EXPORT_QUEUE, frozenset({"to"}),
+                   "export a job's, task's or project's annotations, dataset or backup to storage"),
+        ActionSpec("check_labels", "workers.actions.check_labels",
+                   summary="compare a task's labels with a required set; report, add or fail"),
+        ActionSpec("notify", "workers.actions.notify",
+                   summary="POST a templated message (JSON, Slack or Teams)"),
+        ActionSpec("update_job", "workers.actions.update_job",
+                   summary="set a job's stage, state and/or assignee (round-robin over a list)"),
+    )
+}
+
+
+def validate_require_all_jobs(value: Any) -> list[str]:
+    """Check the common ``require_all_jobs: {stage, state}`` condition."""
+    if not isinstance(value, Mapping) or not value:
+        return ["require_all_jobs must be a mapping with 'stage' and/or 'state'"]
+    problems = []
+    for key, item in value.items():
+        allowed = {"stage": JOB_STAGES, "state": JOB_STATES}.get(key)
+        if allowed is None:
+            problems.append(f"require_all_jobs: unknown key {key!r} (expected 'stage' or 'state')")
+        elif item not in allowed:
+            problems.append(f"require_all_jobs.{key}: {item!r} is not one of {', '.join(allowed)}")
+    return problems
+
+
+def validate_params(name: str, params: Mapping[str, Any]) -> list[str]:
+    """Every problem with one action's parameters; an unknown action name is one of them."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        return [f"unknown action {name!r} (known: {', '.join(sorted(REGISTRY))})"]
+    problems: list[str] = []
+    if "require_all_jobs" in params:
+        problems += validate_require_all_jobs(params["require_all_jobs"])
+    own = {k: v for k, v in params.items() if k not in COMMON_PARAMS}
+    problems += spec.load().validate(own)
+    return problems
+
+
+def runner(name: str) -> Callable[..., dict[str, Any]]:
+    """The ``run`` function of an action (KeyError for an unknown name)."""
+    return REGISTRY[name].load().run

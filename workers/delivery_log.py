@@ -1,0 +1,313 @@
+"""The delivery log: what happened to each delivery, from receipt to each action's last attempt.
+
+Written by the receiver (inside the same Redis transaction that enqueues the jobs) and by the
+workers (one entry per step, written *before* an error is re-raised so a crash cannot hide it).
+Read by ``cvat-hooks deliveries`` and the admin API. Every record expires after the retention.
+
+Keys (``P`` = ``cvat-hooks``):
+- ``P:delivery:<id>``: hash; ``record`` = the receipt JSON, ``action:<job_id>`` = one action's state;
+- ``P:delivery:<id>:timeline``: list of JSON steps, oldest first;
+- ``P:deliveries``: sorted set of delivery ids by receipt time, for listing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from workers.redaction import Redactor
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from redis.client import Pipeline
+
+PREFIX = "cvat-hooks"
+INDEX_KEY = f"{PREFIX}:deliveries"
+
+
+def record_key(delivery_id: str) -> str:
+    return f"{PREFIX}:delivery:{delivery_id}"
+
+
+def timeline_key(delivery_id: str) -> str:
+    return f"{PREFIX}:delivery:{delivery_id}:timeline"
+
+
+class Outcome(StrEnum):
+    """What the receiver did with a delivery."""
+
+    QUEUED = "queued"
+    NO_MATCH = "no_match"
+    PING = "ping"
+
+
+class ActionStatus(StrEnum):
+    QUEUED = "queued"
+    STARTED = "started"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    """Gave up: a permanent error, or transient errors until the retries ran out."""
+
+
+class DeliveryStatus(StrEnum):
+    """A delivery's overall state, derived from its actions when read (never stored)."""
+
+    PING = "ping"
+    NO_MATCH = "no_match"
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+_DONE = {ActionStatus.SUCCEEDED, ActionStatus.SKIPPED, ActionStatus.FAILED}
+
+
+def now() -> float:
+    return time.time()
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+@dataclass
+class Delivery:
+    """One delivery as read back: the receipt, each action's state and the timeline."""
+
+    record: dict[str, Any]
+    actions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return self.record["delivery_id"]
+
+    @property
+    def status(self) -> DeliveryStatus:
+        outcome = self.record.get("outcome")
+        if outcome == Outcome.PING:
+            return DeliveryStatus.PING
+        if not self.actions:
+            return DeliveryStatus.NO_MATCH if outcome == Outcome.NO_MATCH else DeliveryStatus.PENDING
+        statuses = {ActionStatus(a["status"]) for a in self.actions.values()}
+        if not statuses <= _DONE:
+            return DeliveryStatus.PENDING
+        return DeliveryStatus.FAILED if ActionStatus.FAILED in statuses else DeliveryStatus.SUCCEEDED
+
+    @property
+    def rule_ids(self) -> list[str]:
+        return [m["rule_id"] for m in self.record.get("matched", [])]
+
+    def summary(self) -> dict[str, Any]:
+        """The one-line view used by lists."""
+        return {
+            "delivery_id": self.id,
+            "received_at": self.record.get("received_at"),
+            "event": self.record.get("event"),
+            "status": self.status.value,
+            "rules": self.rule_ids,
+            "actions": {a["job_id"]: a["status"] for a in self.actions.values()},
+            "duplicates": int(self.record.get("duplicates", 0)),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.record, "status": self.status.value, "actions": list(self.actions.values()),
+                "timeline": self.timeline}
+
+
+class DeliveryLog:
+    """Reads and writes delivery records in Redis."""
+
+    def __init__(self, redis: Redis, *, retention_seconds: int, redactor: Redactor | None = None) -> None:
+        self.redis = redis
+        self.retention = retention_seconds
+        self.redact = redactor or Redactor()
+
+    # -- receiver side -------------------------------------------------------------------------
+
+    def add_received(self, pipe: Pipeline, record: dict[str, Any], actions: Iterable[dict[str, Any]],
+                     at: float) -> None:
+        """Queue the writes of a new delivery on ``pipe`` (a MULTI pipeline: they land with its jobs)."""
+        did = record["delivery_id"]
+        key = record_key(did)
+        record = self.redact.data({**record, "received_at": iso(at), "received_ts": at})
+        fields = {"record": json.dumps(record)}
+        for action in actions:
+            state = {**action, "status": ActionStatus.QUEUED.value, "attempts": 0, "queued_at": iso(at)}
+            fields[f"action:{action['job_id']}"] = json.dumps(self.redact.data(state))
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, self.retention)
+        step = {"t": iso(at), "step": "received", "message": self._receipt_message(record)}
+        pipe.rpush(timeline_key(did), json.dumps(step))
+        pipe.expire(timeline_key(did), self.retention)
+        pipe.zadd(INDEX_KEY, {did: at})
+        pipe.zremrangebyscore(INDEX_KEY, "-inf", at - self.retention)
+
+    def expire(self, pipe: Pipeline, delivery_id: str, seconds: int) -> None:
+        """Shorten a record's life (deliveries that matched nothing are only kept for debugging)."""
+        pipe.expire(record_key(delivery_id), seconds)
+        pipe.expire(timeline_key(delivery_id), seconds)
+
+    @staticmethod
+    def _receipt_message(record: dict[str, Any]) -> str:
+        matched = record.get("matched") or []
+        if record.get("outcome") == Outcome.PING:
+            return "ping received"
+        if not matched:
+            return f"{record.get('event')}: no rule matched"
+        jobs = sum(len(m.get("actions", [])) for m in matched)
+        return f"{record.get('event')}: matched {len(matched)} rule(s), queued {jobs} job(s)"
+
+    def add_duplicate(self, delivery_id: str, at: float | None = None) -> None:
+        """Note that the same event arrived again (CVAT retry, redelivery, reconcile)."""
+        at = at or now()
+        key = record_key(delivery_id)
+        raw = self.redis.hget(key, "record")
+        pipe = self.redis.pipeline(transaction=True)
+        if raw is not None:
+            record = json.loads(raw)
+            record["duplicates"] = int(record.get("duplicates", 0)) + 1
+            record["last_duplicate_at"] = iso(at)
+            pipe.hset(key, "record", json.dumps(record))
+            step = {"t": iso(at), "step": "duplicate", "message": "same event received again; nothing queued"}
+            pipe.rpush(timeline_key(delivery_id), json.dumps(step))
+        pipe.execute()
+
+    # -- worker side ---------------------------------------------------------------------------
+
+    def _update_action(self, delivery_id: str, job_id: str, changes: dict[str, Any],
+                       step: dict[str, Any]) -> None:
+        key = record_key(delivery_id)
+        raw = self.redis.hget(key, f"action:{job_id}")
+        state = json.loads(raw) if raw else {"job_id": job_id}
+        state.update(changes)
+        step = {"t": iso(now()), "job_id": job_id, **step}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, f"action:{job_id}", json.dumps(self.redact.data(state)))
+        pipe.rpush(timeline_key(delivery_id), json.dumps(self.redact.data(step)))
+        pipe.expire(key, self.retention)
+        pipe.expire(timeline_key(delivery_id), self.retention)
+        pipe.execute()
+
+    def action_queued(self, delivery_id: str, action: dict[str, Any], *, reason: str) -> None:
+        """A new run of an action was queued outside the receiver (a replay)."""
+        self._update_action(delivery_id, action["job_id"],
+                            {**action, "status": ActionStatus.QUEUED.value, "attempts": 0,
+                             "queued_at": iso(now()), "result": None, "error": None},
+                            {"step": "queued", "message": reason})
+
+    def action_started(self, delivery_id: str, job_id: str, attempt: int) -> float:
+        """Record the start of an attempt; returns the start time for the duration."""
+        start = now()
+        self._update_action(delivery_id, job_id,
+                            {"status": ActionStatus.STARTED.value, "attempts": attempt, "started_at": iso(start)},
+                            {"step": "started", "message": f"attempt {attempt} started", "attempt": attempt})
+        return start
+
+    def action_note(self, delivery_id: str, job_id: str, message: str, **data: Any) -> None:
+        """A step inside an attempt (``export started``, ``downloaded 12 MB``...)."""
+        step = {"t": iso(now()), "job_id": job_id, "step": "note", "message": message, **data}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.rpush(timeline_key(delivery_id), json.dumps(self.redact.data(step)))
+        pipe.expire(timeline_key(delivery_id), self.retention)
+        pipe.execute()
+
+    def action_succeeded(self, delivery_id: str, job_id: str, *, attempt: int, started: float,
+                         result: dict[str, Any], skipped: bool = False) -> None:
+        duration = round(now() - started, 3)
+        status = ActionStatus.SKIPPED if skipped else ActionStatus.SUCCEEDED
+        self._update_action(delivery_id, job_id,
+                            {"status": status.value, "result": result, "error": None,
+                             "finished_at": iso(now()), "duration": duration},
+                            {"step": status.value, "attempt": attempt, "duration": duration,
+                             "message": f"attempt {attempt} {status.value} in {duration:.3f}s", "result": result})
+
+    def action_failed(self, delivery_id: str, job_id: str, *, attempt: int, started: float | None,
+                      error_class: str, message: str, kind: str, next_retry_at: float | None,
+                      result: dict[str, Any] | None = None) -> None:
+        """A failed attempt: retried at ``next_retry_at``, or given up when that is ``None``."""
+        duration = round(now() - started, 3) if started else None
+        gave_up = next_retry_at is None
+        status = ActionStatus.FAILED if gave_up else ActionStatus.RETRYING
+        error = {"class": error_class, "message": message, "kind": kind, "attempt": attempt}
+        changes: dict[str, Any] = {"status": status.value, "error": error, "duration": duration,
+                                   "next_retry_at": iso(next_retry_at)}
+        if result is not None:
+            changes["result"] = result
+        if gave_up:
+            changes["finished_at"] = iso(now())
+        tail = "gave up" if gave_up else f"retry at {iso(next_retry_at)}"
+        self._update_action(delivery_id, job_id, changes,
+                            {"step": "failed" if gave_up else "retrying", "attempt": attempt,
+                             "error": error, "next_retry_at": iso(next_retry_at),
+                             "message": f"attempt {attempt} failed ({kind}): {error_class}: {message}; {tail}"})
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def get(self, delivery_id: str) -> Delivery | None:
+        """One delivery with its actions and timeline, or ``None`` (unknown or expired)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(record_key(delivery_id))
+        pipe.lrange(timeline_key(delivery_id), 0, -1)
+        fields, steps = pipe.execute()
+        return self._build(fields, steps)
+
+    @staticmethod
+    def _build(fields: dict[Any, Any], steps: list[Any] | None) -> Delivery | None:
+        if not fields:
+            return None
+        decoded = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
+        raw = decoded.pop("record", None)
+        if raw is None:
+            return None
+        actions = {k.split(":", 1)[1]: json.loads(v) for k, v in decoded.items() if k.startswith("action:")}
+        return Delivery(json.loads(raw), actions, [json.loads(s) for s in steps or []])
+
+    def find(self, prefix: str) -> Delivery | None:
+        """A delivery by its id or a unique prefix of it (as users copy them from lists)."""
+        found = self.get(prefix)
+        if found or len(prefix) < 6:
+            return found
+        candidates = [d for d in self._ids(since=None, until=None, limit=5000) if d.startswith(prefix)]
+        return self.get(candidates[0]) if len(candidates) == 1 else None
+
+    def _ids(self, *, since: float | None, until: float | None, limit: int) -> list[str]:
+        raw = self.redis.zrevrangebyscore(INDEX_KEY, until if until is not None else "+inf",
+                                          since if since is not None else "-inf", start=0, num=limit)
+        return [r.decode() if isinstance(r, bytes) else r for r in raw]
+
+    def list(self, *, limit: int = 50, event: str | None = None, rule: str | None = None,
+             status: str | None = None, since: float | None = None, until: float | None = None,
+             scan: int = 2000) -> list[Delivery]:
+        """Recent deliveries, newest first, filtered; looks at most ``scan`` recent ids."""
+        from fnmatch import fnmatchcase
+
+        ids = self._ids(since=since, until=until, limit=scan)
+        found: list[Delivery] = []
+        for start in range(0, len(ids), 200):
+            chunk = ids[start:start + 200]
+            pipe = self.redis.pipeline(transaction=False)
+            for did in chunk:
+                pipe.hgetall(record_key(did))
+            for fields in pipe.execute():
+                delivery = self._build(fields, None)
+                if delivery is None:
+                    continue
+                if event and not fnmatchcase(delivery.record.get("event", ""), event):
+                    continue
+                if rule and rule not in delivery.rule_ids:
+                    continue
+                if status and delivery.status.value != status:
+                    continue
+                found.append(delivery)
+                if len(found) >= limit:
+                    return found
+        return found

@@ -1,0 +1,169 @@
+"""The single RQ entry point: run one action of one delivery, and record every attempt.
+
+Each attempt is written to the delivery log *before* an error is re-raised, so what a user reads
+is never behind what happened. Whether RQ retries is decided here, from ``workers.errors.classify``:
+a permanent error sets the job's remaining retries to zero before RQ sees the exception.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from redis import Redis
+from rq import get_current_job
+from rq.job import Job
+
+from workers.actions import runner
+from workers.context import ActionContext
+from workers.contract import ActionCall
+from workers.delivery_log import DeliveryLog
+from workers.errors import ErrorKind, PermanentError, UnknownAction, classify
+from workers.gateway import CvatGateway
+from workers.redaction import Redactor
+from workers.redis_conn import connect
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What every job of a worker process shares (built on first use, never at import time)."""
+
+    settings: WorkerSettings
+    redis: Redis
+    deliveries: DeliveryLog
+    redactor: Redactor
+
+    def gateway(self) -> CvatGateway:
+        """A CVAT client for one job (made lazily: most light actions never need one)."""
+        from workers.cvat_client import make_gateway
+
+        if not self.settings.cvat.configured:
+            raise PermanentError("CVAT is not configured: set CVAT_URL and CVAT_ACCESS_TOKEN "
+                                 "(or CVAT_USERNAME and CVAT_PASSWORD) for the worker")
+        return make_gateway(self.settings.cvat)
+
+
+@cache
+def runtime() -> Runtime:
+    """The process's runtime, from the environment."""
+    settings = WorkerSettings.from_env()
+    redis = connect(settings.redis_url)
+    redactor = Redactor(settings.secrets())
+    return Runtime(settings, redis, DeliveryLog(redis, retention_seconds=settings.retention_seconds,
+                                                redactor=redactor), redactor)
+
+
+def attempt_of(job: Job | None, call: ActionCall) -> int:
+    """1 for the first run, n for the n-th (RQ counts retries down in ``retries_left``)."""
+    if job is None or job.retries_left is None:
+        return 1
+    return call.retry.attempts - job.retries_left + 1
+
+
+def run_action(data: dict[str, Any]) -> dict[str, Any]:
+    """Run one action (the RQ job function named in ``workers.contract.JOB_FUNCTION``)."""
+    call = ActionCall.from_json(data)
+    rt = runtime()
+    job = get_current_job()
+    attempt = attempt_of(job, call)
+    started = rt.deliveries.action_started(call.delivery_id, call.job_id, attempt)
+    ctx = ActionContext(
+        call=call, settings=rt.settings, redis=rt.redis, gateway_factory=rt.gateway,
+        note=lambda message, **extra: rt.deliveries.action_note(call.delivery_id, call.job_id, message, **extra),
+    )
+    try:
+        skipped = unmet_job_requirement(ctx)
+        if skipped is not None:
+            result, is_skip = skipped, True
+        else:
+            try:
+                run = runner(call.action)
+            except KeyError:
+                raise UnknownAction(f"no such action {call.action!r} in this worker") from None
+            result, is_skip = run(ctx), False
+            is_skip = bool(result.get("skipped")) if isinstance(result, dict) else False
+    except Exception as exc:
+        record_failure(rt, call, job, attempt, started, exc)
+        raise
+    finally:
+        close = getattr(ctx._gateway, "close", None)
+        if close is not None:
+            close()
+    rt.deliveries.action_succeeded(call.delivery_id, call.job_id, attempt=attempt, started=started,
+                                   result=result, skipped=is_skip)
+    log.info("delivery %s: %s of rule %s %s (attempt %d)", call.delivery_id, call.action, call.rule_id,
+             "skipped" if is_skip else "succeeded", attempt)
+    return result
+
+
+def unmet_job_requirement(ctx: ActionContext) -> dict[str, Any] | None:
+    """``require_all_jobs``: a skip result when some job of the task is not there yet, else None."""
+    wanted = ctx.params.get("require_all_jobs")
+    if not wanted:
+        return None
+    task_id = ctx.event.get("task_id")
+    if task_id is None:
+        raise PermanentError("require_all_jobs needs an event that names a task")
+    jobs = ctx.gateway.list_jobs(int(task_id))
+    waiting = [j.get("id") for j in jobs if any(j.get(k) != v for k, v in wanted.items())]
+    if not jobs or waiting:
+        return {"skipped": "not every job of the task is " + ", ".join(f"{k} {v}" for k, v in wanted.items()),
+                "task_id": task_id, "waiting_jobs": waiting, "jobs": len(jobs)}
+    ctx.note(f"all {len(jobs)} job(s) of task {task_id} are " + ", ".join(map(str, wanted.values())))
+    return None
+
+
+def record_failure(rt: Runtime, call: ActionCall, job: Job | None, attempt: int, started: float,
+                   exc: BaseException) -> None:
+    """Write the failed attempt, and stop RQ from retrying what cannot succeed."""
+    kind = classify(exc)
+    will_retry = kind is ErrorKind.TRANSIENT and job is not None and bool(job.retries_left)
+    next_at = time.time() + job.get_retry_interval() if will_retry and job is not None else None
+    if job is not None and not will_retry:
+        job.retries_left = 0
+    message = rt.redactor.text(str(exc) or type(exc).__name__)
+    rt.deliveries.action_failed(call.delivery_id, call.job_id, attempt=attempt, started=started,
+                                error_class=type(exc).__name__, message=message, kind=kind.value,
+                                next_retry_at=next_at, result=getattr(exc, "result", None))
+    log.warning("delivery %s: %s of rule %s failed (attempt %d, %s): %s%s", call.delivery_id, call.action,
+                call.rule_id, attempt, kind.value, message, "; will retry" if will_retry else "; gave up")
+
+
+def on_job_failure(job: Job, connection: Redis, exc_type: type, exc: BaseException, tb: Any) -> None:
+    """RQ's failure callback: records failures that happened outside ``run_action`` (abandoned jobs
+    whose worker died, timeouts). Failures inside it were already recorded there."""
+    if exc_type.__name__ not in ("AbandonedJobError",):
+        return
+    try:
+        call = ActionCall.from_json(job.args[0])
+        rt = runtime()
+        will_retry = bool(job.retries_left)
+        rt.deliveries.action_failed(
+            call.delivery_id, call.job_id, attempt=attempt_of(job, call), started=None,
+            error_class=exc_type.__name__, message="the worker running this action stopped before it finished",
+            kind=ErrorKind.TRANSIENT.value,
+            next_retry_at=time.time() + job.get_retry_interval() if will_retry else None)
+    except Exception:  # a callback must never break RQ's bookkeeping
+        log.exception("job %s: could not record its abandonment", job.id)
+
+
+def on_work_horse_killed(job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+    """A forked work-horse died (killed, out of memory) mid-action: say so in the delivery log.
+    RQ then retries the job if it has retries left, or moves it to the failed registry."""
+    try:
+        call = ActionCall.from_json(job.args[0])
+        rt = runtime()
+        will_retry = bool(job.retries_left)
+        rt.deliveries.action_failed(
+            call.delivery_id, call.job_id, attempt=attempt_of(job, call), started=None,
+            error_class="WorkHorseKilled", message=f"the process running this action died (wait status {ret_val})",
+            kind=ErrorKind.TRANSIENT.value,
+            next_retry_at=time.time() + job.get_retry_interval() if will_retry else None)
+    except Exception:
+        log.exception("job %s: could not record the death of its work-horse", job.id)

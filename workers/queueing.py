@@ -1,0 +1,65 @@
+"""Putting action calls on RQ queues: one place for the serializer, retry, timeouts and callbacks.
+
+Jobs are serialized as JSON (RQ's ``JSONSerializer``), so a queued job is readable by anything and
+survives an upgrade of our code; the receiver, the replay command and the workers all go through
+:func:`queue` so they agree on it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from rq import Callback, Queue, Retry
+from rq.serializers import JSONSerializer
+
+from workers.contract import FAILURE_CALLBACK, JOB_FUNCTION, JOB_TIMEOUT, ActionCall
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from redis.client import Pipeline
+
+SERIALIZER = JSONSerializer
+RESULT_TTL = 7 * 86400
+"""Seconds RQ keeps a finished job (our delivery log keeps the outcome for longer)."""
+
+
+def queue(name: str, connection: Redis) -> Queue:
+    """The RQ queue called ``name``, with our serializer."""
+    return Queue(name, connection=connection, serializer=SERIALIZER, default_timeout=JOB_TIMEOUT)
+
+
+def retry_of(call: ActionCall, rng: random.Random | None = None) -> Retry | None:
+    """RQ's retry for a call's policy, jitter drawn now (RQ has no jitter of its own)."""
+    if call.retry.attempts == 0:
+        return None
+    return Retry(max=call.retry.attempts, interval=call.retry.delays(rng))
+
+
+def enqueue(calls: Iterable[ActionCall], connection: Redis, pipeline: Pipeline,
+            *, failure_ttl: int) -> list[str]:
+    """Queue one job per call on ``pipeline`` (executed by the caller, with its other writes)."""
+    by_queue: dict[str, list[ActionCall]] = {}
+    for call in calls:
+        by_queue.setdefault(call.queue, []).append(call)
+    job_ids: list[str] = []
+    for name, group in by_queue.items():
+        q = queue(name, connection)
+        datas = [
+            Queue.prepare_data(
+                JOB_FUNCTION,
+                args=(call.to_json(),),
+                job_id=call.job_id,
+                retry=retry_of(call),
+                on_failure=Callback(FAILURE_CALLBACK),
+                timeout=JOB_TIMEOUT,
+                result_ttl=RESULT_TTL,
+                failure_ttl=failure_ttl,
+                description=f"{call.action} for rule {call.rule_id}, delivery {call.delivery_id[:12]}",
+            )
+            for call in group
+        ]
+        q.enqueue_many(datas, pipeline=pipeline)
+        job_ids += [call.job_id for call in group]
+    return job_ids

@@ -1,0 +1,54 @@
+"""Re-run the actions of a recorded delivery, as new runs with job ids of their own."""
+
+from __future__ import annotations
+
+from workers.contract import ActionCall
+from workers.delivery_log import ActionStatus, Delivery, DeliveryLog
+from workers.queueing import enqueue
+from workers.retry import RetryPolicy
+
+_IN_FLIGHT = {ActionStatus.QUEUED, ActionStatus.STARTED, ActionStatus.RETRYING}
+
+
+class NothingToReplay(Exception):
+    """Every action is done (or still running) and ``force`` was not given."""
+
+
+def replay(log: DeliveryLog, delivery: Delivery, *, force: bool = False) -> list[str]:
+    """Queue a new run of each failed action (each finished one with ``force``); returns job ids.
+
+    Actions still queued or running are never doubled. Without ``force``, a delivery whose actions
+    all succeeded has nothing to replay: that is how a replay of a finished delivery stays one effect.
+    """
+    latest: dict[tuple[str, int], dict] = {}
+    for action in delivery.actions.values():
+        key = (action["rule_id"], int(action["index"]))
+        if key not in latest or int(action.get("run", 0)) > int(latest[key].get("run", 0)):
+            latest[key] = action
+    chosen = []
+    for action in latest.values():
+        status = ActionStatus(action["status"])
+        if status in _IN_FLIGHT:
+            continue
+        if status is ActionStatus.FAILED or force:
+            chosen.append(action)
+    if not chosen:
+        raise NothingToReplay(f"delivery {delivery.id}: no failed action to replay"
+                              + ("" if force else " (use --force to run succeeded ones again)"))
+    essentials = delivery.record.get("essentials") or {}
+    calls = [
+        ActionCall(delivery_id=delivery.id, rule_id=a["rule_id"], index=int(a["index"]), action=a["action"],
+                   params=a.get("params") or {}, event=essentials, retry=RetryPolicy.from_json(a.get("retry")),
+                   run=int(a.get("run", 0)) + 1, queue=a["queue"])
+        for a in chosen
+    ]
+    # Recorded before enqueuing, so a fast worker's "started" cannot be overwritten by "queued".
+    for call in calls:
+        log.action_queued(call.delivery_id, {"job_id": call.job_id, "rule_id": call.rule_id, "index": call.index,
+                                             "action": call.action, "queue": call.queue, "params": call.params,
+                                             "retry": call.retry.to_json(), "run": call.run},
+                          reason=f"replay run {call.run} of {call.action} (rule {call.rule_id})")
+    with log.redis.pipeline(transaction=True) as pipe:
+        job_ids = enqueue(calls, log.redis, pipe, failure_ttl=log.retention)
+        pipe.execute()
+    return job_ids

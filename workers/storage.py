@@ -1,0 +1,354 @@
+"""Where export results go: a local path, an S3-compatible bucket, or one of CVAT's cloud storages.
+
+A destination is a URL (the export action's ``to``):
+
+- a bare path or ``file://`` URL: relative to the data directory (``CVAT_HOOKS_DATA_DIR``) or absolute.
+  It must resolve, after ``..`` and symlinks, inside the data directory or one of
+  ``CVAT_HOOKS_STORAGE_ROOTS``: a rule, or a value rendered into it, must not be a way to overwrite
+  any file the worker can reach. ``file:///abs/x.zip`` is absolute, ``file://exports/x.zip`` relative;
+- ``s3://bucket/key``: any S3-compatible endpoint, through boto3, which reads the usual AWS settings
+  itself (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``,
+  ``~/.aws/config``);
+- ``cvat-cloud://<cloud_storage_id>/path``: CVAT writes the file to one of its own cloud storages;
+  nothing passes through the worker, so there is nothing to stage here (see ``CloudDestination``).
+
+Local and S3 results are downloaded to a staging file first and then committed in one step
+(:meth:`Storage.staging`), so nobody ever sees half an export: locally the staging file sits in the
+destination's own directory and is renamed over the final name (a rename is atomic only within one
+file system); for S3 it sits in ``<data_dir>/tmp`` and is streamed to the bucket by boto3's managed
+transfer (multipart above a threshold, read from disk in chunks, never loaded into memory).
+
+boto3 is imported lazily: action modules import this one, and the receiver imports action modules.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import unquote
+
+from workers.contract import JOB_TIMEOUT
+from workers.errors import TRANSIENT_STATUSES, PermanentError, TransientError
+from workers.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from boto3.s3.transfer import TransferConfig
+
+TMP_DIR = "tmp"
+"""Staging directory for S3 uploads, under the data directory."""
+PART_SUFFIX = ".part"
+STALE_SECONDS = 2 * JOB_TIMEOUT
+"""Seconds after which a staging file is an orphan of a killed worker (RQ kills a job after
+``JOB_TIMEOUT``) and may be swept."""
+VERSION_METADATA = "cvat-hooks-version"
+"""S3 object metadata key holding the export's version key (``x-amz-meta-cvat-hooks-version``)."""
+
+SCHEMES = ("file", "s3", "cvat-cloud")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
+_MAX_NAME = 180
+"""Characters of the final name kept in a staging file's name (file names stop at 255 bytes)."""
+
+
+@dataclass(frozen=True)
+class LocalDestination:
+    path: Path
+    """Absolute and resolved inside a storage root (as written when parsed for shape only)."""
+
+    @property
+    def uri(self) -> str:
+        return self.path.as_uri() if self.path.is_absolute() else str(self.path)
+
+
+@dataclass(frozen=True)
+class S3Destination:
+    bucket: str
+    key: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+@dataclass(frozen=True)
+class CloudDestination:
+    """A file CVAT writes itself (``ExportRequest.cloud_storage_id`` / ``cloud_filename``)."""
+
+    cloud_storage_id: int
+    filename: str
+
+    @property
+    def uri(self) -> str:
+        return f"cvat-cloud://{self.cloud_storage_id}/{self.filename}"
+
+
+Destination = LocalDestination | S3Destination | CloudDestination
+
+
+def parse_destination(url: Any, settings: WorkerSettings | None = None) -> Destination:
+    """The destination a ``to`` URL names (``PermanentError`` saying why if it names none).
+
+    With ``settings=None`` only the scheme and shape are checked, as the receiver does when
+    ``rules.yaml`` loads (placeholders are still in the URL then): a local path is kept as written
+    and not checked against the storage roots.
+    """
+    if not isinstance(url, str) or not url.strip():
+        raise PermanentError("destination must be a non-empty string")
+    if "\x00" in url:
+        raise PermanentError("destination contains a NUL character")
+    match = _SCHEME.match(url)
+    scheme = match[1].lower() if match else ""
+    rest = url[match.end():] if match else url
+    if scheme in ("", "file"):
+        return _local(unquote(rest) if scheme else rest, url, settings)
+    if scheme == "s3":
+        return _s3(rest, url, shape_only=settings is None)
+    if scheme == "cvat-cloud":
+        return _cloud(rest, url)
+    raise PermanentError(
+        f"destination {url!r}: unsupported scheme {scheme!r} (use a path, file://, s3:// or cvat-cloud://)"
+    )
+
+
+def storage_roots(settings: WorkerSettings) -> tuple[Path, ...]:
+    """The resolved directories local destinations may be inside: the data directory first."""
+    roots = (settings.data_dir, *settings.storage_roots)
+    return tuple(dict.fromkeys(Path(r).expanduser().resolve() for r in roots))
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    return any(path != root and path.is_relative_to(root) for root in roots)
+
+
+def _check_inside(path: Path, url: str, settings: WorkerSettings) -> None:
+    roots = storage_roots(settings)
+    if not _inside(path, roots):
+        raise PermanentError(
+            f"destination {url!r} resolves to {path}, outside the storage roots "
+            f"({', '.join(str(r) for r in roots)}); write inside one of them, or add a root to "
+            "CVAT_HOOKS_STORAGE_ROOTS"
+        )
+
+
+def _local(raw: str, url: str, settings: WorkerSettings | None) -> LocalDestination:
+    if not raw:
+        raise PermanentError(f"destination {url!r} names no file")
+    if raw.endswith(("/", os.sep)) or Path(raw).name in ("", ".", ".."):
+        raise PermanentError(f"destination {url!r} names a directory; end it with a file name")
+    if settings is None:
+        return LocalDestination(Path(raw))
+    path = Path(raw).expanduser()
+    if not path.is_absolute():
+        path = settings.data_dir / path
+    # resolve() follows every symlink that exists and collapses "..", so a link inside a root
+    # that points elsewhere is judged by where it points.
+    resolved = path.resolve()
+    _check_inside(resolved, url, settings)
+    if resolved.is_dir():
+        raise PermanentError(f"destination {url!r} is an existing directory")
+    return LocalDestination(resolved)
+
+
+def _s3(rest: str, url: str, *, shape_only: bool) -> S3Destination:
+    bucket, _, key = rest.partition("/")
+    if not bucket or not key or key.endswith("/"):
+        raise PermanentError(f"destination {url!r}: expected s3://bucket/key, with a key naming an object")
+    if not (shape_only and _PLACEHOLDER.search(bucket)) and not _BUCKET.fullmatch(bucket):
+        raise PermanentError(f"destination {url!r}: {bucket!r} is not a valid S3 bucket name")
+    return S3Destination(bucket, key)
+
+
+def _cloud(rest: str, url: str) -> CloudDestination:
+    storage_id, _, filename = rest.partition("/")
+    if not storage_id.isdigit() or not filename or filename.endswith("/"):
+        raise PermanentError(
+            f"destination {url!r}: expected cvat-cloud://<cloud storage id>/<path>, the id a number"
+        )
+    return CloudDestination(int(storage_id), filename)
+
+
+@dataclass
+class Staged:
+    """A result on its way to a destination: write ``path`` (it does not exist yet), then commit."""
+
+    destination: LocalDestination | S3Destination
+    path: Path
+    committed: bool = False
+
+
+def _sweep(directory: Path, pattern: str) -> None:
+    """Delete staging files left by killed workers (best effort: a failure here must not fail an export)."""
+    cutoff = time.time() - STALE_SECONDS
+    for name in glob.glob(os.path.join(glob.escape(str(directory)), pattern)):
+        try:
+            if os.stat(name).st_mtime < cutoff:
+                os.unlink(name)
+        except OSError:
+            pass
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX: the directory entry lives in the directory's own blocks)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not possible on every platform or file system; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Storage:
+    """Stages and commits export files; one per action run (its S3 client is made on first use)."""
+
+    def __init__(self, settings: WorkerSettings, *, transfer_config: TransferConfig | None = None,
+                 s3_client_factory: Callable[[], Any] | None = None) -> None:
+        self.settings = settings
+        self.transfer_config = transfer_config
+        """boto3 ``TransferConfig`` (multipart threshold, part size); boto3's defaults when ``None``."""
+        self._s3_client_factory = s3_client_factory or _default_s3_client
+        self._s3_client: Any = None
+
+    def parse(self, url: str) -> Destination:
+        """:func:`parse_destination` with this worker's roots."""
+        return parse_destination(url, self.settings)
+
+    @property
+    def s3(self) -> Any:
+        """The boto3 S3 client, created on first use."""
+        if self._s3_client is None:
+            self._s3_client = self._s3_client_factory()
+        return self._s3_client
+
+    @contextmanager
+    def staging(self, destination: LocalDestination | S3Destination) -> Iterator[Staged]:
+        """A staging path for ``destination``; removed on the way out unless committed."""
+        if isinstance(destination, LocalDestination):
+            directory = destination.path.parent
+            directory.mkdir(parents=True, exist_ok=True)
+            # A directory swapped for a symlink since the destination was parsed must not redirect us.
+            _check_inside(directory.resolve() / destination.path.name, destination.uri, self.settings)
+            stem = f".{destination.path.name[:_MAX_NAME]}."
+        else:
+            directory = self.settings.data_dir / TMP_DIR
+            directory.mkdir(parents=True, exist_ok=True)
+            stem = f"{destination.key.rsplit('/', 1)[-1][:_MAX_NAME]}."
+        _sweep(directory, glob.escape(stem) + "*" + PART_SUFFIX)
+        # A name that does not exist yet: cvat-sdk refuses to download over an existing file.
+        staged = Staged(destination, directory / f"{stem}{uuid.uuid4().hex[:16]}{PART_SUFFIX}")
+        try:
+            yield staged
+        finally:
+            if not staged.committed:
+                staged.path.unlink(missing_ok=True)
+
+    def commit(self, staged: Staged, *, version: str | None = None) -> dict[str, Any]:
+        """Publish a staged file in one step; the result is ``{"uri", "size"}`` (+ ``"path"`` locally).
+
+        ``version`` is stored in the S3 object's metadata, so a later run can tell the bucket
+        already holds this version even if Redis lost its marker.
+        """
+        if staged.committed:
+            raise RuntimeError(f"{staged.destination.uri} already committed")
+        try:
+            size = staged.path.stat().st_size
+        except FileNotFoundError:
+            raise PermanentError(f"{staged.destination.uri}: the export produced no file") from None
+        dest = staged.destination
+        if isinstance(dest, LocalDestination):
+            with open(staged.path, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(staged.path, dest.path)
+            staged.committed = True
+            _fsync_dir(dest.path.parent)
+            return {"uri": dest.uri, "size": size, "path": str(dest.path)}
+        extra = {"Metadata": {VERSION_METADATA: version}} if version else None
+        try:
+            self.s3.upload_file(str(staged.path), dest.bucket, dest.key, ExtraArgs=extra,
+                                Config=self.transfer_config)
+        except Exception as exc:
+            _raise_s3_error(exc, dest, "upload failed")
+        staged.path.unlink(missing_ok=True)
+        staged.committed = True
+        return {"uri": dest.uri, "size": size}
+
+    def existing_version(self, destination: Destination, version: str) -> dict[str, Any] | None:
+        """``{"uri", "size"}`` if the destination already holds this version (S3 metadata), else None.
+
+        Only S3 objects carry a version; a local file or a CVAT cloud file is judged by the Redis
+        marker alone. A HEAD refused with 403 (no ``s3:ListBucket`` makes a missing key look like
+        that) is taken as "not there": the upload will tell whether we may write.
+        """
+        if not isinstance(destination, S3Destination):
+            return None
+        try:
+            head = self.s3.head_object(Bucket=destination.bucket, Key=destination.key)
+        except Exception as exc:
+            if _client_error_status(exc) in (403, 404):
+                return None
+            _raise_s3_error(exc, destination, "cannot check the existing object")
+        if (head.get("Metadata") or {}).get(VERSION_METADATA) != version:
+            return None
+        return {"uri": destination.uri, "size": head.get("ContentLength")}
+
+
+def _default_s3_client() -> Any:
+    """A boto3 S3 client configured the usual AWS way (environment, ``~/.aws``)."""
+    import boto3  # lazily: see the module docstring
+
+    return boto3.session.Session().client("s3")
+
+
+def _client_error(exc: BaseException) -> Any:
+    """The botocore ``ClientError`` behind an exception (boto3 wraps upload errors in
+    ``S3UploadFailedError`` raised inside the ``except`` block, so it is the ``__context__``)."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 5:
+        if hasattr(current, "response") and isinstance(getattr(current, "response", None), dict):
+            return current
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return None
+
+
+def _client_error_status(exc: BaseException) -> int | None:
+    error = _client_error(exc)
+    if error is None:
+        return None
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status if isinstance(status, int) else None
+
+
+def _raise_s3_error(exc: Exception, dest: S3Destination, what: str) -> NoReturn:
+    """Raise our error for a boto3 failure: S3's answers classified by status, credentials permanent.
+
+    Anything else (connection errors, timeouts) is re-raised unchanged for ``workers.errors.classify``,
+    which already knows botocore's names.
+    """
+    error = _client_error(exc)
+    if error is not None:
+        status = _client_error_status(exc)
+        details = error.response.get("Error", {})
+        message = f"{dest.uri}: {what}: {details.get('Code') or 'error'} (HTTP {status})"
+        if details.get("Message"):
+            message += f": {details['Message']}"
+        if status is not None and (status >= 500 or status in TRANSIENT_STATUSES):
+            raise TransientError(message) from exc
+        raise PermanentError(message) from exc
+    if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+        raise PermanentError(f"{dest.uri}: {what}: no usable AWS credentials (set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY, or a profile)") from exc
+    raise exc

@@ -1,0 +1,38 @@
+"""Start an RQ worker on cvat-hooks' queues, with RQ's scheduler (needed for delayed retries)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from rq import SimpleWorker, Worker
+
+from workers.contract import QUEUES
+from workers.jobs import on_work_horse_killed
+from workers.queueing import SERIALIZER, queue
+from workers.redis_conn import connect
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+WORKER_CLASSES: dict[str, type[Worker]] = {"fork": Worker, "simple": SimpleWorker}
+"""``fork`` runs each job in a child process (a crashing action takes down only that child, and RQ
+retries it); ``simple`` runs jobs in the worker itself (faster, but a crash takes the worker down:
+RQ's abandoned-job cleanup then retries the job from another worker)."""
+
+
+def build_worker(settings: WorkerSettings, *, queues: Sequence[str] = QUEUES, kind: str = "fork",
+                 name: str | None = None) -> Worker:
+    """A worker serving ``queues`` in order (light actions before exports)."""
+    redis = connect(settings.redis_url)
+    cls = WORKER_CLASSES[kind]
+    return cls([queue(q, redis) for q in queues], connection=redis, serializer=SERIALIZER, name=name,
+               work_horse_killed_handler=on_work_horse_killed)
+
+
+def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] = QUEUES, kind: str = "fork",
+        name: str | None = None) -> bool:
+    """Work until stopped (or, with ``burst``, until the queues are empty)."""
+    worker = build_worker(settings, queues=queues, kind=kind, name=name)
+    log.info("worker %s: serving %s (%s)", worker.name, ", ".join(queues), kind)
+    return worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
