@@ -68,6 +68,17 @@ def worker(burst: bool, queues: tuple[str, ...], kind: str) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
+@main.command()
+@click.option("--port", default=8000, type=int, envvar="CVAT_HOOKS_PORT")
+def healthcheck(port: int) -> None:
+    """Container health: the receiver answers /healthz; a worker has a fresh heartbeat in Redis."""
+    from workers.health import check
+
+    ok, message = check(port=port, settings=_settings().workers)
+    click.echo(message)
+    sys.exit(0 if ok else 1)
+
+
 @main.group()
 def rules() -> None:
     """Check and try out rules.yaml."""
@@ -86,7 +97,7 @@ def rules_check(path: Path | None) -> None:
         click.echo(str(exc), err=True)
         sys.exit(1)
     for warning in ruleset.warnings:
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(str(warning), err=True)
     click.echo(f"{path}: {len(ruleset.rules)} rule(s) OK")
     click.echo("CVAT events to subscribe: " + ", ".join(sorted(ruleset.events_needed())))
 

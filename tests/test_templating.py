@@ -40,7 +40,8 @@ VALID_TEMPLATES = [
 ]
 
 
-@pytest.mark.parametrize(("text", "parts"), [c[1:] for c in VALID_TEMPLATES], ids=[c[0] for c in VALID_TEMPLATES])
+@pytest.mark.parametrize(("text", "parts"), [c[1:] for c in VALID_TEMPLATES],
+                         ids=[c[0] for c in VALID_TEMPLATES])
 def test_parse_valid_templates(text: str, parts: tuple[Any, ...]) -> None:
     """Literal text, dotted placeholders and doubled braces parse into their parts."""
     assert parse_template(text) == parts
@@ -63,7 +64,8 @@ INVALID_TEMPLATES = [
 ]
 
 
-@pytest.mark.parametrize(("text", "message"), [c[1:] for c in INVALID_TEMPLATES], ids=[c[0] for c in INVALID_TEMPLATES])
+@pytest.mark.parametrize(("text", "message"), [c[1:] for c in INVALID_TEMPLATES],
+                         ids=[c[0] for c in INVALID_TEMPLATES])
 def test_unsafe_or_malformed_templates_are_rejected(text: str, message: str) -> None:
     """Anything but a dotted path of names and digits is refused before any event arrives."""
     with pytest.raises(TemplateError, match=message.replace("(", r"\(")):
@@ -86,7 +88,8 @@ RENDER_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("text", "expected"), [c[1:] for c in RENDER_CASES], ids=[c[0] for c in RENDER_CASES])
+@pytest.mark.parametrize(("text", "expected"), [c[1:] for c in RENDER_CASES],
+                         ids=[c[0] for c in RENDER_CASES])
 def test_render(text: str, expected: str) -> None:
     """Placeholders are replaced by their values' text (``none``, ``true``/``false``, JSON)."""
     assert render(text, VARS) == expected
@@ -116,7 +119,8 @@ PATH_SAFE_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("value", "expected"), [c[1:] for c in PATH_SAFE_CASES], ids=[c[0] for c in PATH_SAFE_CASES])
+@pytest.mark.parametrize(("value", "expected"), [c[1:] for c in PATH_SAFE_CASES],
+                         ids=[c[0] for c in PATH_SAFE_CASES])
 def test_path_safe(value: str, expected: str) -> None:
     """A substituted value cannot add a directory, climb out of one, or smuggle control characters."""
     assert path_safe(value) == expected

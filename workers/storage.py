@@ -40,7 +40,7 @@ from workers.errors import TRANSIENT_STATUSES, PermanentError, TransientError
 from workers.settings import WorkerSettings
 
 if TYPE_CHECKING:
-    from boto3.s3.transfer import TransferConfig
+    from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]
 
 TMP_DIR = "tmp"
 """Staging directory for S3 uploads, under the data directory."""
@@ -306,7 +306,7 @@ class Storage:
 
 def _default_s3_client() -> Any:
     """A boto3 S3 client configured the usual AWS way (environment, ``~/.aws``)."""
-    import boto3  # lazily: see the module docstring
+    import boto3  # type: ignore[import-untyped]  # lazily: see the module docstring
 
     return boto3.session.Session().client("s3")
 

@@ -134,7 +134,7 @@ class _Builder:
             self.error(node, "a rule must be a mapping with 'id', 'on' and 'do'", label)
             return None
         found = {key: (knode, vnode) for key, knode, vnode in self.pairs(node, label)}
-        rule_id = self.rule_id(found.get("id"), node, label, first_line)
+        rule_id, usable = self.rule_id(found.get("id"), node, label, first_line)
         label = rule_id or label
         for key, (knode, _) in found.items():
             if key not in RULE_KEYS:
@@ -153,28 +153,29 @@ class _Builder:
                 description = desc.value
             else:
                 self.error(desc, "'description' must be text", label)
-        if rule_id is None:
+        if rule_id is None or not usable:
             return None
         return Rule(rule_id, on, condition, actions, retry or RetryPolicy(), description, _line(node))
 
     def rule_id(self, item: tuple[Node, Node] | None, rule_node: Node, label: str,
-                first_line: dict[str, int]) -> str | None:
+                first_line: dict[str, int]) -> tuple[str | None, bool]:
+        """The rule's id (``None`` if unusable as a label) and whether the rule may be built with it."""
         if item is None:
             self.error(rule_node, "missing 'id'", label)
-            return None
+            return None, False
         node = item[1]
         if not isinstance(node, ScalarNode) or not _SLUG.fullmatch(node.value):
             shown = node.value if isinstance(node, ScalarNode) else "a " + node.id
             self.error(node, f"id {shown!r} is not a slug (lowercase letters, digits, '-' and '_', "
                              "starting with a letter or digit)", label)
-            return None
+            return None, False
         rule_id = node.value
         if rule_id in first_line:
             first = first_line[rule_id]
             self.error(node, f"duplicate id {rule_id!r} (first defined at line {first})", rule_id)
-            return None
+            return rule_id, False  # still named by its id in the messages about it
         first_line[rule_id] = _line(rule_node)
-        return rule_id
+        return rule_id, True
 
     def on(self, node: Node, label: str) -> tuple[str, ...]:
         items = node.value if isinstance(node, SequenceNode) else [node]
@@ -354,7 +355,7 @@ def _compose(text: str, source: str) -> tuple[Node | None, yaml.SafeLoader]:
     except yaml.MarkedYAMLError as exc:
         loader.dispose()
         mark = exc.problem_mark or exc.context_mark
-        what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+        what = "; ".join(str(p) for p in (exc.context, exc.problem) if p)
         raise RulesError([Problem(source, mark.line + 1 if mark else None, f"YAML error: {what}")]) from exc
     except yaml.YAMLError as exc:
         loader.dispose()

@@ -22,6 +22,7 @@ TRANSITION_OPERATORS = ("changed", "became", "was")
 OPERATORS = SCALAR_OPERATORS + TRANSITION_OPERATORS
 
 PREVIOUS_SOURCES = ("payload", "last-seen", "created", "stale", "unknown")
+"""The usual values of :attr:`Previous.source`."""
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,8 @@ class Previous:
     """The resource object as it was before this event; ``None`` when unknown (nothing then matches)."""
     source: str
     """Who decided: ``payload``, ``last-seen``, ``created`` (empty before a create), ``stale``
-    (the event is older than what was already seen) or ``unknown``. Recorded in the delivery log."""
-
-    def __post_init__(self) -> None:
-        if self.source not in PREVIOUS_SOURCES:
-            known = ", ".join(PREVIOUS_SOURCES)
-            raise ValueError(f"previous source must be one of {known}, not {self.source!r}")
+    (the event is older than what was already seen) or ``unknown``. Informational only (recorded
+    in the delivery log and in reasons), so it is not checked: the receiver may add its own."""
 
 
 @dataclass(frozen=True)

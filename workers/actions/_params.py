@@ -46,7 +46,7 @@ def as_id(value: Any, what: str) -> int:
 def event_id(event: Mapping[str, Any], name: str) -> int | None:
     """An id (``job_id``, ``task_id``, ``project_id``) the event implies, if it implies one."""
     value = event.get(name)
-    return int(value) if is_int(value) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def call_key(kind: str, call: ActionCall) -> str:

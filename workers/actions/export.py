@@ -48,7 +48,7 @@ _RESOURCES = tuple(r.value for r in Resource)
 _KINDS = tuple(k.value for k in ExportKind)
 
 
-def _kind(params: Mapping[str, Any]) -> tuple[str | None, list[str]]:
+def _kind(params: Mapping[str, Any]) -> tuple[str, list[str]]:
     """The effective kind (``include_images`` folded in), and the problems with the combination."""
     kind = params.get("kind")
     include_images = params.get("include_images")

@@ -1,0 +1,162 @@
+"""Hot reload: new rules replace old ones only when they are valid; a bad start fails loudly."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from receiver.rules import RulesError, RuleStore, load_rules
+
+
+def fake_validate(name: str, params: Mapping[str, Any]) -> list[str]:
+    """Knows the four actions (their modules belong to the workers)."""
+    return [] if name in ("export", "check_labels", "notify", "update_job") else [f"unknown action {name!r}"]
+
+
+def rules_text(*ids: str) -> str:
+    """A valid rules file with one notify rule per id."""
+    body = "".join(f"  - id: {i}\n    on: update:job\n    do:\n      - action: notify\n        url: http://x\n"
+                   for i in ids)
+    return f"version: 1\nrules:\n{body}"
+
+
+BAD = "version: 1\nrules:\n  - id: broken\n    on: update:job\n    do: []\n"
+
+
+class Clock:
+    """A hand-driven monotonic clock."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def write(path: Path, text: str, *, tick: int) -> None:
+    """Write the file and give it a distinct mtime (filesystems may not tick between two writes)."""
+    path.write_text(text)
+    stamp = 1_700_000_000_000_000_000 + tick * 1_000_000_000
+    os.utime(path, ns=(stamp, stamp))
+
+
+def make_store(path: Path, clock: Clock | None = None) -> RuleStore:
+    """A store over ``path`` with the fake action validator."""
+    loader = functools.partial(load_rules, validate_action=fake_validate)
+    return RuleStore(path, loader=loader, clock=clock or Clock())
+
+
+@pytest.mark.parametrize("content", [BAD, None, "version: [\n"],
+                         ids=["invalid", "missing-file", "yaml-error"])
+def test_initial_load_fails_loudly(tmp_path: Path, content: str | None) -> None:
+    """A store cannot start on rules that do not load."""
+    path = tmp_path / "rules.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(RulesError):
+        make_store(path)
+
+
+@pytest.mark.parametrize(("new", "reloaded", "ids"), [
+    (rules_text("a", "b"), True, ["a", "b"]),
+    (BAD, False, ["a"]),
+    ("version: 1\nrules: [\n", False, ["a"]),
+    (None, False, ["a"]),
+], ids=["valid-replaces", "invalid-keeps", "yaml-error-keeps", "deleted-keeps"])
+def test_reload(tmp_path: Path, new: str | None, reloaded: bool, ids: list[str]) -> None:
+    """``reload`` installs valid rules and keeps the previous ones when the new file is unusable."""
+    path = tmp_path / "rules.yaml"
+    write(path, rules_text("a"), tick=0)
+    store = make_store(path)
+    if new is None:
+        path.unlink()
+    else:
+        write(path, new, tick=1)
+    assert store.reload() is reloaded
+    assert [r.id for r in store.current.rules] == ids
+
+
+def test_failed_reload_is_logged_with_the_problems(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A failed reload logs, under the store's logger, that the previous rules are kept and why."""
+    path = tmp_path / "rules.yaml"
+    write(path, rules_text("a"), tick=0)
+    store = make_store(path)
+    write(path, BAD, tick=1)
+    with caplog.at_level(logging.ERROR, logger="receiver.rules.store"):
+        store.reload()
+    [record] = [r for r in caplog.records if r.name == "receiver.rules.store"]
+    assert record.levelno == logging.ERROR
+    assert record.getMessage().startswith(f"rules {path}: reload failed, keeping 1 previous rule(s): ")
+    assert "'do' must be a non-empty list" in record.getMessage()
+
+
+def test_maybe_reload_checks_at_most_once_a_second(tmp_path: Path) -> None:
+    """A change is noticed on the first check after the interval, not before, and only once."""
+    path = tmp_path / "rules.yaml"
+    write(path, rules_text("a"), tick=0)
+    clock = Clock()
+    store = make_store(path, clock)
+    write(path, rules_text("b"), tick=1)
+    clock.now += 0.5
+    assert store.maybe_reload() is False
+    assert [r.id for r in store.current.rules] == ["a"]
+    clock.now += 0.6
+    assert store.maybe_reload() is True
+    assert [r.id for r in store.current.rules] == ["b"]
+    clock.now += 5
+    assert store.maybe_reload() is False
+
+
+def test_maybe_reload_tries_a_bad_file_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An unchanged bad file is not re-read every second (one log line per bad version)."""
+    path = tmp_path / "rules.yaml"
+    write(path, rules_text("a"), tick=0)
+    clock = Clock()
+    store = make_store(path, clock)
+    write(path, BAD, tick=1)
+    with caplog.at_level(logging.ERROR, logger="receiver.rules.store"):
+        for _ in range(3):
+            clock.now += 2
+            assert store.maybe_reload() is False
+    assert len([r for r in caplog.records if "reload failed" in r.getMessage()]) == 1
+    write(path, rules_text("c"), tick=2)
+    clock.now += 2
+    assert store.maybe_reload() is True
+    assert [r.id for r in store.current.rules] == ["c"]
+
+
+def test_sighup_reloads(tmp_path: Path) -> None:
+    """After ``install_sighup`` (main thread), SIGHUP makes the store reload the file."""
+    path = tmp_path / "rules.yaml"
+    write(path, rules_text("a"), tick=0)
+    store = make_store(path)
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        assert store.install_sighup() is True
+        write(path, rules_text("hup"), tick=1)
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert [r.id for r in store.current.rules] == ["hup"]
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_install_sighup_off_the_main_thread_is_a_no_op(tmp_path: Path) -> None:
+    """Signal handlers can only be set from the main thread; elsewhere the call does nothing."""
+    path = tmp_path / "rules.yaml"
+    write(path, rules_text("a"), tick=0)
+    store = make_store(path)
+    before = signal.getsignal(signal.SIGHUP)
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(store.install_sighup()))
+    thread.start()
+    thread.join()
+    assert result == [False]
+    assert signal.getsignal(signal.SIGHUP) == before

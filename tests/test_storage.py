@@ -1,0 +1,300 @@
+"""Storage: destination parsing and containment, atomic local writes, S3 uploads against moto's server."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from boto3.s3.transfer import TransferConfig
+
+from tests.moto_s3 import make_bucket, s3_endpoint, use_endpoint
+from workers.errors import ErrorKind, PermanentError, TransientError, classify
+from workers.settings import WorkerSettings
+from workers.storage import (
+    STALE_SECONDS,
+    TMP_DIR,
+    VERSION_METADATA,
+    CloudDestination,
+    LocalDestination,
+    S3Destination,
+    Storage,
+    parse_destination,
+)
+
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def settings(data_dir: Path, tmp_path: Path) -> WorkerSettings:
+    extra = tmp_path / "archive"
+    extra.mkdir()
+    return WorkerSettings(data_dir=data_dir, storage_roots=(extra,))
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    with s3_endpoint() as url:
+        yield url
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch, moto_endpoint: str, tmp_path: Path) -> str:
+    use_endpoint(monkeypatch, moto_endpoint, tmp_path)
+    return moto_endpoint
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("exports/a.zip", "data/exports/a.zip"),  # bare relative: under the data directory
+    ("file://exports/a.zip", "data/exports/a.zip"),  # file:// without a third slash: relative too
+    ("exports/x/../a.zip", "data/exports/a.zip"),  # ".." that stays inside is fine
+    ("ABS/data/deep/a.zip", "data/deep/a.zip"),  # absolute, inside the data directory
+    ("file://ABS/archive/a%20b.zip", "archive/a b.zip"),  # file:///abs, percent-decoded, extra root
+], ids=["relative", "file-relative", "dotdot-inside", "absolute", "file-absolute-extra-root"])
+def test_local_destinations_resolve_inside_roots(url: str, expected: str, settings: WorkerSettings,
+                                                 tmp_path: Path) -> None:
+    """Bare paths and file:// URLs resolve against the data directory or an extra root."""
+    dest = parse_destination(url.replace("ABS", str(tmp_path)), settings)
+    assert isinstance(dest, LocalDestination)
+    assert dest.path == (tmp_path / expected).resolve()
+    assert dest.uri == dest.path.as_uri()
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("s3://my-bucket/exports/task 2.zip", S3Destination("my-bucket", "exports/task 2.zip")),
+    ("S3://b.example/k", S3Destination("b.example", "k")),  # the scheme is case-insensitive
+    ("cvat-cloud://3/exports/a.zip", CloudDestination(3, "exports/a.zip")),
+], ids=["s3", "s3-uppercase-scheme", "cvat-cloud"])
+def test_remote_destinations(url: str, expected: object, settings: WorkerSettings) -> None:
+    """s3:// and cvat-cloud:// URLs become their destination values."""
+    assert parse_destination(url, settings) == expected
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("", "non-empty"),
+    ("exports/", "names a directory"),
+    ("exports/..", "names a directory"),
+    ("http://example.com/a.zip", "unsupported scheme 'http'"),
+    ("s3://bucket-only", "expected s3://bucket/key"),
+    ("s3://bucket/dir/", "expected s3://bucket/key"),
+    ("s3://Bad_Bucket/k", "not a valid S3 bucket name"),
+    ("cvat-cloud://one/a.zip", "the id a number"),
+    ("cvat-cloud://3", "expected cvat-cloud://"),
+    ("a\x00b", "NUL"),
+], ids=["empty", "trailing-slash", "dotdot-name", "http", "s3-no-key", "s3-prefix", "s3-bad-bucket",
+        "cloud-id-not-number", "cloud-no-path", "nul"])
+def test_malformed_destinations_are_refused(url: str, message: str) -> None:
+    """Shapes that name no file, or an unknown scheme, fail with a message saying what is wrong."""
+    with pytest.raises(PermanentError, match=message):
+        parse_destination(url)
+
+
+@pytest.mark.parametrize("url", [
+    "../outside.zip",
+    "exports/../../outside.zip",
+    "ABS/elsewhere/a.zip",
+    "file://ABS/elsewhere/a.zip",
+    "ABS/data",  # the root itself is not a file inside it
+], ids=["dotdot", "nested-dotdot", "absolute-outside", "file-absolute-outside", "root-itself"])
+def test_escapes_are_refused_naming_the_roots(url: str, settings: WorkerSettings, tmp_path: Path) -> None:
+    """A path resolving outside every root fails permanently, and the message names the roots."""
+    with pytest.raises(PermanentError, match="outside the storage roots") as caught:
+        parse_destination(url.replace("ABS", str(tmp_path)), settings)
+    assert str(settings.data_dir.resolve()) in str(caught.value)
+    assert str((tmp_path / "archive").resolve()) in str(caught.value)
+
+
+def test_symlink_escape_is_refused(settings: WorkerSettings, data_dir: Path, tmp_path: Path) -> None:
+    """A symlink inside the data directory pointing outside it does not let a write out."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (data_dir / "link").symlink_to(outside)
+    with pytest.raises(PermanentError, match="outside the storage roots"):
+        parse_destination("link/a.zip", settings)
+
+
+def test_symlink_inside_roots_is_followed(settings: WorkerSettings, data_dir: Path, tmp_path: Path) -> None:
+    """A symlink from the data directory into an extra root is judged by its target, and allowed."""
+    (data_dir / "to-archive").symlink_to(tmp_path / "archive")
+    dest = parse_destination("to-archive/a.zip", settings)
+    assert dest == LocalDestination((tmp_path / "archive" / "a.zip").resolve())
+
+
+def test_shape_only_parsing_skips_the_roots() -> None:
+    """Without settings (rules load time) a local path is only checked for shape, as written."""
+    assert parse_destination("/anywhere/{task_id}.zip") == LocalDestination(Path("/anywhere/{task_id}.zip"))
+    assert parse_destination("s3://{bucket}/k") == S3Destination("{bucket}", "k")
+
+
+# -- local writes ------------------------------------------------------------------------------
+
+def test_local_commit_is_atomic(settings: WorkerSettings, data_dir: Path) -> None:
+    """The file is written under another name in the same directory and appears whole at commit."""
+    storage = Storage(settings)
+    dest = storage.parse("exports/2026/task-2.zip")
+    assert isinstance(dest, LocalDestination)
+    with storage.staging(dest) as staged:
+        assert staged.path.parent == dest.path.parent  # same directory: the rename is atomic
+        assert staged.path.parent.is_dir()  # parents were created
+        assert staged.path != dest.path and not staged.path.exists()
+        staged.path.write_bytes(b"half")
+        assert not dest.path.exists()  # a reader sees nothing yet
+        with staged.path.open("ab") as f:
+            f.write(b" and the rest")
+        assert not dest.path.exists()
+        result = storage.commit(staged)
+    assert dest.path.read_bytes() == b"half and the rest"
+    assert result == {"uri": dest.path.as_uri(), "size": 17, "path": str(dest.path)}
+    assert os.listdir(dest.path.parent) == ["task-2.zip"]  # no staging file left
+
+
+def test_local_commit_replaces_an_older_file_in_one_step(settings: WorkerSettings, data_dir: Path) -> None:
+    """Until the commit, readers keep seeing the previous version, never a mix."""
+    storage = Storage(settings)
+    dest = storage.parse("a.zip")
+    assert isinstance(dest, LocalDestination)
+    dest.path.write_bytes(b"old version")
+    with storage.staging(dest) as staged:
+        staged.path.write_bytes(b"new")
+        assert dest.path.read_bytes() == b"old version"
+        storage.commit(staged)
+    assert dest.path.read_bytes() == b"new"
+
+
+def test_failed_download_leaves_nothing_behind(settings: WorkerSettings, data_dir: Path) -> None:
+    """An error before the commit removes the staging file and never creates the final one."""
+    storage = Storage(settings)
+    dest = storage.parse("exports/a.zip")
+    assert isinstance(dest, LocalDestination)
+    with pytest.raises(RuntimeError, match="download broke"), storage.staging(dest) as staged:
+        staged.path.write_bytes(b"partial")
+        raise RuntimeError("download broke")
+    assert not dest.path.exists()
+    assert os.listdir(dest.path.parent) == []
+
+
+def test_commit_without_a_file_fails_permanently(settings: WorkerSettings) -> None:
+    """A gateway that wrote nothing is an error, not an empty export."""
+    storage = Storage(settings)
+    dest = storage.parse("a.zip")
+    assert isinstance(dest, LocalDestination)
+    with pytest.raises(PermanentError, match="produced no file"), storage.staging(dest) as staged:
+        storage.commit(staged)
+
+
+def test_stale_staging_files_are_swept(settings: WorkerSettings, data_dir: Path) -> None:
+    """Orphans of killed workers older than STALE_SECONDS go; a fresh one (maybe in use) stays."""
+    storage = Storage(settings)
+    dest = storage.parse("a.zip")
+    assert isinstance(dest, LocalDestination)
+    old, fresh = data_dir / ".a.zip.0123456789abcdef.part", data_dir / ".a.zip.fedcba9876543210.part"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    stale = time.time() - STALE_SECONDS - 60
+    os.utime(old, (stale, stale))
+    with storage.staging(dest):
+        pass
+    assert not old.exists() and fresh.exists()
+
+
+def test_directory_swapped_for_symlink_after_parsing_is_refused(settings: WorkerSettings, data_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    """Containment is checked again when staging, so a swap after parsing cannot redirect the write."""
+    storage = Storage(settings)
+    dest = storage.parse("exports/a.zip")
+    assert isinstance(dest, LocalDestination)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (data_dir / "exports").symlink_to(outside)
+    with pytest.raises(PermanentError, match="outside the storage roots"), storage.staging(dest):
+        pass
+    assert os.listdir(outside) == []
+
+
+# -- S3 ----------------------------------------------------------------------------------------
+
+def test_s3_multipart_upload_streams_from_disk(s3_env: str, settings: WorkerSettings, data_dir: Path) -> None:
+    """A file above the multipart threshold is uploaded in parts, with its version in the metadata."""
+    client = make_bucket("exports-multipart")
+    storage = Storage(settings, transfer_config=TransferConfig(multipart_threshold=5 * MB,
+                                                               multipart_chunksize=5 * MB))
+    dest = storage.parse("s3://exports-multipart/tasks/2/annotations.zip")
+    assert isinstance(dest, S3Destination)
+    content = os.urandom(256) * (12 * MB // 256)
+    with storage.staging(dest) as staged:
+        assert staged.path.parent == data_dir / TMP_DIR
+        staged.path.write_bytes(content)
+        result = storage.commit(staged, version="v1")
+    assert result == {"uri": "s3://exports-multipart/tasks/2/annotations.zip", "size": len(content)}
+    assert os.listdir(data_dir / TMP_DIR) == []
+    obj = client.get_object(Bucket="exports-multipart", Key="tasks/2/annotations.zip")
+    assert obj["Body"].read() == content
+    assert obj["Metadata"] == {VERSION_METADATA: "v1"}
+    assert obj["ETag"].strip('"').endswith("-3")  # 5 + 5 + 2 MB: a multipart upload's ETag
+
+
+def test_s3_existing_version_reads_the_object_metadata(s3_env: str, settings: WorkerSettings) -> None:
+    """The bucket answers whether it already holds a version: same version yes, other or absent no."""
+    make_bucket("exports-version")
+    storage = Storage(settings)
+    dest = storage.parse("s3://exports-version/a.zip")
+    assert storage.existing_version(dest, "v1") is None
+    with storage.staging(dest) as staged:  # type: ignore[arg-type]
+        staged.path.write_bytes(b"12345")
+        storage.commit(staged, version="v1")
+    assert storage.existing_version(dest, "v1") == {"uri": "s3://exports-version/a.zip", "size": 5}
+    assert storage.existing_version(dest, "v2") is None
+
+
+def test_s3_missing_bucket_fails_permanently(s3_env: str, settings: WorkerSettings) -> None:
+    """S3 refusing the upload (no such bucket) is permanent, named by its code and status."""
+    storage = Storage(settings)
+    dest = storage.parse("s3://no-such-bucket/a.zip")
+    expected = r"s3://no-such-bucket/a.zip: upload failed: NoSuchBucket \(HTTP 404\)"
+    with pytest.raises(PermanentError, match=expected):
+        with storage.staging(dest) as staged:  # type: ignore[arg-type]
+            staged.path.write_bytes(b"x")
+            storage.commit(staged, version="v1")
+
+
+def test_s3_without_credentials_fails_permanently(s3_env: str, settings: WorkerSettings,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """No AWS credentials at all is a configuration problem, reported as such."""
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    storage = Storage(settings)
+    dest = storage.parse("s3://exports/a.zip")
+    with pytest.raises(PermanentError, match="no usable AWS credentials"):
+        with storage.staging(dest) as staged:  # type: ignore[arg-type]
+            staged.path.write_bytes(b"x")
+            storage.commit(staged)
+
+
+def test_s3_unreachable_endpoint_is_transient(settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """A connection refused by the endpoint is worth a retry."""
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    use_endpoint(monkeypatch, f"http://127.0.0.1:{port}", tmp_path)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    storage = Storage(settings)
+    dest = storage.parse("s3://exports/a.zip")
+    with pytest.raises(Exception) as caught:  # noqa: B017 - the class is botocore's; classify decides
+        with storage.staging(dest) as staged:  # type: ignore[arg-type]
+            staged.path.write_bytes(b"x")
+            storage.commit(staged)
+    assert isinstance(caught.value, TransientError) or classify(caught.value) is ErrorKind.TRANSIENT

@@ -1,0 +1,475 @@
+"""The real ``CvatGateway``: cvat-sdk over HTTP. The only module of cvat-hooks that imports ``cvat_sdk``.
+
+Decisions, and why:
+
+* **The SDK for the connection, JSON for the data.** cvat-sdk's ``Client``/``ApiClient`` give us
+  authentication (PAT as ``Authorization: Bearer``, or a login session with its CSRF header), the
+  ``X-Organization`` header, TLS verification, urllib3's connection pool and the endpoints' paths
+  and parameters. But every call is made with ``_parse_response=False`` and the JSON read here:
+  the actions want plain dicts anyway, and the SDK's typed models refuse a whole response when one
+  enum value is unknown to them (an SDK 2.80 deserialising ``{"status": "exporting"}`` from another
+  server version raises ``ApiValueError``), which would turn a harmless server upgrade into failed
+  jobs. Requests go through ``ApiClient.call_api`` with the endpoint's path, method and auth, and
+  plain JSON bodies, for the same reason: the server, not the SDK's copy of its enums, validates.
+* **No retries here.** urllib3's own retries are switched off; a failure is raised once, as
+  ``TransientError`` or ``PermanentError`` decided by ``workers.errors.classify`` alone, and RQ
+  retries the whole job with its backoff. The one exception is a login session that expired: with
+  username/password we log in again and repeat the call once, since a 401 there is not the caller's
+  fault and a new session fixes it.
+* **Every call has a timeout** (connect and read, in seconds), login included; an export also has a
+  deadline for the whole wait.
+* **Error messages name the operation and the status** (``CVAT GET /api/tasks/99: 404 Not Found:
+  No Task matches the given query.``) and pass through ``Redactor``: never a token, password,
+  session cookie or header. They are raised ``from None`` so tracebacks stored by RQ do not carry
+  the SDK's exception text (which includes response headers).
+* **Credentials go only to the configured host**: an export's ``result_url`` is rebased onto the
+  configured URL before the download (CVAT builds it from the Host header it saw, which behind a
+  proxy can name another scheme or host).
+* **Idempotent label creation**: ``add_labels`` creates only the names the target lacks, so a retry
+  after a partial success does not fail on CVAT's "All label names must be unique".
+"""
+
+from __future__ import annotations
+
+import http
+import json
+import logging
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import urllib3
+from cvat_sdk.api_client import exceptions as sdk_exceptions
+from cvat_sdk.api_client import models, rest
+from cvat_sdk.api_client.api_client import Endpoint
+from cvat_sdk.core.client import AccessTokenCredentials, Client, Config
+from cvat_sdk.core.helpers import make_request_headers
+
+from workers.errors import ActionError, ErrorKind, PermanentError, TransientError, classify, status_of
+from workers.gateway import ExportKind, ExportOutcome, ExportRequest, LabelSet, Resource
+from workers.redaction import Redactor
+from workers.settings import CvatSettings
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+"""Seconds to establish a connection to CVAT."""
+READ_TIMEOUT = 60.0
+"""Seconds to wait for each read from CVAT (between bytes of a download, too)."""
+EXPORT_TIMEOUT = 6 * 3600.0
+"""Seconds an export may take on the server before we give up (transiently) on it."""
+FIRST_POLL_DELAY = 0.05
+"""Seconds before the first status check of an export."""
+POLL_BACKOFF = 1.5
+"""Each pause between status checks is this much longer, up to ``status_check_period``: the wait
+overshoots an export's end by at most half its duration, in a handful of requests."""
+DOWNLOAD_CHUNK = 1024 * 1024
+"""Bytes read and written at a time while downloading (the memory a download holds)."""
+PAGE_SIZE = 100
+"""Items asked per page of a list."""
+MAX_PAGES = 10_000
+"""A guard against a server whose ``next`` never ends."""
+JOB_FIELDS = frozenset({"stage", "state", "assignee"})
+"""What ``update_job`` may change."""
+NEW_ATTRIBUTE = {"mutable": False, "input_type": "text", "default_value": "", "values": []}
+"""Defaults for attribute fields CVAT requires but a caller may leave out."""
+
+
+class CvatClient:
+    """``CvatGateway`` over cvat-sdk. Connects on first use; one instance per worker thread."""
+
+    def __init__(self, settings: CvatSettings, *, connect_timeout: float = CONNECT_TIMEOUT,
+                 read_timeout: float = READ_TIMEOUT, export_timeout: float = EXPORT_TIMEOUT) -> None:
+        if not settings.url:
+            raise PermanentError("CVAT is not configured: CVAT_URL is not set")
+        if not (settings.access_token or (settings.username and settings.password)):
+            raise PermanentError("CVAT is not configured: set CVAT_ACCESS_TOKEN, or CVAT_USERNAME and CVAT_PASSWORD")
+        self.settings = settings
+        self.timeout = (connect_timeout, read_timeout)
+        self.export_timeout = export_timeout
+        self._redactor = Redactor(settings.secrets())
+        self._sdk: Client | None = None
+        self._formats: list[str] | None = None
+
+    # -- connection ---------------------------------------------------------------------------
+
+    def _client(self) -> Client:
+        """The SDK client, built and authenticated on first use (no I/O at construction)."""
+        if self._sdk is not None:
+            return self._sdk
+        s = self.settings
+        assert s.url
+        client = Client(s.url, config=Config(status_check_period=s.status_check_period, verify_ssl=s.verify_tls),
+                        check_server_version=False)
+        api = client.api_client
+        # One attempt per call: retrying is RQ's job (see the module docstring). Redirects still
+        # followed. The SDK builds its pool at construction, so rebuild it with this setting.
+        api.configuration.retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=3)
+        api.rest_client = rest.RESTClientObject(api.configuration)
+        if s.organization is not None:
+            client.organization_slug = s.organization
+        self._sdk = client
+        if s.access_token:
+            client.login(AccessTokenCredentials(s.access_token))
+        else:
+            try:
+                self._login()
+            except ActionError:
+                self._sdk = None  # log in again on the next call
+                client.close()
+                raise
+        return client
+
+    def _login(self) -> None:
+        """Start a session with username and password, as ``Client.login`` does, with a timeout."""
+        assert self._sdk is not None and self.settings.username and self.settings.password
+        api = self._sdk.api_client
+        for name in ("sessionid", "csrftoken"):
+            api.cookies.pop(name, None)
+        api.configuration.api_key.pop("csrfHeaderAuth", None)
+        request = models.LoginSerializerExRequest(username=self.settings.username, password=self.settings.password)
+        try:
+            api.auth_api.create_login(request, _request_timeout=self.timeout)
+        except Exception as exc:
+            raise self._error("POST /api/auth/login", exc) from None
+        if "sessionid" not in api.cookies or "csrftoken" not in api.cookies:
+            raise PermanentError("CVAT POST /api/auth/login: the server started no session")
+        api.configuration.api_key["csrfHeaderAuth"] = api.cookies["csrftoken"].value
+        self._redactor.add(api.cookies["sessionid"].value, api.cookies["csrftoken"].value)
+
+    def close(self) -> None:
+        """End the session (if we logged in) and close pooled connections. Never raises."""
+        sdk, self._sdk = self._sdk, None
+        if sdk is None:
+            return
+        api = sdk.api_client
+        if "sessionid" in api.cookies:
+            try:
+                api.auth_api.create_logout(_request_timeout=self.timeout, _parse_response=False)
+            except Exception as exc:  # noqa: BLE001 - closing must not fail a finished job
+                log.debug("cvat: logout failed (%s)", type(exc).__name__)
+        sdk.close()
+        api.rest_client.pool_manager.clear()
+
+    def __enter__(self) -> CvatClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- calls and errors ---------------------------------------------------------------------
+
+    def _call(self, endpoint: Endpoint, *, body: Any = None, **params: Any) -> Any:
+        """One API call, answered as JSON; any failure raised as a classified ``ActionError``.
+
+        The SDK's endpoint supplies the path, method and authentication; ``ApiClient.call_api``
+        sends our plain JSON without the endpoint's input validation (see the module docstring).
+        """
+        client = self._client()
+        params = {k: v for k, v in params.items() if v is not None}
+        path_params = {endpoint.attribute_map[k]: v for k, v in params.items()
+                       if endpoint.location_map[k] == "path"}
+        query = [(endpoint.attribute_map[k], _query_value(v)) for k, v in params.items()
+                 if endpoint.location_map[k] == "query"]
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        what = _describe(endpoint, params)
+        for attempt in (1, 2):
+            try:
+                _, response = client.api_client.call_api(
+                    endpoint.path, endpoint.settings["http_method"], path_params, query, headers, body=body,
+                    auth_settings=endpoint.settings["auth"], _parse_response=False,
+                    _request_timeout=self.timeout)
+                try:
+                    data = response.data
+                finally:
+                    response.release_conn()
+            except Exception as exc:
+                if attempt == 1 and status_of(exc) == 401 and "sessionid" in client.api_client.cookies:
+                    log.info("cvat: session expired, logging in again")
+                    self._login()
+                    continue
+                raise self._error(what, exc) from None
+            try:
+                return json.loads(data) if data else None
+            except ValueError:
+                raise PermanentError(f"CVAT {what}: the answer is not JSON (is CVAT_URL right?)") from None
+        raise AssertionError("unreachable")
+
+    def _error(self, what: str, exc: BaseException) -> ActionError:
+        """``exc`` as TransientError/PermanentError (``classify`` decides), with a safe message."""
+        if isinstance(exc, ActionError):
+            return exc
+        status = status_of(exc)
+        if status is not None:
+            message = f"CVAT {what}: {status} {_phrase(status)}{_detail(getattr(exc, 'body', None))}"
+        elif isinstance(exc, sdk_exceptions.ApiException):
+            message = f"CVAT {what}: {exc.reason or type(exc).__name__}"
+        else:
+            message = f"CVAT {what}: {_network_problem(exc, self.timeout)}"
+        cls = TransientError if classify(exc) is ErrorKind.TRANSIENT else PermanentError
+        return cls(self._redactor.text(message))
+
+    def _pages(self, endpoint: Endpoint, **params: Any) -> list[dict[str, Any]]:
+        """Every item of a paginated list, following ``next``."""
+        items: list[dict[str, Any]] = []
+        for page in range(1, MAX_PAGES + 1):
+            answer = self._call(endpoint, page=page, page_size=PAGE_SIZE, **params)
+            items.extend(answer.get("results") or [])
+            if not answer.get("next"):
+                return items
+        raise PermanentError(f"CVAT {_describe(endpoint, params)}: more than {MAX_PAGES} pages")
+
+    # -- CvatGateway ----------------------------------------------------------------------------
+
+    def annotation_formats(self) -> list[str]:
+        """Enabled export formats; asked once per client (they change only with a CVAT upgrade)."""
+        if self._formats is None:
+            answer = self._call(self._client().api_client.server_api.retrieve_annotation_formats_endpoint)
+            self._formats = [f["name"] for f in answer.get("exporters", []) if f.get("enabled", True)]
+        return list(self._formats)
+
+    def _api(self, resource: Resource) -> Any:
+        api = self._client().api_client
+        return {Resource.JOB: api.jobs_api, Resource.TASK: api.tasks_api,
+                Resource.PROJECT: api.projects_api}[Resource(resource)]
+
+    def get_resource(self, resource: Resource, resource_id: int) -> dict[str, Any]:
+        return self._call(self._api(resource).retrieve_endpoint, id=resource_id)
+
+    def list_jobs(self, task_id: int) -> list[dict[str, Any]]:
+        return self._pages(self._client().api_client.jobs_api.list_endpoint, task_id=task_id)
+
+    def task_labels(self, task_id: int) -> LabelSet:
+        """The task's labels; for a task in a project, the project's (``project_id`` set)."""
+        task = self.get_resource(Resource.TASK, task_id)
+        labels = self._pages(self._client().api_client.labels_api.list_endpoint, task_id=task_id)
+        return LabelSet(labels=labels, task_id=task_id, project_id=task.get("project_id"))
+
+    def add_labels(self, labels: list[dict[str, Any]], *, task_id: int | None = None,
+                   project_id: int | None = None) -> None:
+        """Create the labels the task (or project) lacks, by name; existing names are left alone.
+
+        A task in a project has no labels of its own: CVAT silently ignores labels PATCHed onto it,
+        so that is refused here rather than reported as done.
+        """
+        if (task_id is None) == (project_id is None):
+            raise PermanentError("add_labels needs exactly one of task_id and project_id")
+        if task_id is not None:
+            owner = self.get_resource(Resource.TASK, task_id).get("project_id")
+            if owner is not None:
+                raise PermanentError(f"task {task_id} uses the labels of project {owner}: "
+                                     "add labels to the project")
+            existing = self._pages(self._client().api_client.labels_api.list_endpoint, task_id=task_id)
+        else:
+            existing = self._pages(self._client().api_client.labels_api.list_endpoint, project_id=project_id)
+        have = {label.get("name") for label in existing}
+        new: list[dict[str, Any]] = []
+        for label in labels:
+            if label.get("name") not in have:
+                have.add(label.get("name"))
+                new.append(_new_label(label))
+        if not new:
+            return
+        if task_id is not None:
+            self._call(self._api(Resource.TASK).partial_update_endpoint, id=task_id,
+                       body={"labels": new})
+        else:
+            self._call(self._api(Resource.PROJECT).partial_update_endpoint, id=project_id,
+                       body={"labels": new})
+
+    def update_job(self, job_id: int, fields: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(fields) - JOB_FIELDS)
+        if unknown:
+            raise PermanentError(f"update_job cannot change {', '.join(unknown)} "
+                                 f"(only {', '.join(sorted(JOB_FIELDS))})")
+        return self._call(self._api(Resource.JOB).partial_update_endpoint, id=job_id,
+                          body=dict(fields))
+
+    def find_user_id(self, username: str) -> int:
+        """The user's id. In an organization's context CVAT lists its members only."""
+        users = self._pages(self._client().api_client.users_api.list_endpoint, username=username)
+        for user in users:
+            if user.get("username") == username:
+                return int(user["id"])
+        where = f" in organization {self.settings.organization!r}" if self.settings.organization else ""
+        raise PermanentError(f"CVAT has no user named {username!r}{where}")
+
+    # -- exports --------------------------------------------------------------------------------
+
+    def export(self, request: ExportRequest, dest: Path | None) -> ExportOutcome:
+        """Start the export, wait for it, then download it to ``dest`` (or leave it in CVAT's cloud
+        storage). ``dest`` is written in place: the caller stages it and commits or discards it."""
+        cloud = request.cloud_storage_id is not None
+        if not cloud and dest is None:
+            raise PermanentError("export needs a destination file unless CVAT writes to its cloud storage")
+        endpoint, params = self._export_call(request)
+        started = time.monotonic()
+        answer = self._call(endpoint, **params)
+        rq_id = (answer or {}).get("rq_id")
+        if not rq_id:
+            raise PermanentError(f"CVAT {_describe(endpoint, params)}: no rq_id in the answer")
+        finished = self._wait(rq_id, started)
+        server_seconds = time.monotonic() - started
+        if cloud:
+            return ExportOutcome(path=None, size=None, server_seconds=server_seconds)
+        if not finished.get("result_url"):
+            raise PermanentError(f"CVAT export {rq_id} finished without a result_url to download")
+        assert dest is not None
+        size = self._download(finished["result_url"], dest)
+        return ExportOutcome(path=dest, size=size, server_seconds=server_seconds)
+
+    def _export_call(self, request: ExportRequest) -> tuple[Endpoint, dict[str, Any]]:
+        """The endpoint and query of the export CVAT should run."""
+        resource = Resource(request.resource)
+        api = self._api(resource)
+        params: dict[str, Any] = {"id": request.resource_id}
+        if request.cloud_storage_id is not None:
+            params.update(location="cloud_storage", cloud_storage_id=request.cloud_storage_id,
+                          filename=request.cloud_filename)
+        else:
+            # Explicit, so a resource whose default target storage is a cloud still downloads.
+            params["location"] = "local"
+        if request.kind is ExportKind.BACKUP:
+            if resource is Resource.JOB:
+                raise PermanentError("CVAT cannot back up a job; back up its task")
+            if request.lightweight:
+                params["lightweight"] = True
+            return api.create_backup_export_endpoint, params
+        if not request.format:
+            raise PermanentError(f"an export of {request.kind.value} needs a format")
+        params.update(format=request.format, save_images=request.kind is ExportKind.DATASET)
+        return api.create_dataset_export_endpoint, params
+
+    def _wait(self, rq_id: str, started: float) -> dict[str, Any]:
+        """Poll ``/api/requests/{rq_id}``: first after 50 ms, then 1.5 times longer each time up to
+        the configured period, so a quick export returns quickly and a long one costs few requests
+        (cvat-sdk's own wait polls every 5 s)."""
+        endpoint = self._client().api_client.requests_api.retrieve_endpoint
+        delay, period = FIRST_POLL_DELAY, max(self.settings.status_check_period, FIRST_POLL_DELAY)
+        while True:
+            if time.monotonic() + delay - started > self.export_timeout:
+                raise TransientError(f"CVAT export {rq_id} did not finish within {self.export_timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * POLL_BACKOFF, period)
+            answer = self._call(endpoint, id=rq_id)
+            status = answer.get("status")
+            if status == "finished":
+                return answer
+            if status == "failed":
+                # The background job failed on the server (disk full, worker lost...): worth a retry.
+                message = str(answer.get("message") or "no message").strip().splitlines()
+                raise TransientError(self._redactor.text(
+                    f"CVAT export {rq_id} failed on the server: {message[-1][:300] if message else ''}"))
+
+    def _download(self, result_url: str, dest: Path) -> int:
+        """Stream ``result_url`` into ``dest`` chunk by chunk; return the bytes written."""
+        client = self._client()
+        url = _same_origin(result_url, self.settings.url or "")
+        what = "GET " + urllib.parse.urlsplit(url).path
+        try:
+            response = client.api_client.rest_client.GET(
+                url, headers=make_request_headers(client.api_client), _parse_response=False,
+                _request_timeout=self.timeout)
+        except Exception as exc:
+            raise self._error(what, exc) from None
+        size = 0
+        try:
+            expected = response.headers.get("Content-Length")
+            with open(dest, "wb") as out:
+                while chunk := response.read(amt=DOWNLOAD_CHUNK, decode_content=True):
+                    out.write(chunk)
+                    size += len(chunk)
+            if expected is not None and not response.headers.get("Content-Encoding") and int(expected) != size:
+                raise TransientError(f"CVAT {what}: got {size} of {expected} bytes")
+        except ActionError:
+            response.close()
+            raise
+        except Exception as exc:
+            response.close()
+            raise self._error(what, exc) from None
+        finally:
+            response.release_conn()
+        return size
+
+
+def make_gateway(settings: CvatSettings) -> CvatClient:
+    """The gateway the workers use (nothing connects until the first call)."""
+    return CvatClient(settings)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _describe(endpoint: Endpoint, params: dict[str, Any]) -> str:
+    """``GET /api/jobs?task_id=2&page=1``: the method, the path with its ids, and the query."""
+    path = endpoint.path
+    query = []
+    for name, value in params.items():
+        where = endpoint.location_map.get(name)
+        if where == "path":
+            path = path.replace("{%s}" % endpoint.attribute_map[name], str(value))
+        elif where == "query":
+            query.append((endpoint.attribute_map[name], value))
+    suffix = "?" + urllib.parse.urlencode(query) if query else ""
+    return f"{endpoint.settings['http_method']} {path}{suffix}"
+
+
+def _query_value(value: Any) -> Any:
+    """Booleans as CVAT's docs write them (``save_images=true``)."""
+    return str(value).lower() if isinstance(value, bool) else value
+
+
+def _phrase(status: int) -> str:
+    try:
+        return http.HTTPStatus(status).phrase
+    except ValueError:
+        return "HTTP error"
+
+
+def _detail(body: Any) -> str:
+    """What CVAT said about an error (``detail``, or the validation messages), shortened."""
+    if not body:
+        return ""
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return "" if "<html" in body.lower() else f": {body.strip()[:200]}"
+    if isinstance(data, dict) and isinstance(data.get("detail"), str):
+        text = data["detail"]
+    else:
+        text = json.dumps(data, ensure_ascii=False)
+    return f": {text[:300]}"
+
+
+def _network_problem(exc: BaseException, timeout: tuple[float, float]) -> str:
+    """A short account of a failure below HTTP (urllib3 wraps the cause in MaxRetryError)."""
+    cause = getattr(exc, "reason", None) if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
+    cause = cause or exc
+    if isinstance(cause, urllib3.exceptions.ConnectTimeoutError):
+        return f"connection timed out after {timeout[0]:g} s"
+    if isinstance(cause, urllib3.exceptions.ReadTimeoutError | TimeoutError):
+        return f"no answer within {timeout[1]:g} s"
+    if isinstance(cause, urllib3.exceptions.NewConnectionError | ConnectionRefusedError):
+        return "could not connect"
+    if isinstance(cause, urllib3.exceptions.ProtocolError | ConnectionError):
+        return "connection dropped"
+    return type(cause).__name__
+
+
+def _same_origin(url: str, base: str) -> str:
+    """``url``'s path and query on ``base``'s scheme, host and port."""
+    target, origin = urllib.parse.urlsplit(url), urllib.parse.urlsplit(base)
+    return urllib.parse.urlunsplit((origin.scheme, origin.netloc, target.path, target.query, ""))
+
+
+def _new_label(label: dict[str, Any]) -> dict[str, Any]:
+    """A label as CVAT's PATCH wants it: attributes get the fields CVAT requires."""
+    new = {k: v for k, v in label.items() if k in ("name", "type", "color", "attributes") and v is not None}
+    if "attributes" in new:
+        new["attributes"] = [{**NEW_ATTRIBUTE, **attr} for attr in new["attributes"]]
+    return new
