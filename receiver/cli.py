@@ -167,11 +167,15 @@ def _log() -> Any:
     from workers.redaction import Redactor
     from workers.redis_conn import RedisConfigError, connect
 
+    from receiver.serve import redis_url_for
+
     settings = _settings()
+    url, keep_alive = redis_url_for(settings)
     try:
-        redis = connect(settings.redis_url)
+        redis = connect(url)
     except RedisConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    redis._cvat_hooks_embedded = keep_alive  # the embedded server lives as long as the client
     return DeliveryLog(redis, retention_seconds=settings.workers.retention_seconds,
                        redactor=Redactor(settings.sensitive_values()))
 

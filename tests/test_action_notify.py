@@ -48,22 +48,27 @@ def hook() -> Iterator[Hook]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's naming
             raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            state.requests.append(Received(self.path, dict(self.headers.items()), json.loads(raw)))
+            state.requests.append(Received(self.path, dict(self.headers.items()), json.loads(raw or b"null")))
             time.sleep(state.delay)
             status = state.statuses.pop(0) if state.statuses else 200
-            self.send_response(status)
-            if 300 <= status < 400:
-                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
+            try:
+                self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", "/followed")  # following it would show as a request
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (the timeout test)
+
+        do_GET = do_POST  # noqa: N815 - a followed redirect arrives as a GET
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     state.url = f"http://127.0.0.1:{server.server_address[1]}{SECRET_PATH}?sig=querysecret"
     yield state

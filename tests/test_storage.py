@@ -35,7 +35,8 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def settings(data_dir: Path, tmp_path: Path) -> WorkerSettings:
+def cfg(data_dir: Path, tmp_path: Path) -> WorkerSettings:
+    """Worker settings whose storage roots are ``data`` and the extra root ``archive``."""
     extra = tmp_path / "archive"
     extra.mkdir()
     return WorkerSettings(data_dir=data_dir, storage_roots=(extra,))
@@ -62,10 +63,10 @@ def s3_env(monkeypatch: pytest.MonkeyPatch, moto_endpoint: str, tmp_path: Path) 
     ("ABS/data/deep/a.zip", "data/deep/a.zip"),  # absolute, inside the data directory
     ("file://ABS/archive/a%20b.zip", "archive/a b.zip"),  # file:///abs, percent-decoded, extra root
 ], ids=["relative", "file-relative", "dotdot-inside", "absolute", "file-absolute-extra-root"])
-def test_local_destinations_resolve_inside_roots(url: str, expected: str, settings: WorkerSettings,
+def test_local_destinations_resolve_inside_roots(url: str, expected: str, cfg: WorkerSettings,
                                                  tmp_path: Path) -> None:
     """Bare paths and file:// URLs resolve against the data directory or an extra root."""
-    dest = parse_destination(url.replace("ABS", str(tmp_path)), settings)
+    dest = parse_destination(url.replace("ABS", str(tmp_path)), cfg)
     assert isinstance(dest, LocalDestination)
     assert dest.path == (tmp_path / expected).resolve()
     assert dest.uri == dest.path.as_uri()
@@ -76,9 +77,9 @@ def test_local_destinations_resolve_inside_roots(url: str, expected: str, settin
     ("S3://b.example/k", S3Destination("b.example", "k")),  # the scheme is case-insensitive
     ("cvat-cloud://3/exports/a.zip", CloudDestination(3, "exports/a.zip")),
 ], ids=["s3", "s3-uppercase-scheme", "cvat-cloud"])
-def test_remote_destinations(url: str, expected: object, settings: WorkerSettings) -> None:
+def test_remote_destinations(url: str, expected: object, cfg: WorkerSettings) -> None:
     """s3:// and cvat-cloud:// URLs become their destination values."""
-    assert parse_destination(url, settings) == expected
+    assert parse_destination(url, cfg) == expected
 
 
 @pytest.mark.parametrize(("url", "message"), [
@@ -107,41 +108,41 @@ def test_malformed_destinations_are_refused(url: str, message: str) -> None:
     "file://ABS/elsewhere/a.zip",
     "ABS/data",  # the root itself is not a file inside it
 ], ids=["dotdot", "nested-dotdot", "absolute-outside", "file-absolute-outside", "root-itself"])
-def test_escapes_are_refused_naming_the_roots(url: str, settings: WorkerSettings, tmp_path: Path) -> None:
+def test_escapes_are_refused_naming_the_roots(url: str, cfg: WorkerSettings, tmp_path: Path) -> None:
     """A path resolving outside every root fails permanently, and the message names the roots."""
     with pytest.raises(PermanentError, match="outside the storage roots") as caught:
-        parse_destination(url.replace("ABS", str(tmp_path)), settings)
-    assert str(settings.data_dir.resolve()) in str(caught.value)
+        parse_destination(url.replace("ABS", str(tmp_path)), cfg)
+    assert str(cfg.data_dir.resolve()) in str(caught.value)
     assert str((tmp_path / "archive").resolve()) in str(caught.value)
 
 
-def test_symlink_escape_is_refused(settings: WorkerSettings, data_dir: Path, tmp_path: Path) -> None:
+def test_symlink_escape_is_refused(cfg: WorkerSettings, data_dir: Path, tmp_path: Path) -> None:
     """A symlink inside the data directory pointing outside it does not let a write out."""
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     (data_dir / "link").symlink_to(outside)
     with pytest.raises(PermanentError, match="outside the storage roots"):
-        parse_destination("link/a.zip", settings)
+        parse_destination("link/a.zip", cfg)
 
 
-def test_symlink_inside_roots_is_followed(settings: WorkerSettings, data_dir: Path, tmp_path: Path) -> None:
+def test_symlink_inside_roots_is_followed(cfg: WorkerSettings, data_dir: Path, tmp_path: Path) -> None:
     """A symlink from the data directory into an extra root is judged by its target, and allowed."""
     (data_dir / "to-archive").symlink_to(tmp_path / "archive")
-    dest = parse_destination("to-archive/a.zip", settings)
+    dest = parse_destination("to-archive/a.zip", cfg)
     assert dest == LocalDestination((tmp_path / "archive" / "a.zip").resolve())
 
 
 def test_shape_only_parsing_skips_the_roots() -> None:
-    """Without settings (rules load time) a local path is only checked for shape, as written."""
+    """Without cfg (rules load time) a local path is only checked for shape, as written."""
     assert parse_destination("/anywhere/{task_id}.zip") == LocalDestination(Path("/anywhere/{task_id}.zip"))
     assert parse_destination("s3://{bucket}/k") == S3Destination("{bucket}", "k")
 
 
 # -- local writes ------------------------------------------------------------------------------
 
-def test_local_commit_is_atomic(settings: WorkerSettings, data_dir: Path) -> None:
+def test_local_commit_is_atomic(cfg: WorkerSettings, data_dir: Path) -> None:
     """The file is written under another name in the same directory and appears whole at commit."""
-    storage = Storage(settings)
+    storage = Storage(cfg)
     dest = storage.parse("exports/2026/task-2.zip")
     assert isinstance(dest, LocalDestination)
     with storage.staging(dest) as staged:
@@ -159,9 +160,9 @@ def test_local_commit_is_atomic(settings: WorkerSettings, data_dir: Path) -> Non
     assert os.listdir(dest.path.parent) == ["task-2.zip"]  # no staging file left
 
 
-def test_local_commit_replaces_an_older_file_in_one_step(settings: WorkerSettings, data_dir: Path) -> None:
+def test_local_commit_replaces_an_older_file_in_one_step(cfg: WorkerSettings, data_dir: Path) -> None:
     """Until the commit, readers keep seeing the previous version, never a mix."""
-    storage = Storage(settings)
+    storage = Storage(cfg)
     dest = storage.parse("a.zip")
     assert isinstance(dest, LocalDestination)
     dest.path.write_bytes(b"old version")
@@ -172,9 +173,9 @@ def test_local_commit_replaces_an_older_file_in_one_step(settings: WorkerSetting
     assert dest.path.read_bytes() == b"new"
 
 
-def test_failed_download_leaves_nothing_behind(settings: WorkerSettings, data_dir: Path) -> None:
+def test_failed_download_leaves_nothing_behind(cfg: WorkerSettings, data_dir: Path) -> None:
     """An error before the commit removes the staging file and never creates the final one."""
-    storage = Storage(settings)
+    storage = Storage(cfg)
     dest = storage.parse("exports/a.zip")
     assert isinstance(dest, LocalDestination)
     with pytest.raises(RuntimeError, match="download broke"), storage.staging(dest) as staged:
@@ -184,18 +185,18 @@ def test_failed_download_leaves_nothing_behind(settings: WorkerSettings, data_di
     assert os.listdir(dest.path.parent) == []
 
 
-def test_commit_without_a_file_fails_permanently(settings: WorkerSettings) -> None:
+def test_commit_without_a_file_fails_permanently(cfg: WorkerSettings) -> None:
     """A gateway that wrote nothing is an error, not an empty export."""
-    storage = Storage(settings)
+    storage = Storage(cfg)
     dest = storage.parse("a.zip")
     assert isinstance(dest, LocalDestination)
     with pytest.raises(PermanentError, match="produced no file"), storage.staging(dest) as staged:
         storage.commit(staged)
 
 
-def test_stale_staging_files_are_swept(settings: WorkerSettings, data_dir: Path) -> None:
+def test_stale_staging_files_are_swept(cfg: WorkerSettings, data_dir: Path) -> None:
     """Orphans of killed workers older than STALE_SECONDS go; a fresh one (maybe in use) stays."""
-    storage = Storage(settings)
+    storage = Storage(cfg)
     dest = storage.parse("a.zip")
     assert isinstance(dest, LocalDestination)
     old, fresh = data_dir / ".a.zip.0123456789abcdef.part", data_dir / ".a.zip.fedcba9876543210.part"
@@ -208,10 +209,10 @@ def test_stale_staging_files_are_swept(settings: WorkerSettings, data_dir: Path)
     assert not old.exists() and fresh.exists()
 
 
-def test_directory_swapped_for_symlink_after_parsing_is_refused(settings: WorkerSettings, data_dir: Path,
+def test_directory_swapped_for_symlink_after_parsing_is_refused(cfg: WorkerSettings, data_dir: Path,
                                                                   tmp_path: Path) -> None:
     """Containment is checked again when staging, so a swap after parsing cannot redirect the write."""
-    storage = Storage(settings)
+    storage = Storage(cfg)
     dest = storage.parse("exports/a.zip")
     assert isinstance(dest, LocalDestination)
     outside = tmp_path / "elsewhere"
@@ -224,10 +225,10 @@ def test_directory_swapped_for_symlink_after_parsing_is_refused(settings: Worker
 
 # -- S3 ----------------------------------------------------------------------------------------
 
-def test_s3_multipart_upload_streams_from_disk(s3_env: str, settings: WorkerSettings, data_dir: Path) -> None:
+def test_s3_multipart_upload_streams_from_disk(s3_env: str, cfg: WorkerSettings, data_dir: Path) -> None:
     """A file above the multipart threshold is uploaded in parts, with its version in the metadata."""
     client = make_bucket("exports-multipart")
-    storage = Storage(settings, transfer_config=TransferConfig(multipart_threshold=5 * MB,
+    storage = Storage(cfg, transfer_config=TransferConfig(multipart_threshold=5 * MB,
                                                                multipart_chunksize=5 * MB))
     dest = storage.parse("s3://exports-multipart/tasks/2/annotations.zip")
     assert isinstance(dest, S3Destination)
@@ -244,10 +245,10 @@ def test_s3_multipart_upload_streams_from_disk(s3_env: str, settings: WorkerSett
     assert obj["ETag"].strip('"').endswith("-3")  # 5 + 5 + 2 MB: a multipart upload's ETag
 
 
-def test_s3_existing_version_reads_the_object_metadata(s3_env: str, settings: WorkerSettings) -> None:
+def test_s3_existing_version_reads_the_object_metadata(s3_env: str, cfg: WorkerSettings) -> None:
     """The bucket answers whether it already holds a version: same version yes, other or absent no."""
     make_bucket("exports-version")
-    storage = Storage(settings)
+    storage = Storage(cfg)
     dest = storage.parse("s3://exports-version/a.zip")
     assert storage.existing_version(dest, "v1") is None
     with storage.staging(dest) as staged:  # type: ignore[arg-type]
@@ -257,9 +258,9 @@ def test_s3_existing_version_reads_the_object_metadata(s3_env: str, settings: Wo
     assert storage.existing_version(dest, "v2") is None
 
 
-def test_s3_missing_bucket_fails_permanently(s3_env: str, settings: WorkerSettings) -> None:
+def test_s3_missing_bucket_fails_permanently(s3_env: str, cfg: WorkerSettings) -> None:
     """S3 refusing the upload (no such bucket) is permanent, named by its code and status."""
-    storage = Storage(settings)
+    storage = Storage(cfg)
     dest = storage.parse("s3://no-such-bucket/a.zip")
     expected = r"s3://no-such-bucket/a.zip: upload failed: NoSuchBucket \(HTTP 404\)"
     with pytest.raises(PermanentError, match=expected):
@@ -268,12 +269,12 @@ def test_s3_missing_bucket_fails_permanently(s3_env: str, settings: WorkerSettin
             storage.commit(staged, version="v1")
 
 
-def test_s3_without_credentials_fails_permanently(s3_env: str, settings: WorkerSettings,
+def test_s3_without_credentials_fails_permanently(s3_env: str, cfg: WorkerSettings,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """No AWS credentials at all is a configuration problem, reported as such."""
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    storage = Storage(settings)
+    storage = Storage(cfg)
     dest = storage.parse("s3://exports/a.zip")
     with pytest.raises(PermanentError, match="no usable AWS credentials"):
         with storage.staging(dest) as staged:  # type: ignore[arg-type]
@@ -281,7 +282,7 @@ def test_s3_without_credentials_fails_permanently(s3_env: str, settings: WorkerS
             storage.commit(staged)
 
 
-def test_s3_unreachable_endpoint_is_transient(settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch,
+def test_s3_unreachable_endpoint_is_transient(cfg: WorkerSettings, monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path) -> None:
     """A connection refused by the endpoint is worth a retry."""
     import socket
@@ -291,7 +292,7 @@ def test_s3_unreachable_endpoint_is_transient(settings: WorkerSettings, monkeypa
         port = sock.getsockname()[1]
     use_endpoint(monkeypatch, f"http://127.0.0.1:{port}", tmp_path)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    storage = Storage(settings)
+    storage = Storage(cfg)
     dest = storage.parse("s3://exports/a.zip")
     with pytest.raises(Exception) as caught:  # noqa: B017 - the class is botocore's; classify decides
         with storage.staging(dest) as staged:  # type: ignore[arg-type]

@@ -84,7 +84,8 @@ class CvatClient:
         if not settings.url:
             raise PermanentError("CVAT is not configured: CVAT_URL is not set")
         if not (settings.access_token or (settings.username and settings.password)):
-            raise PermanentError("CVAT is not configured: set CVAT_ACCESS_TOKEN, or CVAT_USERNAME and CVAT_PASSWORD")
+            raise PermanentError("CVAT is not configured: set CVAT_ACCESS_TOKEN, "
+                                 "or CVAT_USERNAME and CVAT_PASSWORD")
         self.settings = settings
         self.timeout = (connect_timeout, read_timeout)
         self.export_timeout = export_timeout
@@ -100,12 +101,13 @@ class CvatClient:
             return self._sdk
         s = self.settings
         assert s.url
-        client = Client(s.url, config=Config(status_check_period=s.status_check_period, verify_ssl=s.verify_tls),
-                        check_server_version=False)
+        config = Config(status_check_period=s.status_check_period, verify_ssl=s.verify_tls)
+        client = Client(s.url, config=config, check_server_version=False)
         api = client.api_client
         # One attempt per call: retrying is RQ's job (see the module docstring). Redirects still
         # followed. The SDK builds its pool at construction, so rebuild it with this setting.
-        api.configuration.retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=3)
+        api.configuration.retries = urllib3.Retry(total=None, connect=0, read=0, status=0, other=0,
+                                                  redirect=3)
         api.rest_client = rest.RESTClientObject(api.configuration)
         if s.organization is not None:
             client.organization_slug = s.organization
@@ -128,7 +130,8 @@ class CvatClient:
         for name in ("sessionid", "csrftoken"):
             api.cookies.pop(name, None)
         api.configuration.api_key.pop("csrfHeaderAuth", None)
-        request = models.LoginSerializerExRequest(username=self.settings.username, password=self.settings.password)
+        request = models.LoginSerializerExRequest(username=self.settings.username,
+                                                  password=self.settings.password)
         try:
             api.auth_api.create_login(request, _request_timeout=self.timeout)
         except Exception as exc:
@@ -382,7 +385,8 @@ class CvatClient:
                 while chunk := response.read(amt=DOWNLOAD_CHUNK, decode_content=True):
                     out.write(chunk)
                     size += len(chunk)
-            if expected is not None and not response.headers.get("Content-Encoding") and int(expected) != size:
+            encoded = response.headers.get("Content-Encoding")
+            if expected is not None and not encoded and int(expected) != size:
                 raise TransientError(f"CVAT {what}: got {size} of {expected} bytes")
         except ActionError:
             response.close()
@@ -410,7 +414,7 @@ def _describe(endpoint: Endpoint, params: dict[str, Any]) -> str:
     for name, value in params.items():
         where = endpoint.location_map.get(name)
         if where == "path":
-            path = path.replace("{%s}" % endpoint.attribute_map[name], str(value))
+            path = path.replace("{" + endpoint.attribute_map[name] + "}", str(value))
         elif where == "query":
             query.append((endpoint.attribute_map[name], value))
     suffix = "?" + urllib.parse.urlencode(query) if query else ""
@@ -450,12 +454,15 @@ def _network_problem(exc: BaseException, timeout: tuple[float, float]) -> str:
     """A short account of a failure below HTTP (urllib3 wraps the cause in MaxRetryError)."""
     cause = getattr(exc, "reason", None) if isinstance(exc, urllib3.exceptions.MaxRetryError) else exc
     cause = cause or exc
+    # NewConnectionError derives from ConnectTimeoutError in urllib3 2: test it first.
+    if isinstance(cause, urllib3.exceptions.NameResolutionError):
+        return "could not resolve the host name"
+    if isinstance(cause, urllib3.exceptions.NewConnectionError | ConnectionRefusedError):
+        return "could not connect"
     if isinstance(cause, urllib3.exceptions.ConnectTimeoutError):
         return f"connection timed out after {timeout[0]:g} s"
     if isinstance(cause, urllib3.exceptions.ReadTimeoutError | TimeoutError):
         return f"no answer within {timeout[1]:g} s"
-    if isinstance(cause, urllib3.exceptions.NewConnectionError | ConnectionRefusedError):
-        return "could not connect"
     if isinstance(cause, urllib3.exceptions.ProtocolError | ConnectionError):
         return "connection dropped"
     return type(cause).__name__

@@ -8,5 +8,5 @@ from __future__ import annotations
 from .exports import export_chunks, export_digest
 from .server import DEFAULT_TOKEN, CloudFile, CvatTestServer, RecordedRequest, wait_until
 
-__all__ = ["DEFAULT_TOKEN", "CloudFile", "CvatTestServer", "RecordedRequest", "export_chunks", "export_digest",
-           "wait_until"]
+__all__ = ["DEFAULT_TOKEN", "CloudFile", "CvatTestServer", "RecordedRequest", "export_chunks",
+           "export_digest", "wait_until"]

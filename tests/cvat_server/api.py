@@ -196,7 +196,8 @@ def users_list() -> Any:
         full = st.users[g.user_id]["is_superuser"]
         members = st.organizations[g.org_id]["members"] if g.org_id else None
         users = [
-            st.user_json(u["id"], base_url(), full=full) for u in sorted(st.users.values(), key=lambda u: u["id"])
+            st.user_json(u["id"], base_url(), full=full)
+            for u in sorted(st.users.values(), key=lambda u: u["id"])
             if (members is None or u["id"] in members)
             and (not search or any(search in u[f].lower() for f in ("username", "first_name", "last_name")))
             and all(u[k] == v for k, v in exact.items())
@@ -241,7 +242,8 @@ def _validate_labels(payload: Any, existing: list[dict[str, Any]]) -> list[dict[
                 raise ApiError(400, {"labels": [{"attributes": ["Expected a list of items."]}]})
             missing = [k for k in ("name", "mutable", "input_type", "values") if k not in attr]
             if missing:
-                raise ApiError(400, {"labels": [{"attributes": [{k: ["This field is required."] for k in missing}]}]})
+                required = {k: ["This field is required."] for k in missing}
+                raise ApiError(400, {"labels": [{"attributes": [required]}]})
             if attr["input_type"] not in ATTRIBUTE_INPUT_TYPES:
                 raise ApiError(400, {"labels": [{"attributes": [
                     {"input_type": [f"\"{attr['input_type']}\" is not a valid choice."]}]}]})
@@ -269,7 +271,8 @@ def _apply_labels(items: list[dict[str, Any]], *, task_id: int | None = None,
             known = {a["name"] for a in label["attributes"]}
             label["attributes"].extend(a for a in attrs if a["name"] not in known)
             continue
-        color = item.get("color") or next((c for c in PALETTE if c not in used), PALETTE[len(used) % len(PALETTE)])
+        fallback = PALETTE[len(used) % len(PALETTE)]
+        color = item.get("color") or next((c for c in PALETTE if c not in used), fallback)
         used.add(color)
         label_id = st.next_id("labels")
         owner = {"project_id": project_id} if project_id is not None else {"task_id": task_id}
@@ -463,14 +466,16 @@ def start_export(resource: str, target_id: int, kind: str) -> Any:
                                      "but cloud storage id was not specified"])
             if cs_id not in st.cloud_storages:
                 not_found("CloudStorage")
-            stamp = now_iso()
-            cloud = (cs_id, request.args.get("filename")
-                     or export_filename(target, name, "backup" if kind == "backup" else "dataset", format_name, stamp))
+            default_name = export_filename(target, name, "backup" if kind == "backup" else "dataset",
+                                           format_name, now_iso())
+            cloud = (cs_id, request.args.get("filename") or default_name)
         subresource = "backup" if kind == "backup" else ("dataset" if save_images else "annotations")
         rq_id = export_rq_id(target, target_id, g.user_id, subresource, format_name)
         existing = st.requests.get(rq_id)
         if existing is None or existing["status"] in ("finished", "failed"):
-            lightweight = (request.args.get("lightweight") or "").lower() == "true" if kind == "backup" else None
+            lightweight = None
+            if kind == "backup":
+                lightweight = (request.args.get("lightweight") or "").lower() == "true"
             st.requests[rq_id] = new_request(
                 rq_id=rq_id, target=target, target_id=target_id, subresource=subresource,
                 format_name=format_name, owner_id=g.user_id, project_id=project_id, task_id=task_id,

@@ -210,9 +210,11 @@ class CvatTestServer:
         st = self.state
         with st.lock:
             uid = st.next_id("users")
-            st.users[uid] = {"id": uid, "username": username, "first_name": first_name, "last_name": last_name,
-                             "email": f"{username}@example.com", "password": password or f"{username}-password",
-                             "is_staff": admin, "is_superuser": admin, "groups": ["admin" if admin else "user"]}
+            st.users[uid] = {
+                "id": uid, "username": username, "first_name": first_name, "last_name": last_name,
+                "email": f"{username}@example.com", "password": password or f"{username}-password",
+                "is_staff": admin, "is_superuser": admin, "groups": ["admin" if admin else "user"],
+            }
             if org:
                 org_rec = st.org_by_slug(org)
                 assert org_rec is not None, org
@@ -232,7 +234,8 @@ class CvatTestServer:
         with st.lock:
             pid = st.next_id("projects")
             st.projects[pid] = {"id": pid, "name": name, "owner_id": owner_id, "assignee_id": None,
-                                "org_id": self._org_id(org), "created_date": now_iso(), "updated_date": now_iso()}
+                                "org_id": self._org_id(org), "created_date": now_iso(),
+                                "updated_date": now_iso()}
             self._add_labels(labels, project_id=pid)
             return pid
 
@@ -311,8 +314,8 @@ class CvatTestServer:
                     cs_id, filename = rq["cloud"]
                     self.cloud_files.append(CloudFile(cs_id, filename, rq["size"], rq_id))
                 else:
-                    rq["result_url"] = (self.result_base or rq["base_url"]) + result_path(rq["target"], rq["target_id"],
-                                                                    rq["subresource"], rq_id)
+                    path = result_path(rq["target"], rq["target_id"], rq["subresource"], rq_id)
+                    rq["result_url"] = (self.result_base or rq["base_url"]) + path
             payload = st.request_json(rq)
             org_id, project_id = rq["operation"]["org_id"], rq["operation"]["project_id"]
         self.webhooks.emit_request_completed(payload, project_id=project_id, org_id=org_id)
@@ -399,7 +402,8 @@ class CvatTestServer:
                 raise api.ApiError(fault.kind, {"detail": f"Injected fault {fault.kind}"}, headers)
             if fault.kind == "timeout":
                 self._stopping.wait(self.timeout_sleep)
-            elif fault.kind == "reset" or (fault.kind == "truncate" and not request.path.endswith("/download")):
+            elif fault.kind == "reset" or (
+                    fault.kind == "truncate" and not request.path.endswith("/download")):
                 _drop(request.environ)
                 return Response(b"", status=500)
         api.authenticate()

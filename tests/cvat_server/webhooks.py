@@ -1,6 +1,8 @@
 """Placeholder: replaced in phase 2."""
 from __future__ import annotations
+
 from typing import Any
+
 from flask import Flask
 
 

@@ -41,10 +41,6 @@ LABEL_TYPES = ("any", "cuboid", "ellipse", "mask", "points", "polygon", "polylin
 """CVAT's label types (``LabelType`` in the API schema)."""
 _REQUIRE_KEYS = ("name", "type", "attributes")
 
-NEW_ATTRIBUTE = {"mutable": False, "input_type": "text", "default_value": "", "values": []}
-"""How an attribute named by ``require`` is created: a free-text attribute (CVAT requires an
-input type; text accepts any value, so it constrains annotators least)."""
-
 
 @dataclass(frozen=True)
 class Required:
@@ -58,7 +54,8 @@ class Required:
         if self.type:
             label["type"] = self.type
         if self.attributes:
-            label["attributes"] = [{"name": a, **NEW_ATTRIBUTE} for a in self.attributes]
+            # Names only: the gateway gives them the fields CVAT requires (input type and so on).
+            label["attributes"] = [{"name": a} for a in self.attributes]
         return label
 
 
