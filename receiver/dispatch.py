@@ -24,6 +24,7 @@ from receiver.settings import Settings
 from receiver.signature import HEADER, Verdict, verify
 from receiver.state import Seen, StateStore
 from workers.contract import ActionCall
+from workers import metrics
 from workers.delivery_log import DeliveryLog, Outcome
 from workers.queueing import enqueue
 from workers.redaction import Redactor
@@ -60,11 +61,13 @@ class Intake:
         if verdict is not Verdict.VALID and not self.settings.insecure_no_signature:
             # Never log the header or the secrets: only what kind of failure it was.
             log.warning("delivery rejected: %s %s (%d bytes from %s)", HEADER, verdict.value, len(body), peer)
+            metrics.safe_inc(self.redis, "cvat_hooks_rejected_total", reason=f"signature_{verdict.value}")
             return Answer(401, {"error": f"{HEADER} {verdict.value}"})
         try:
             event = parse_event(body)
         except BadEvent as exc:
             log.warning("delivery rejected: %s (%d bytes from %s)", exc, len(body), peer)
+            metrics.safe_inc(self.redis, "cvat_hooks_rejected_total", reason="bad_json")
             return Answer(400, {"error": str(exc)})
         try:
             return self._accept(event)
@@ -102,6 +105,7 @@ class Intake:
                 if outcome is Outcome.NO_MATCH:
                     self.deliveries.expire(pipe, event.delivery_id, NO_MATCH_RETENTION)
                 job_ids = enqueue(calls, self.redis, pipe, failure_ttl=retention)
+                metrics.inc(pipe, "cvat_hooks_deliveries_total", event=event.name, outcome=outcome.value)
                 pipe.execute()
             except WatchError:
                 # Another receiver stored this very event between our check and our write.
@@ -118,6 +122,7 @@ class Intake:
 
     def _duplicate(self, event: Event, now: float) -> Answer:
         self.deliveries.add_duplicate(event.delivery_id, now)
+        metrics.safe_inc(self.redis, "cvat_hooks_deliveries_total", event=event.name, outcome="duplicate")
         log.info("delivery %s: duplicate of an event already received; nothing queued", event.delivery_id)
         return Answer(200, {"status": "duplicate", "delivery_id": event.delivery_id})
 

@@ -8,6 +8,8 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from receiver.dispatch import Intake
 from receiver.signature import HEADER
+from workers import metrics
+from workers.contract import QUEUES
 
 bp = Blueprint("cvat_hooks", __name__)
 
@@ -48,7 +50,16 @@ def readyz():  # type: ignore[no-untyped-def]
     return jsonify({"status": "ready" if ok else "not ready", "checks": checks}), 200 if ok else 503
 
 
+@bp.get("/metrics")
+def prometheus_metrics():  # type: ignore[no-untyped-def]
+    """Prometheus metrics of every receiver and worker sharing this Redis."""
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return metrics.render(intake().redis, QUEUES), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+
+
 @bp.app_errorhandler(RequestEntityTooLarge)
 def too_large(exc: RequestEntityTooLarge):  # type: ignore[no-untyped-def]
     """413 as JSON, like every other answer CVAT will show in its delivery log."""
+    metrics.safe_inc(intake().redis, "cvat_hooks_rejected_total", reason="too_large")
     return jsonify({"error": f"body larger than {intake().settings.max_body} bytes"}), 413

@@ -6,11 +6,13 @@ injected faults never leak between tests.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
 
 import pytest
 
-from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer
+from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, WebhookSink
 from workers.settings import CvatSettings
 
 CLIENT_TIMEOUT = 2.0
@@ -27,6 +29,13 @@ def cvat_server() -> Iterator[CvatTestServer]:
 
 
 @pytest.fixture
+def webhook_sink() -> Iterator[WebhookSink]:
+    """An HTTP endpoint recording the deliveries the test CVAT server sends to it."""
+    with WebhookSink() as sink:
+        yield sink
+
+
+@pytest.fixture
 def cvat_settings(cvat_server: CvatTestServer) -> CvatSettings:
     """Settings for a PAT-authenticated client of ``cvat_server`` that polls exports quickly."""
     return CvatSettings(url=cvat_server.url, access_token=DEFAULT_TOKEN, status_check_period=0.1)
@@ -40,3 +49,25 @@ def cvat_gateway(cvat_settings: CvatSettings) -> Iterator[object]:
     gateway = CvatClient(cvat_settings, connect_timeout=CLIENT_TIMEOUT, read_timeout=CLIENT_TIMEOUT)
     yield gateway
     gateway.close()
+
+
+@pytest.fixture
+def make_cvat_client(cvat_settings: CvatSettings) -> Iterator[Callable[..., Any]]:
+    """``make_cvat_client(organization="acme", read_timeout=0.2, ...)``: more clients of
+    ``cvat_server``; settings fields and ``CvatClient`` options as keywords. Closed after the test."""
+    from workers.cvat_client import CvatClient
+
+    made: list[CvatClient] = []
+
+    def make(**changes: Any) -> CvatClient:
+        names = ("connect_timeout", "read_timeout", "export_timeout")
+        options = {k: changes.pop(k) for k in names if k in changes}
+        options.setdefault("connect_timeout", CLIENT_TIMEOUT)
+        options.setdefault("read_timeout", CLIENT_TIMEOUT)
+        client = CvatClient(replace(cvat_settings, **changes), **options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()

@@ -41,10 +41,14 @@ def use_endpoint(monkeypatch: pytest.MonkeyPatch, endpoint: str, tmp_path: Any) 
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
-def make_bucket(name: str) -> Any:
-    """Create a bucket on the configured endpoint and return a client for checking results."""
-    import boto3
+@contextmanager
+def bucket(name: str) -> Iterator[Any]:
+    """Create a bucket on the configured endpoint; yield a client for checking results, then close it."""
+    import boto3  # type: ignore[import-untyped]
 
     client = boto3.session.Session().client("s3")
-    client.create_bucket(Bucket=name)
-    return client
+    try:
+        client.create_bucket(Bucket=name)
+        yield client
+    finally:
+        client.close()

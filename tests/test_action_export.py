@@ -11,7 +11,7 @@ import fakeredis
 import pytest
 
 from tests.fake_gateway import FakeGateway, job_event, make_context, task_event
-from tests.moto_s3 import make_bucket, s3_endpoint, use_endpoint
+from tests.moto_s3 import bucket, s3_endpoint, use_endpoint
 from workers.actions import export, validate_params
 from workers.errors import PermanentError, TransientError
 from workers.gateway import ExportKind, ExportRequest, Resource
@@ -204,6 +204,17 @@ def test_same_version_is_exported_once(cfg: WorkerSettings, fake_redis: Any) -> 
     assert 29 * 86400 < fake_redis.ttl(key) <= export.MARKER_TTL
 
 
+def test_a_deleted_local_file_is_written_again(cfg: WorkerSettings, fake_redis: Any) -> None:
+    """The marker only stands while the local file it describes exists."""
+    gateway = FakeGateway()
+    params = {"format": FMT, "to": "a.zip"}
+    run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg)
+    (cfg.data_dir / "a.zip").unlink()
+    result, _ = run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg)
+    assert "skipped" not in result and (cfg.data_dir / "a.zip").exists()
+    assert len(gateway.called("export")) == 2
+
+
 @pytest.mark.parametrize("change", [
     {"event": job_event(updated_date="2026-11-23T08:00:00Z")},
     {"params": {"format": "COCO 1.0"}},
@@ -272,11 +283,11 @@ def test_s3_export_uploads_once_even_if_redis_forgets(monkeypatch: pytest.Monkey
                                                       fake_redis: Any) -> None:
     """The object lands in the bucket; with the marker gone, its metadata still prevents a rewrite."""
     use_endpoint(monkeypatch, moto_endpoint, tmp_path)
-    client = make_bucket("action-exports")
     gateway = FakeGateway(export_content=b"annotations for job 1")
     params = {"format": FMT, "to": "s3://action-exports/jobs/1.zip"}
-    first, _ = run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg)
-    body = client.get_object(Bucket="action-exports", Key="jobs/1.zip")["Body"].read()
+    with bucket("action-exports") as client:
+        first, _ = run_export(params, gateway=gateway, fake_redis=fake_redis, cfg=cfg)
+        body = client.get_object(Bucket="action-exports", Key="jobs/1.zip")["Body"].read()
     assert body == b"annotations for job 1"
     assert first["uri"] == "s3://action-exports/jobs/1.zip" and first["size"] == len(body)
 

@@ -155,7 +155,7 @@ def test_retry_of_a_call_keeps_its_reviewer() -> None:
     first = run({"assignee": reviewers}, gateway, redis)["assignee"]
     again = run({"assignee": reviewers}, gateway, redis)["assignee"]
     assert first == again == "alice"
-    assert int(redis.get(round_robin_key("to-review", reviewers))) == 1
+    assert redis.get(round_robin_key("to-review", reviewers)) == b"1"
     assert run({"assignee": reviewers}, gateway, redis, run=1)["assignee"] == "bob"  # a replay is a new turn
 
 

@@ -8,11 +8,12 @@ import socket
 import subprocess
 import sys
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.cvat_fixtures import CLIENT_TIMEOUT
+from tests import cvat_fixtures
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, export_digest
 from tests.cvat_server.exports import export_rq_id
 from workers.cvat_client import CvatClient, make_gateway
@@ -20,7 +21,13 @@ from workers.errors import ErrorKind, PermanentError, TransientError, classify
 from workers.gateway import ExportKind, ExportRequest, LabelSet, Resource
 from workers.settings import CvatSettings
 
-pytest_plugins = ("tests.cvat_fixtures",)
+# The fixtures, for as long as conftest.py does not provide them to every module (harmless after).
+cvat_server = cvat_fixtures.cvat_server
+cvat_settings = cvat_fixtures.cvat_settings
+cvat_gateway = cvat_fixtures.cvat_gateway
+make_cvat_client = cvat_fixtures.make_cvat_client
+
+MakeClient = Callable[..., CvatClient]
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +40,6 @@ def sha256(path: Path) -> str:
 def only_rq_id(server: CvatTestServer) -> str:
     (rq_id,) = server.state.requests
     return rq_id
-
-
-def client_for(server: CvatTestServer, **changes: object) -> CvatClient:
-    settings = CvatSettings(**{"url": server.url, "access_token": DEFAULT_TOKEN, "status_check_period": 0.1,
-                               **changes})  # type: ignore[arg-type]
-    return CvatClient(settings, connect_timeout=CLIENT_TIMEOUT, read_timeout=CLIENT_TIMEOUT)
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -96,7 +97,8 @@ def test_task_labels_of_a_standalone_task_are_its_own(cvat_gateway: CvatClient):
 # -- writing ------------------------------------------------------------------------------------
 
 
-def test_add_labels_to_a_project_creates_only_missing_names(cvat_gateway: CvatClient, cvat_server: CvatTestServer):
+def test_add_labels_to_a_project_creates_only_missing_names(cvat_gateway: CvatClient,
+                                                            cvat_server: CvatTestServer):
     """Existing names are skipped, so a retried ``add_labels`` does not fail on duplicates."""
     cvat_gateway.add_labels([{"name": "car"}, {"name": "bike", "type": "rectangle"}], project_id=1)
     (patch,) = cvat_server.calls("PATCH", "/api/projects/1")
@@ -151,7 +153,8 @@ def test_update_job_refuses_other_fields(cvat_gateway: CvatClient, cvat_server: 
 
 def test_update_job_invalid_stage_reports_cvats_validation(cvat_gateway: CvatClient):
     """A value CVAT rejects is a permanent error quoting CVAT's reason."""
-    with pytest.raises(PermanentError, match=r"PATCH /api/jobs/1: 400 Bad Request: .*stage.*not a valid choice"):
+    expected = r"PATCH /api/jobs/1: 400 Bad Request: .*stage.*not a valid choice"
+    with pytest.raises(PermanentError, match=expected):
         cvat_gateway.update_job(1, {"stage": "review"})
 
 
@@ -183,9 +186,9 @@ def test_pat_is_sent_as_bearer(cvat_gateway: CvatClient, cvat_server: CvatTestSe
     assert (call.auth, call.user) == ("bearer", "admin")
 
 
-def test_password_login_uses_a_session_with_csrf(cvat_server: CvatTestServer):
+def test_password_login_uses_a_session_with_csrf(cvat_server: CvatTestServer, make_cvat_client: MakeClient):
     """Username/password log in once; reads and PATCHes then ride the session and CSRF token."""
-    with client_for(cvat_server, access_token=None, username="alice", password="alice-password") as gateway:
+    with make_cvat_client(access_token=None, username="alice", password="alice-password") as gateway:
         gateway.get_resource(Resource.JOB, 1)
         gateway.update_job(1, {"state": "in progress"})
     assert [c.path for c in cvat_server.calls("POST", "/api/auth/login")] == ["/api/auth/login"]
@@ -194,42 +197,42 @@ def test_password_login_uses_a_session_with_csrf(cvat_server: CvatTestServer):
     assert cvat_server.calls("POST", "/api/auth/logout"), "close() ends the session"
 
 
-def test_expired_session_logs_in_again(cvat_server: CvatTestServer):
+def test_expired_session_logs_in_again(cvat_server: CvatTestServer, make_cvat_client: MakeClient):
     """A 401 on an expired session is answered by a new login and the call succeeds."""
-    with client_for(cvat_server, access_token=None, username="alice", password="alice-password") as gateway:
+    with make_cvat_client(access_token=None, username="alice", password="alice-password") as gateway:
         gateway.get_resource(Resource.JOB, 1)
         cvat_server.expire_sessions()
         assert gateway.get_resource(Resource.JOB, 1)["id"] == 1
     assert len(cvat_server.calls("POST", "/api/auth/login")) == 2
 
 
-def test_wrong_password_is_permanent(cvat_server: CvatTestServer):
+def test_wrong_password_is_permanent(make_cvat_client: MakeClient):
     """Bad credentials fail permanently, and the password is not in the message."""
-    with client_for(cvat_server, access_token=None, username="alice", password="s3cret-wrong") as gateway:
+    with make_cvat_client(access_token=None, username="alice", password="s3cret-wrong") as gateway:
         with pytest.raises(PermanentError, match="POST /api/auth/login: 400") as caught:
             gateway.get_resource(Resource.JOB, 1)
     assert "s3cret-wrong" not in str(caught.value)
 
 
-def test_wrong_token_is_permanent_401(cvat_server: CvatTestServer):
+def test_wrong_token_is_permanent_401(make_cvat_client: MakeClient):
     """An unknown token is a permanent 401 and the token is not in the message."""
-    with client_for(cvat_server, access_token="not-a-valid-token-123") as gateway:
+    with make_cvat_client(access_token="not-a-valid-token-123") as gateway:
         with pytest.raises(PermanentError, match="401 Unauthorized") as caught:
             gateway.get_resource(Resource.TASK, 2)
     assert "not-a-valid-token-123" not in str(caught.value)
 
 
-def test_organization_is_sent_as_x_organization(cvat_server: CvatTestServer):
+def test_organization_is_sent_as_x_organization(cvat_server: CvatTestServer, make_cvat_client: MakeClient):
     """With an organization configured every call carries ``X-Organization: <slug>``."""
-    with client_for(cvat_server, organization="acme") as gateway:
+    with make_cvat_client(organization="acme") as gateway:
         gateway.get_resource(Resource.TASK, 2)
         gateway.annotation_formats()
     assert [c.headers.get("x-organization") for c in cvat_server.calls()] == ["acme", "acme"]
 
 
-def test_organization_context_limits_users_to_members(cvat_server: CvatTestServer):
+def test_organization_context_limits_users_to_members(make_cvat_client: MakeClient):
     """In ``acme`` alice (a member) is found and bob (not a member) is not."""
-    with client_for(cvat_server, organization="acme") as gateway:
+    with make_cvat_client(organization="acme") as gateway:
         assert gateway.find_user_id("alice") == 2
         with pytest.raises(PermanentError, match="'bob' in organization 'acme'"):
             gateway.find_user_id("bob")
@@ -245,7 +248,8 @@ def test_no_connection_before_the_first_call(cvat_server: CvatTestServer):
 # -- failures -------------------------------------------------------------------------------------
 
 
-def test_503_is_transient_and_not_retried_by_the_client(cvat_gateway: CvatClient, cvat_server: CvatTestServer):
+def test_503_is_transient_and_not_retried_by_the_client(cvat_gateway: CvatClient,
+                                                        cvat_server: CvatTestServer):
     """A 503 surfaces at once as TransientError (RQ retries); the next call succeeds."""
     cvat_server.fail_next(1, 503)
     with pytest.raises(TransientError, match=r"^CVAT GET /api/tasks/2: 503 Service Unavailable"):
@@ -269,12 +273,12 @@ def test_404_is_permanent_with_a_clear_message(cvat_gateway: CvatClient):
     assert classify(caught.value) is ErrorKind.PERMANENT
 
 
-def test_timeout_is_transient(cvat_server: CvatTestServer):
+def test_timeout_is_transient(cvat_server: CvatTestServer, make_cvat_client: MakeClient):
     """A server slower than the read timeout gives a TransientError saying so."""
     cvat_server.timeout_sleep = 1.0
-    gateway = CvatClient(CvatSettings(url=cvat_server.url, access_token=DEFAULT_TOKEN), read_timeout=0.2)
+    gateway = make_cvat_client(read_timeout=0.2)
     cvat_server.fail_next(1, "timeout")
-    with gateway, pytest.raises(TransientError, match="no answer within 0.2 s"):
+    with pytest.raises(TransientError, match="no answer within 0.2 s"):
         gateway.get_resource(Resource.TASK, 2)
 
 
@@ -312,12 +316,13 @@ def test_server_down_is_transient_until_up(cvat_gateway: CvatClient, cvat_server
 
 
 @pytest.mark.parametrize("fault", [503, 401, 404, "reset", "timeout"], ids=str)
-def test_secrets_never_appear_in_errors(cvat_server: CvatTestServer, fault: int | str):
+def test_secrets_never_appear_in_errors(cvat_server: CvatTestServer, make_cvat_client: MakeClient,
+                                        fault: int | str):
     """Neither the token nor anything chained to the error carries a secret."""
     cvat_server.timeout_sleep = 0.5
-    gateway = CvatClient(CvatSettings(url=cvat_server.url, access_token=DEFAULT_TOKEN), read_timeout=0.2)
+    gateway = make_cvat_client(read_timeout=0.2)
     cvat_server.fail_next(1, fault)
-    with gateway, pytest.raises((TransientError, PermanentError)) as caught:
+    with pytest.raises((TransientError, PermanentError)) as caught:
         gateway.get_resource(Resource.TASK, 2)
     exc = caught.value
     assert DEFAULT_TOKEN not in str(exc) and DEFAULT_TOKEN not in repr(exc.args)
@@ -347,7 +352,8 @@ def test_export_annotations_downloads_the_served_bytes(cvat_gateway: CvatClient,
     assert post.query == {"format": "COCO 1.0", "save_images": "false", "location": "local"}
 
 
-def test_export_dataset_includes_images(cvat_gateway: CvatClient, cvat_server: CvatTestServer, tmp_path: Path):
+def test_export_dataset_includes_images(cvat_gateway: CvatClient, cvat_server: CvatTestServer,
+                                        tmp_path: Path):
     """A dataset export asks for images (``save_images=true``) and downloads it."""
     outcome = cvat_gateway.export(ExportRequest(Resource.PROJECT, 1, ExportKind.DATASET, "YOLO 1.1"),
                                   tmp_path / "ds.zip")
@@ -405,7 +411,8 @@ def test_export_to_an_unknown_cloud_storage_is_permanent(cvat_gateway: CvatClien
 def test_export_with_an_unknown_format_is_permanent(cvat_gateway: CvatClient, tmp_path: Path):
     """CVAT's 400 for a format it lacks is permanent and quotes CVAT."""
     with pytest.raises(PermanentError, match="400 Bad Request: .*Unknown format"):
-        cvat_gateway.export(ExportRequest(Resource.TASK, 2, ExportKind.ANNOTATIONS, "PASCAL 9"), tmp_path / "x")
+        cvat_gateway.export(ExportRequest(Resource.TASK, 2, ExportKind.ANNOTATIONS, "PASCAL 9"),
+                            tmp_path / "x")
 
 
 def test_export_failed_on_the_server_is_transient(cvat_gateway: CvatClient, cvat_server: CvatTestServer,
@@ -439,17 +446,18 @@ def test_export_polls_the_status_only_a_few_times(cvat_gateway: CvatClient, cvat
                                                   tmp_path: Path):
     """A 0.2 s export costs a handful of status checks (adaptive backoff), not dozens."""
     cvat_server.export_seconds = 0.2
-    cvat_gateway.export(ExportRequest(Resource.TASK, 2, ExportKind.ANNOTATIONS, "COCO 1.0"), tmp_path / "x.zip")
+    cvat_gateway.export(ExportRequest(Resource.TASK, 2, ExportKind.ANNOTATIONS, "COCO 1.0"),
+                        tmp_path / "x.zip")
     polls = cvat_server.calls("GET", "/api/requests/")
     assert 2 <= len(polls) <= 5
 
 
-def test_export_wait_has_a_deadline(cvat_server: CvatTestServer, tmp_path: Path):
+def test_export_wait_has_a_deadline(cvat_server: CvatTestServer, make_cvat_client: MakeClient,
+                                    tmp_path: Path):
     """An export that never finishes gives up with a TransientError after ``export_timeout``."""
     cvat_server.export_seconds = 30
-    settings = CvatSettings(url=cvat_server.url, access_token=DEFAULT_TOKEN, status_check_period=0.1)
-    gateway = CvatClient(settings, export_timeout=0.3)
-    with gateway, pytest.raises(TransientError, match="did not finish within 0.3 s"):
+    gateway = make_cvat_client(export_timeout=0.3)
+    with pytest.raises(TransientError, match="did not finish within 0.3 s"):
         gateway.export(ExportRequest(Resource.TASK, 2, ExportKind.ANNOTATIONS, "COCO 1.0"), tmp_path / "x")
 
 
@@ -494,7 +502,7 @@ def test_large_export_streams_in_bounded_memory(tmp_path: Path):
 
 def test_sdk_typed_models_accept_the_servers_answers(cvat_server: CvatTestServer):
     """cvat-sdk's own typed calls deserialize every shape the test server answers."""
-    from cvat_sdk import make_client
+    from cvat_sdk import make_client  # type: ignore[import-untyped]
 
     with make_client(cvat_server.url, access_token=DEFAULT_TOKEN) as client:
         api = client.api_client
@@ -515,7 +523,7 @@ def test_sdk_typed_models_accept_the_servers_answers(cvat_server: CvatTestServer
 
 def test_sdk_export_flow_works_unpatched(cvat_server: CvatTestServer, tmp_path: Path):
     """The SDK's own export (start, wait, download) runs against the server as against CVAT."""
-    from cvat_sdk import make_client
+    from cvat_sdk import make_client  # type: ignore[import-untyped]
 
     with make_client(cvat_server.url, access_token=DEFAULT_TOKEN) as client:
         client.config.status_check_period = 0.05
@@ -528,7 +536,7 @@ def test_sdk_export_flow_works_unpatched(cvat_server: CvatTestServer, tmp_path: 
 
 def test_sdk_password_login_works_unpatched(cvat_server: CvatTestServer):
     """The SDK's own password login finds both session cookies and can PATCH with CSRF."""
-    from cvat_sdk import make_client
+    from cvat_sdk import make_client  # type: ignore[import-untyped]
 
     with make_client(cvat_server.url, credentials=("bob", "bob-password")) as client:
         client.jobs.retrieve(2).update({"state": "in progress"})

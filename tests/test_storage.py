@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]
 
-from tests.moto_s3 import make_bucket, s3_endpoint, use_endpoint
-from workers.errors import ErrorKind, PermanentError, TransientError, classify
+from tests.moto_s3 import bucket, s3_endpoint, use_endpoint
+from workers.errors import ErrorKind, PermanentError, classify
 from workers.settings import WorkerSettings
 from workers.storage import (
     STALE_SECONDS,
@@ -225,61 +225,66 @@ def test_directory_swapped_for_symlink_after_parsing_is_refused(cfg: WorkerSetti
 
 # -- S3 ----------------------------------------------------------------------------------------
 
-def test_s3_multipart_upload_streams_from_disk(s3_env: str, cfg: WorkerSettings, data_dir: Path) -> None:
-    """A file above the multipart threshold is uploaded in parts, with its version in the metadata."""
-    client = make_bucket("exports-multipart")
-    storage = Storage(cfg, transfer_config=TransferConfig(multipart_threshold=5 * MB,
-                                                               multipart_chunksize=5 * MB))
-    dest = storage.parse("s3://exports-multipart/tasks/2/annotations.zip")
+@pytest.fixture
+def s3_storage(s3_env: str, cfg: WorkerSettings) -> Iterator[Storage]:
+    """A Storage whose multipart threshold is 5 MB (S3's smallest part), closed after the test."""
+    with Storage(cfg, transfer_config=TransferConfig(multipart_threshold=5 * MB,
+                                                     multipart_chunksize=5 * MB)) as storage:
+        yield storage
+
+
+def upload(storage: Storage, url: str, content: bytes, version: str | None = None) -> dict[str, object]:
+    """Stage ``content`` for an S3 URL and commit it."""
+    dest = storage.parse(url)
     assert isinstance(dest, S3Destination)
-    content = os.urandom(256) * (12 * MB // 256)
     with storage.staging(dest) as staged:
-        assert staged.path.parent == data_dir / TMP_DIR
         staged.path.write_bytes(content)
-        result = storage.commit(staged, version="v1")
+        return storage.commit(staged, version=version)
+
+
+def test_s3_multipart_upload_streams_from_disk(s3_storage: Storage, data_dir: Path) -> None:
+    """A file above the multipart threshold is uploaded in parts, with its version in the metadata."""
+    content = os.urandom(256) * (12 * MB // 256)
+    with bucket("exports-multipart") as client:
+        dest = s3_storage.parse("s3://exports-multipart/tasks/2/annotations.zip")
+        assert isinstance(dest, S3Destination)
+        with s3_storage.staging(dest) as staged:
+            assert staged.path.parent == data_dir / TMP_DIR
+            staged.path.write_bytes(content)
+            result = s3_storage.commit(staged, version="v1")
+        obj = client.get_object(Bucket="exports-multipart", Key="tasks/2/annotations.zip")
+        body = obj["Body"].read()
     assert result == {"uri": "s3://exports-multipart/tasks/2/annotations.zip", "size": len(content)}
     assert os.listdir(data_dir / TMP_DIR) == []
-    obj = client.get_object(Bucket="exports-multipart", Key="tasks/2/annotations.zip")
-    assert obj["Body"].read() == content
+    assert body == content
     assert obj["Metadata"] == {VERSION_METADATA: "v1"}
     assert obj["ETag"].strip('"').endswith("-3")  # 5 + 5 + 2 MB: a multipart upload's ETag
 
 
-def test_s3_existing_version_reads_the_object_metadata(s3_env: str, cfg: WorkerSettings) -> None:
+def test_s3_existing_version_reads_the_object_metadata(s3_storage: Storage) -> None:
     """The bucket answers whether it already holds a version: same version yes, other or absent no."""
-    make_bucket("exports-version")
-    storage = Storage(cfg)
-    dest = storage.parse("s3://exports-version/a.zip")
-    assert storage.existing_version(dest, "v1") is None
-    with storage.staging(dest) as staged:  # type: ignore[arg-type]
-        staged.path.write_bytes(b"12345")
-        storage.commit(staged, version="v1")
-    assert storage.existing_version(dest, "v1") == {"uri": "s3://exports-version/a.zip", "size": 5}
-    assert storage.existing_version(dest, "v2") is None
+    with bucket("exports-version"):
+        dest = s3_storage.parse("s3://exports-version/a.zip")
+        assert s3_storage.existing_version(dest, "v1") is None
+        upload(s3_storage, "s3://exports-version/a.zip", b"12345", version="v1")
+        assert s3_storage.existing_version(dest, "v1") == {"uri": "s3://exports-version/a.zip", "size": 5}
+        assert s3_storage.existing_version(dest, "v2") is None
 
 
-def test_s3_missing_bucket_fails_permanently(s3_env: str, cfg: WorkerSettings) -> None:
+def test_s3_missing_bucket_fails_permanently(s3_storage: Storage) -> None:
     """S3 refusing the upload (no such bucket) is permanent, named by its code and status."""
-    storage = Storage(cfg)
-    dest = storage.parse("s3://no-such-bucket/a.zip")
     expected = r"s3://no-such-bucket/a.zip: upload failed: NoSuchBucket \(HTTP 404\)"
     with pytest.raises(PermanentError, match=expected):
-        with storage.staging(dest) as staged:  # type: ignore[arg-type]
-            staged.path.write_bytes(b"x")
-            storage.commit(staged, version="v1")
+        upload(s3_storage, "s3://no-such-bucket/a.zip", b"x", version="v1")
 
 
-def test_s3_without_credentials_fails_permanently(s3_env: str, cfg: WorkerSettings,
+def test_s3_without_credentials_fails_permanently(s3_storage: Storage,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """No AWS credentials at all is a configuration problem, reported as such."""
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    storage = Storage(cfg)
-    dest = storage.parse("s3://exports/a.zip")
     with pytest.raises(PermanentError, match="no usable AWS credentials"):
-        with storage.staging(dest) as staged:  # type: ignore[arg-type]
-            staged.path.write_bytes(b"x")
-            storage.commit(staged)
+        upload(s3_storage, "s3://exports/a.zip", b"x")
 
 
 def test_s3_unreachable_endpoint_is_transient(cfg: WorkerSettings, monkeypatch: pytest.MonkeyPatch,
@@ -292,10 +297,6 @@ def test_s3_unreachable_endpoint_is_transient(cfg: WorkerSettings, monkeypatch: 
         port = sock.getsockname()[1]
     use_endpoint(monkeypatch, f"http://127.0.0.1:{port}", tmp_path)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    storage = Storage(cfg)
-    dest = storage.parse("s3://exports/a.zip")
-    with pytest.raises(Exception) as caught:  # noqa: B017 - the class is botocore's; classify decides
-        with storage.staging(dest) as staged:  # type: ignore[arg-type]
-            staged.path.write_bytes(b"x")
-            storage.commit(staged)
-    assert isinstance(caught.value, TransientError) or classify(caught.value) is ErrorKind.TRANSIENT
+    with Storage(cfg) as storage, pytest.raises(Exception) as caught:  # noqa: B017 - classify decides
+        upload(storage, "s3://exports/a.zip", b"x")
+    assert classify(caught.value) is ErrorKind.TRANSIENT

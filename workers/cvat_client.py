@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import urllib3
-from cvat_sdk.api_client import exceptions as sdk_exceptions
-from cvat_sdk.api_client import models, rest
-from cvat_sdk.api_client.api_client import Endpoint
-from cvat_sdk.core.client import AccessTokenCredentials, Client, Config
-from cvat_sdk.core.helpers import make_request_headers
+from cvat_sdk.api_client import exceptions as sdk_exceptions  # type: ignore[import-untyped]
+from cvat_sdk.api_client import models, rest  # type: ignore[import-untyped]
+from cvat_sdk.api_client.api_client import Endpoint  # type: ignore[import-untyped]
+from cvat_sdk.core.client import AccessTokenCredentials, Client, Config  # type: ignore[import-untyped]
+from cvat_sdk.core.helpers import make_request_headers  # type: ignore[import-untyped]
 
 from workers.errors import ActionError, ErrorKind, PermanentError, TransientError, classify, status_of
 from workers.gateway import ExportKind, ExportOutcome, ExportRequest, LabelSet, Resource
@@ -120,6 +120,7 @@ class CvatClient:
             except ActionError:
                 self._sdk = None  # log in again on the next call
                 client.close()
+                api.rest_client.pool_manager.clear()
                 raise
         return client
 
@@ -208,8 +209,9 @@ class CvatClient:
         status = status_of(exc)
         if status is not None:
             message = f"CVAT {what}: {status} {_phrase(status)}{_detail(getattr(exc, 'body', None))}"
-        elif isinstance(exc, sdk_exceptions.ApiException):
-            message = f"CVAT {what}: {exc.reason or type(exc).__name__}"
+        elif isinstance(exc, sdk_exceptions.ApiException):  # no HTTP status: TLS and the like
+            reason = " ".join(str(exc.reason or type(exc).__name__).split())
+            message = f"CVAT {what}: {reason[:300]}"
         else:
             message = f"CVAT {what}: {_network_problem(exc, self.timeout)}"
         cls = TransientError if classify(exc) is ErrorKind.TRANSIENT else PermanentError
@@ -463,6 +465,8 @@ def _network_problem(exc: BaseException, timeout: tuple[float, float]) -> str:
         return f"connection timed out after {timeout[0]:g} s"
     if isinstance(cause, urllib3.exceptions.ReadTimeoutError | TimeoutError):
         return f"no answer within {timeout[1]:g} s"
+    if isinstance(cause, urllib3.exceptions.SSLError):
+        return f"TLS failed ({' '.join(str(cause).split())[:200]})"
     if isinstance(cause, urllib3.exceptions.ProtocolError | ConnectionError):
         return "connection dropped"
     return type(cause).__name__

@@ -17,6 +17,7 @@ from redis import Redis
 from rq import get_current_job
 from rq.job import Job
 
+from workers import metrics
 from workers.actions import runner
 from workers.context import ActionContext
 from workers.contract import ActionCall
@@ -97,6 +98,7 @@ def run_action(data: dict[str, Any]) -> dict[str, Any]:
             close()
     rt.deliveries.action_succeeded(call.delivery_id, call.job_id, attempt=attempt, started=started,
                                    result=result, skipped=is_skip)
+    count_attempt(rt, call.action, "skipped" if is_skip else "succeeded", time.time() - started)
     log.info("delivery %s: %s of rule %s %s (attempt %d)", call.delivery_id, call.action, call.rule_id,
              "skipped" if is_skip else "succeeded", attempt)
     return result
@@ -131,8 +133,22 @@ def record_failure(rt: Runtime, call: ActionCall, job: Job | None, attempt: int,
     rt.deliveries.action_failed(call.delivery_id, call.job_id, attempt=attempt, started=started,
                                 error_class=type(exc).__name__, message=message, kind=kind.value,
                                 next_retry_at=next_at, result=getattr(exc, "result", None))
+    count_attempt(rt, call.action, "retrying" if will_retry else "failed", time.time() - started)
     log.warning("delivery %s: %s of rule %s failed (attempt %d, %s): %s%s", call.delivery_id, call.action,
                 call.rule_id, attempt, kind.value, message, "; will retry" if will_retry else "; gave up")
+
+
+def count_attempt(rt: Runtime, action: str, outcome: str, seconds: float) -> None:
+    """Count one attempt for /metrics (never fails the job if Redis hiccups)."""
+    try:
+        with rt.redis.pipeline(transaction=False) as pipe:
+            metrics.inc(pipe, "cvat_hooks_action_runs_total", action=action, outcome=outcome)
+            if outcome == "retrying":
+                metrics.inc(pipe, "cvat_hooks_action_retries_total", action=action)
+            metrics.observe(pipe, "cvat_hooks_action_duration_seconds", seconds, action=action)
+            pipe.execute()
+    except Exception as exc:  # metrics must never turn a success into a failure
+        log.debug("metrics: could not count %s: %s", action, exc)
 
 
 def on_job_failure(job: Job, connection: Redis, exc_type: type, exc: BaseException, tb: Any) -> None:

@@ -217,7 +217,8 @@ class Storage:
                  s3_client_factory: Callable[[], Any] | None = None) -> None:
         self.settings = settings
         self.transfer_config = transfer_config
-        """boto3 ``TransferConfig`` (multipart threshold, part size); boto3's defaults when ``None``."""
+        """boto3 ``TransferConfig`` (multipart threshold, part size); :func:`_default_transfer_config`
+        when ``None``."""
         self._s3_client_factory = s3_client_factory or _default_s3_client
         self._s3_client: Any = None
 
@@ -231,6 +232,18 @@ class Storage:
         if self._s3_client is None:
             self._s3_client = self._s3_client_factory()
         return self._s3_client
+
+    def close(self) -> None:
+        """Close the S3 client's connections, if one was made (a worker runs many exports)."""
+        client, self._s3_client = self._s3_client, None
+        if client is not None and hasattr(client, "close"):
+            client.close()
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     @contextmanager
     def staging(self, destination: LocalDestination | S3Destination) -> Iterator[Staged]:
@@ -277,7 +290,7 @@ class Storage:
         extra = {"Metadata": {VERSION_METADATA: version}} if version else None
         try:
             self.s3.upload_file(str(staged.path), dest.bucket, dest.key, ExtraArgs=extra,
-                                Config=self.transfer_config)
+                                Config=self.transfer_config or _default_transfer_config())
         except Exception as exc:
             _raise_s3_error(exc, dest, "upload failed")
         staged.path.unlink(missing_ok=True)
@@ -302,6 +315,21 @@ class Storage:
         if (head.get("Metadata") or {}).get(VERSION_METADATA) != version:
             return None
         return {"uri": destination.uri, "size": head.get("ContentLength")}
+
+
+UPLOAD_CONCURRENCY = 4
+"""Parts uploaded (and held in memory) at once: peak memory is about this many times the part size
+(8 MB), whatever the file's size. boto3's default of 10 would hold 80 MB per export."""
+
+
+def _default_transfer_config() -> TransferConfig:
+    """boto3's multipart settings with the memory of one upload bounded (see ``UPLOAD_CONCURRENCY``)."""
+    from boto3.s3.transfer import TransferConfig
+
+    config = TransferConfig(max_concurrency=UPLOAD_CONCURRENCY)
+    # Not a constructor argument of boto3's subclass, but an attribute of s3transfer's config.
+    config.max_in_memory_upload_chunks = UPLOAD_CONCURRENCY
+    return config
 
 
 def _default_s3_client() -> Any:

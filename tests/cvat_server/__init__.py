@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from .exports import export_chunks, export_digest
 from .server import DEFAULT_TOKEN, CloudFile, CvatTestServer, RecordedRequest, wait_until
+from .sink import Received, WebhookSink
+from .webhooks import Sent, jsonb_order, signature
 
-__all__ = ["DEFAULT_TOKEN", "CloudFile", "CvatTestServer", "RecordedRequest", "export_chunks",
-           "export_digest", "wait_until"]
+__all__ = ["DEFAULT_TOKEN", "CloudFile", "CvatTestServer", "Received", "RecordedRequest", "Sent",
+           "WebhookSink", "export_chunks", "export_digest", "jsonb_order", "signature", "wait_until"]

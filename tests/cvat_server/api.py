@@ -12,9 +12,8 @@ import secrets
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlencode
 
-from flask import Flask, Response, current_app, g, jsonify, request
+from flask import Flask, current_app, g, jsonify, request
 
-from .exports import export_chunks, export_filename, export_rq_id, new_request
 from .state import ATTRIBUTE_INPUT_TYPES, FORMATS, JOB_STAGES, JOB_STATES, LABEL_TYPES, PALETTE, now_iso
 
 if TYPE_CHECKING:
@@ -415,110 +414,8 @@ def label_detail(label_id: int) -> Any:
         return jsonify(st.label_json(label_id))
 
 
-# -- exports ----------------------------------------------------------------------------------
-
-TARGETS = {"jobs": "job", "tasks": "task", "projects": "project"}
-
-
-def _target_ids(target: str, target_id: int) -> tuple[str, int | None, int | None, int | None, int | None]:
-    """(name, project_id, task_id, job_id, org_id) of an export's target, 404 if unknown."""
-    st = server().state
-    if target == "job":
-        if target_id not in st.jobs:
-            not_found("Job")
-        task = st.tasks[st.jobs[target_id]["task_id"]]
-        return f"job_{target_id}", task["project_id"], task["id"], target_id, task.get("org_id")
-    if target == "task":
-        if target_id not in st.tasks:
-            not_found("Task")
-        task = st.tasks[target_id]
-        return task["name"], task["project_id"], target_id, None, task.get("org_id")
-    if target_id not in st.projects:
-        not_found("Project")
-    project = st.projects[target_id]
-    return project["name"], target_id, None, None, project.get("org_id")
-
-
-def start_export(resource: str, target_id: int, kind: str) -> Any:
-    """``POST /api/{jobs|tasks|projects}/{id}/dataset/export`` and ``.../backup/export`` -> 202."""
-    srv, st = server(), server().state
-    target = TARGETS[resource]
-    format_name = request.args.get("format") if kind == "dataset" else None
-    save_images = (request.args.get("save_images") or "false").lower() == "true"
-    location = request.args.get("location") or "local"
-    if location not in ("local", "cloud_storage"):
-        raise ApiError(400, {"location": [f'"{location}" is not a valid choice.']})
-    with st.lock:
-        name, project_id, task_id, job_id, org_id = _target_ids(target, target_id)
-        if kind == "dataset":
-            if not format_name:
-                raise ApiError(400, {"format": ["This field is required."]})
-            known = {f[0]: f[3] for f in FORMATS}
-            if format_name not in known:
-                raise ApiError(400, ["Unknown format specified for the request"])
-            if not known[format_name]:
-                raise ApiError(405, {"detail": f"Format {format_name} is disabled"})
-        cloud = None
-        if location == "cloud_storage":
-            cs_id = int_arg("cloud_storage_id")
-            if cs_id is None:
-                raise ApiError(400, ["Cloud storage location was selected as the destination, "
-                                     "but cloud storage id was not specified"])
-            if cs_id not in st.cloud_storages:
-                not_found("CloudStorage")
-            default_name = export_filename(target, name, "backup" if kind == "backup" else "dataset",
-                                           format_name, now_iso())
-            cloud = (cs_id, request.args.get("filename") or default_name)
-        subresource = "backup" if kind == "backup" else ("dataset" if save_images else "annotations")
-        rq_id = export_rq_id(target, target_id, g.user_id, subresource, format_name)
-        existing = st.requests.get(rq_id)
-        if existing is None or existing["status"] in ("finished", "failed"):
-            lightweight = None
-            if kind == "backup":
-                lightweight = (request.args.get("lightweight") or "").lower() == "true"
-            st.requests[rq_id] = new_request(
-                rq_id=rq_id, target=target, target_id=target_id, subresource=subresource,
-                format_name=format_name, owner_id=g.user_id, project_id=project_id, task_id=task_id,
-                job_id=job_id, org_id=org_id, created_date=now_iso(), size=srv.export_size, cloud=cloud,
-                lightweight=lightweight)
-            st.requests[rq_id]["base_url"] = base_url()
-            st.requests[rq_id]["name"] = name
-            srv.schedule_export(rq_id)
-    return jsonify({"rq_id": rq_id}), 202
-
-
-def request_detail(rq_id: str) -> Any:
-    srv, st = server(), server().state
-    with st.lock:
-        rq = st.requests.get(rq_id)
-        if rq is None:
-            raise ApiError(404, {"detail": "Not found"})
-        srv.advance_request(rq)
-        return jsonify(st.request_json(rq))
-
-
-def download(resource: str, target_id: int, kind: str) -> Any:
-    """Streams a finished local export: generated in chunks, with Content-Length."""
-    st = server().state
-    rq_id = request.args.get("rq_id") or ""
-    with st.lock:
-        rq = st.requests.get(rq_id)
-        if rq is None or rq["target"] != TARGETS[resource] or rq["target_id"] != target_id or (
-                (rq["subresource"] == "backup") != (kind == "backup")):
-            raise ApiError(404, {"detail": "Not found"})
-        if rq["status"] != "finished" or rq["cloud"] is not None:
-            raise ApiError(400, {"detail": "The export is not ready or was not saved locally"})
-        size, fmt = rq["size"], rq["operation"]["format"]
-        filename = export_filename(rq["target"], rq["name"], rq["subresource"], fmt, rq["finished_date"])
-    chunks = export_chunks(rq_id, size)
-    if g.get("fault") == "truncate":
-        chunks = server().truncated(chunks, size, request.environ)
-    return Response(chunks, status=200, mimetype="application/zip", direct_passthrough=True, headers={
-        "Content-Length": str(size), "Content-Disposition": f'attachment; filename="{filename}"'})
-
-
 def register(app: Flask) -> None:
-    """Routes of the REST API (webhooks are registered by ``webhooks.register``)."""
+    """Routes of the REST API (exports and webhooks register their own)."""
     rules: list[tuple[str, Any, list[str]]] = [
         ("/api/server/about", about, ["GET"]),
         ("/api/server/annotation/formats", formats, ["GET"]),
@@ -534,16 +431,6 @@ def register(app: Flask) -> None:
         ("/api/jobs/<int:job_id>", job_detail, ["GET", "PATCH"]),
         ("/api/labels", labels_list, ["GET"]),
         ("/api/labels/<int:label_id>", label_detail, ["GET"]),
-        ("/api/requests/<path:rq_id>", request_detail, ["GET"]),
     ]
     for rule, view, methods in rules:
         app.add_url_rule(rule, view.__name__, view, methods=methods)
-    for resource in TARGETS:
-        kinds = ("dataset", "backup") if resource != "jobs" else ("dataset",)
-        for kind in kinds:
-            app.add_url_rule(f"/api/{resource}/<int:target_id>/{kind}/export", f"export_{resource}_{kind}",
-                             lambda target_id, r=resource, k=kind: start_export(r, target_id, k),
-                             methods=["POST"])
-            app.add_url_rule(f"/api/{resource}/<int:target_id>/{kind}/download",
-                             f"download_{resource}_{kind}",
-                             lambda target_id, r=resource, k=kind: download(r, target_id, k), methods=["GET"])

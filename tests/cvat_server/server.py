@@ -12,14 +12,14 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from . import api, webhooks
+from . import api, exports, webhooks
 from .exports import REQUEST_TTL_SECONDS, export_digest, result_path
 from .state import CvatState, attribute, iso_in, now_iso, seed
 
@@ -28,6 +28,9 @@ DEFAULT_TOKEN = "cvat-test-pat.6f1c2d3e4f5a6b7c8d9e"
 
 DEFAULT_EXPORT_SIZE = 256 * 1024 + 7
 """Bytes in an export (odd, so a download ends on a partial chunk)."""
+
+INTERNAL = "cvat_test_server.internal"
+"""WSGI environ key of requests the server makes to itself (``user_edit``): not logged, no faults."""
 
 SECRET_HEADERS = frozenset({"authorization", "cookie", "x-csrftoken", "x-signature-256"})
 
@@ -134,8 +137,8 @@ class CvatTestServer:
 
     def start(self) -> CvatTestServer:
         """Listen (on a free port unless one was given) and serve in a background thread."""
-        _QuietHandler.verbose = self.verbose
-        httpd = make_server(self.host, self.port, self.app, threaded=True, request_handler=_QuietHandler)
+        handler = type("Handler", (_QuietHandler,), {"verbose": self.verbose})
+        httpd = make_server(self.host, self.port, self.app, threaded=True, request_handler=handler)
         self.port = httpd.server_port
         self._rt.httpd = httpd
         self._rt.thread = threading.Thread(target=httpd.serve_forever, name=f"cvat-test-server:{self.port}",
@@ -228,7 +231,7 @@ class CvatTestServer:
             assert user is not None, username
             self.state.tokens[token] = user["id"]
 
-    def add_project(self, name: str, *, labels: list[str | dict[str, Any]] = (), owner_id: int = 1,  # type: ignore[assignment]
+    def add_project(self, name: str, *, labels: Sequence[str | dict[str, Any]] = (), owner_id: int = 1,
                     org: str | None = None) -> int:
         st = self.state
         with st.lock:
@@ -239,7 +242,8 @@ class CvatTestServer:
             self._add_labels(labels, project_id=pid)
             return pid
 
-    def add_task(self, name: str, *, project_id: int | None = None, labels: list[str | dict[str, Any]] = (),  # type: ignore[assignment]
+    def add_task(self, name: str, *, project_id: int | None = None,
+                 labels: Sequence[str | dict[str, Any]] = (),
                  jobs: int = 2, frames_per_job: int = 5, owner_id: int = 1, org: str | None = None) -> int:
         """A task with ``jobs`` annotation jobs; ``labels`` only for a task outside a project."""
         st = self.state
@@ -278,7 +282,7 @@ class CvatTestServer:
     def _add_labels(self, labels: Any, **owner: int) -> None:
         """Labels given as names or ``{"name", "type"?, "attributes"?: [{"name", "input_type"?,
         "values"?, "mutable"?}]}``."""
-        items = [{"name": lb} if isinstance(lb, str) else dict(lb) for lb in labels]
+        items: list[dict[str, Any]] = [{"name": lb} if isinstance(lb, str) else dict(lb) for lb in labels]
         for item in items:
             item["attributes"] = [attribute(0, **a) for a in item.get("attributes", [])]
         with self.app.app_context():
@@ -337,6 +341,81 @@ class CvatTestServer:
             yield chunk
         _drop(environ)
 
+    # -- webhooks -------------------------------------------------------------------------------
+
+    def add_webhook(self, target_url: str, *, project_id: int | None = 1, org: str | None = None,
+                    events: list[str] | tuple[str, ...] | None = None, secret: str = "",
+                    is_active: bool = True, owner: str = "admin") -> int:
+        """A webhook, as if created in CVAT's UI: a project webhook (project 1 by default), or an
+        organization webhook when ``org`` is given; all of the type's events unless listed."""
+        kind = "organization" if org is not None else "project"
+        st = self.state
+        with st.lock:
+            user = st.user_by_name(owner)
+            assert user is not None, owner
+            webhook_id = st.next_id("webhooks")
+            st.webhooks[webhook_id] = {
+                "id": webhook_id, "target_url": target_url, "description": f"{kind} hook", "type": kind,
+                "content_type": "application/json", "secret": secret, "is_active": is_active,
+                "enable_ssl": False, "owner_id": user["id"], "project_id": None if org else project_id,
+                "org_id": self._org_id(org), "events": sorted(events or webhooks.EVENTS_BY_TYPE[kind]),
+                "created_date": now_iso(), "updated_date": now_iso(),
+            }
+            return webhook_id
+
+    def emit(self, event: str, resource_id: int | str, *, before: dict[str, Any] | None = None,
+             sender: str | None = "admin", include_before_update: bool | None = None,
+             wait: bool = True, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Deliver ``event`` about a job/task/project/issue (or an rq_id for ``completed:request[..]``)
+        as it is now, to every matching active webhook, shaped like CVAT 2.73's payloads.
+
+        ``update:*`` gets ``before_update``/``changes`` from ``before`` (the old values of the changed
+        fields; only ``updated_date`` if not given) unless ``include_before_update=False`` (newer
+        CVAT). With ``wait`` the deliveries made are returned (each a CVAT delivery record).
+        """
+        with self.state.lock:
+            first = max(self.state.deliveries, default=0)
+        self.webhooks.emit(event, resource_id, before=before, sender=sender,
+                           include_before_update=include_before_update)
+        if not wait:
+            return []
+        self.webhooks.join(timeout)
+        with self.state.lock:
+            return [d for i, d in sorted(self.state.deliveries.items()) if i > first and d["event"] == event]
+
+    def user_edit(self, path: str, fields: dict[str, Any], *, user: str = "admin") -> dict[str, Any]:
+        """PATCH ``path`` as ``user`` would in CVAT's UI: the change and its ``update:*`` webhooks
+        happen as through the API, but out of the request log and of injected faults."""
+        with self.state.lock:
+            account = self.state.user_by_name(user)
+            assert account is not None, user
+            token = next((t for t, uid in self.state.tokens.items() if uid == account["id"]), None)
+            if token is None:
+                token = f"ui-session-{account['id']}"
+                self.state.tokens[token] = account["id"]
+        response = self.app.test_client().patch(path, json=fields, base_url=self.url,
+                                                headers={"Authorization": f"Bearer {token}"},
+                                                environ_overrides={INTERNAL: True})
+        if response.status_code != 200:
+            raise AssertionError(f"PATCH {path} as {user}: {response.status_code} {response.get_json()}")
+        return response.get_json()
+
+    def add_issue(self, job_id: int, *, frame: int = 0, owner: str = "admin",
+                  position: tuple[float, ...] = (10.0, 10.0, 60.0, 60.0)) -> int:
+        """An issue on a job, and its ``create:issue`` webhooks (as in ``create_issue.json``)."""
+        st = self.state
+        with st.lock:
+            user = st.user_by_name(owner)
+            assert user is not None and job_id in st.jobs
+            issue_id = st.next_id("issues")
+            st.issues[issue_id] = {
+                "id": issue_id, "frame": frame, "position": list(position), "job_id": job_id,
+                "owner_id": user["id"], "assignee_id": None, "created_date": now_iso(),
+                "updated_date": now_iso(), "resolved": False,
+            }
+        self.emit("create:issue", issue_id, sender=owner, wait=False)
+        return issue_id
+
     # -- webhooks hook -------------------------------------------------------------------------
 
     def resource_changed(self, resource: str, resource_id: int, before: dict[str, Any], after: dict[str, Any],
@@ -351,6 +430,7 @@ class CvatTestServer:
         app.json.sort_keys = False  # type: ignore[attr-defined]  # keep CVAT's field order
         app.extensions["cvat_test_server"] = self
         api.register(app)
+        exports.register(app)
         webhooks.register(app)
         app.before_request(self._before)
         app.after_request(self._after)
@@ -378,6 +458,10 @@ class CvatTestServer:
 
     def _before(self) -> Response | None:
         body = request.get_data()  # always consume the body: the connection is kept alive
+        if request.environ.get(INTERNAL):
+            api.authenticate()
+            api.organization_context()
+            return None
         record = RecordedRequest(
             method=request.method, path=request.path, query=request.args.to_dict(),
             headers={k.lower(): v for k, v in request.headers.items() if k.lower() not in SECRET_HEADERS},

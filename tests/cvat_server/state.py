@@ -58,6 +58,7 @@ class CvatState:
     cloud_storages: dict[int, dict[str, Any]] = field(default_factory=dict)
     requests: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Background requests (exports) by rq_id."""
+    issues: dict[int, dict[str, Any]] = field(default_factory=dict)
     webhooks: dict[int, dict[str, Any]] = field(default_factory=dict)
     deliveries: dict[int, dict[str, Any]] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
@@ -234,6 +235,22 @@ class CvatState:
             "parent_job_id": None,
             "replicas_count": 0,
             "consensus_replicas": 0,
+        }
+
+    def issue_json(self, issue_id: int, base: str) -> dict[str, Any]:
+        """An issue as in ``create_issue.json``."""
+        i = self.issues[issue_id]
+        return {
+            "id": i["id"],
+            "frame": i["frame"],
+            "position": list(i["position"]),
+            "job": i["job_id"],
+            "owner": self.basic_user(i["owner_id"], base),
+            "assignee": self.basic_user(i.get("assignee_id"), base),
+            "created_date": i["created_date"],
+            "updated_date": i["updated_date"],
+            "resolved": i.get("resolved", False),
+            "comments": {"count": 0, "url": f"{base}/api/comments?issue_id={i['id']}"},
         }
 
     def label_json(self, label_id: int) -> dict[str, Any]:

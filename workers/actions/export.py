@@ -18,10 +18,11 @@ event has none, e.g. ``completed:request[...]``). Once an export is committed, a
 ``cvat-hooks:export-done:<key>`` holds its result for 30 days, and a re-run for the same version (a
 duplicate delivery, a replay, a retry after the commit) skips with ``{"skipped": "already
 exported", ...}``. S3 objects also carry the key in their metadata, so the bucket itself answers if
-Redis lost the marker. Two runs racing on one version both write the same bytes atomically: wasted
-work, never a torn file.
+Redis lost the marker; a local file deleted since the marker was set is written again. Two runs
+racing on one version both write the same bytes atomically: wasted work, never a torn file.
 
-Result: ``{uri, size, format, kind, resource, resource_id, version, updated_date, server_seconds}``.
+Result: ``{uri, size, format, kind, resource, resource_id, version, updated_date, server_seconds}``,
+plus ``path`` for a local file; ``version`` is the version key (also the S3 metadata value).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from workers.actions._params import KEY_PREFIX, event_id, text, unknown_params
 from workers.context import ActionContext
 from workers.errors import PermanentError
 from workers.gateway import ExportKind, ExportRequest, Resource
-from workers.storage import CloudDestination, Destination, Storage, parse_destination
+from workers.storage import CloudDestination, Destination, LocalDestination, Storage, parse_destination
 
 PARAMS = ("resource", "kind", "format", "include_images", "lightweight", "to")
 MARKER_PREFIX = f"{KEY_PREFIX}:export-done:"
@@ -166,13 +167,23 @@ def check_format(ctx: ActionContext, fmt: str | None) -> None:
 
 def run(ctx: ActionContext, *, storage: Storage | None = None) -> dict[str, Any]:
     """Export once per resource version; see the module docstring."""
-    storage = storage or Storage(ctx.settings)
+    if storage is not None:
+        return _run(ctx, storage)
+    with Storage(ctx.settings) as own:
+        return _run(ctx, own)
+
+
+def _run(ctx: ActionContext, storage: Storage) -> dict[str, Any]:
+    """Skip a known version, else check the format, export, commit, and only then mark it done."""
     todo = plan(ctx, storage)
     req, version = todo.request, todo.version
     # Without an updated_date there is no version to recognise: export every time rather than
     # skip an export that may hold new annotations.
     marker = MARKER_PREFIX + version if todo.updated_date is not None else None
     previous = text(ctx.redis.get(marker)) if marker else None
+    if previous is not None and isinstance(todo.destination, LocalDestination) \
+            and not todo.destination.path.exists():
+        previous = None  # someone deleted the file: writing it again is what they expect
     if previous is not None:
         ctx.note("already exported", version=version)
         return {"skipped": "already exported", **json.loads(previous)}

@@ -1,0 +1,119 @@
+"""Who may use the admin API and UI: the holder of ``CVAT_HOOKS_ADMIN_TOKEN``, and nobody else.
+
+- Never open by default: without an admin token both answer 404 saying what to set; an admin token
+  equal to a webhook secret is refused too (issue 6: the webhook secret must not open them).
+- The API takes ``Authorization: Bearer <token>`` only. It ignores cookies, so a page on another
+  site cannot make a logged-in browser call it (no CSRF surface on the API).
+- The UI logs in once with a form and keeps a cookie ``v1.<issued>.<nonce>.<mac>`` where ``mac`` is
+  an HMAC keyed with the token: the token is never stored in the browser, changing the token ends
+  every session, and sessions expire after :data:`SESSION_SECONDS`. The CSRF token of POST forms is
+  another HMAC of the session's nonce, so it needs no server-side state and dies with the session.
+- Every comparison is :func:`hmac.compare_digest` of SHA-256 digests (no timing, not even the length).
+- Tokens are never logged or echoed; failures say only what kind of failure it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from receiver.settings import Settings
+
+SESSION_COOKIE = "cvh_admin"
+"""Name of the UI's session cookie."""
+FLASH_COOKIE = "cvh_flash"
+"""Name of the one-shot cookie carrying a message to the page a POST redirects to."""
+COOKIE_PATH = "/ui/"
+"""The cookies are only ever sent to the UI (never to the webhook endpoint or the API)."""
+SESSION_SECONDS = 12 * 3600
+"""Seconds a UI login lasts: a working day, after which the token is asked for again."""
+CLOCK_SKEW = 60
+"""Seconds a session may appear to be issued in the future (several receivers, slightly apart)."""
+CSRF_FIELD = "csrf_token"
+"""Name of the hidden field every UI POST form carries."""
+
+
+def disabled_reason(settings: Settings) -> str | None:
+    """Why the admin API and UI must stay closed with these settings, or ``None`` when they may open."""
+    token = settings.admin_token
+    if not token:
+        return ("the admin API and UI are disabled: set CVAT_HOOKS_ADMIN_TOKEN to a long random value "
+                "(for example the output of `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    if any(_same(token, secret) for secret in settings.secrets):
+        return ("the admin API and UI are disabled: CVAT_HOOKS_ADMIN_TOKEN must differ from the webhook "
+                "secret (CVAT_HOOKS_SECRET), which CVAT and its administrators know")
+    return None
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time equality that does not even leak the length (both sides hashed first)."""
+    return hmac.compare_digest(_digest(given), _digest(expected))
+
+
+def _mac(token: str, *parts: str) -> str:
+    return hmac.new(token.encode("utf-8", "surrogatepass"), "|".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def bearer_ok(header: str | None, token: str) -> bool:
+    """Whether an ``Authorization`` header carries the admin token as a Bearer token."""
+    scheme, _, given = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return False
+    return _same(given.strip(), token)
+
+
+def token_ok(given: str | None, token: str) -> bool:
+    """Whether the token typed into the login form is the admin token."""
+    return bool(given) and _same(given.strip(), token)  # type: ignore[union-attr]
+
+
+def new_session(token: str, *, now: float | None = None) -> str:
+    """A fresh session cookie value: issue time, a random nonce, and their HMAC under the token."""
+    issued = str(int(now if now is not None else time.time()))
+    nonce = secrets.token_urlsafe(18)
+    return f"v1.{issued}.{nonce}.{_mac(token, 'session', 'v1', issued, nonce)}"
+
+
+def session_nonce(cookie: str | None, token: str, *, now: float | None = None) -> str | None:
+    """The nonce of a valid, unexpired session cookie, else ``None`` (forged, expired, old token)."""
+    parts = (cookie or "").split(".")
+    if len(parts) != 4 or parts[0] != "v1" or not parts[1].isdigit():
+        return None
+    _, issued, nonce, mac = parts
+    if not _same(mac, _mac(token, "session", "v1", issued, nonce)):
+        return None
+    age = (now if now is not None else time.time()) - int(issued)
+    if not -CLOCK_SKEW <= age <= SESSION_SECONDS:
+        return None
+    return nonce
+
+
+def csrf_token(token: str, nonce: str) -> str:
+    """The CSRF token of a session: only someone who can read our pages (same origin) knows it."""
+    return _mac(token, "csrf", nonce)
+
+
+def csrf_ok(given: str | None, token: str, nonce: str) -> bool:
+    """Whether a POSTed form carries its session's CSRF token."""
+    return bool(given) and _same(given, csrf_token(token, nonce))  # type: ignore[arg-type]
+
+
+def flash_key(token: str) -> str:
+    """The signing key of flash cookies, derived from the token so no other secret is needed."""
+    return _mac(token, "flash-key")
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after logging in: a UI path of ours, never another site (no open redirect)."""
+    if (target and target.startswith(COOKIE_PATH) and target.isprintable() and "//" not in target
+            and "\\" not in target):
+        return target
+    return COOKIE_PATH

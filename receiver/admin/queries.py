@@ -1,0 +1,184 @@
+"""What the admin API and the UI both read: delivery filters, queue stats, throughput, rules.
+
+One place for the parsing of ``?event=&rule=&status=&since=&until=&limit=`` and for the figures,
+so the JSON API and the web page can never disagree about what a filter or a count means.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from workers import metrics
+from workers.contract import QUEUES
+from workers.delivery_log import INDEX_KEY, Delivery, DeliveryLog, DeliveryStatus
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from redis import Redis
+
+    from receiver.rules.model import RuleSet
+    from workers.redaction import Redactor
+
+DEFAULT_LIMIT = 50
+"""Deliveries listed when no ``limit`` is given."""
+MAX_LIMIT = 500
+"""Most deliveries one list answer holds (each is a Redis read; the log keeps thousands)."""
+STATUSES: tuple[str, ...] = tuple(s.value for s in DeliveryStatus)
+"""Every value the ``status`` filter accepts."""
+
+_DURATION = re.compile(r"^(\d{1,7})([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DELIVERY_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+class BadFilter(ValueError):
+    """A query parameter that cannot be understood; the message says which and what is allowed."""
+
+
+def parse_when(name: str, value: str | None, *, now: float | None = None) -> float | None:
+    """A time filter as a unix time: ISO date/time (naive means UTC), or a duration back (``2h``)."""
+    if not value:
+        return None
+    found = _DURATION.match(value.strip())
+    if found:
+        return (now if now is not None else time.time()) - int(found[1]) * _UNITS[found[2]]
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise BadFilter(f"{name}: use an ISO date/time or a duration such as 30m, 2h, 7d") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The filters of a delivery list, as given (strings) so a form can show them back."""
+
+    event: str = ""
+    rule: str = ""
+    status: str = ""
+    since: str = ""
+    until: str = ""
+    limit: int = DEFAULT_LIMIT
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str]) -> Filters:
+        """Read and validate query parameters; raises :class:`BadFilter` with a helpful message."""
+        status = (args.get("status") or "").strip()
+        if status and status not in STATUSES:
+            raise BadFilter(f"status: one of {', '.join(STATUSES)}")
+        raw_limit = (args.get("limit") or "").strip()
+        try:
+            limit = int(raw_limit) if raw_limit else DEFAULT_LIMIT
+        except ValueError:
+            raise BadFilter(f"limit: a whole number from 1 to {MAX_LIMIT}") from None
+        if not 1 <= limit <= MAX_LIMIT:
+            raise BadFilter(f"limit: a whole number from 1 to {MAX_LIMIT}")
+        filters = cls(event=(args.get("event") or "").strip()[:200], rule=(args.get("rule") or "").strip()[:200],
+                      status=status, since=(args.get("since") or "").strip()[:64],
+                      until=(args.get("until") or "").strip()[:64], limit=limit)
+        filters.window()  # validate the times now, so the caller answers 400 before any read
+        return filters
+
+    def window(self) -> tuple[float | None, float | None]:
+        """``(since, until)`` as unix times."""
+        return parse_when("since", self.since), parse_when("until", self.until)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v not in ("", None)}
+
+    def apply(self, log: DeliveryLog) -> list[Delivery]:
+        """The matching deliveries, newest first."""
+        since, until = self.window()
+        return log.list(limit=self.limit, event=self.event or None, rule=self.rule or None,
+                        status=self.status or None, since=since, until=until)
+
+
+def valid_delivery_id(value: str) -> bool:
+    """Ids are hex digests; anything else cannot name a delivery and is not looked up at all."""
+    return bool(_DELIVERY_ID.match(value))
+
+
+def throughput(redis: Redis, *, now: float | None = None) -> dict[str, int]:
+    """Deliveries received in the last minute and hour, from the delivery index (scores = unix time)."""
+    now = now if now is not None else time.time()
+    pipe = redis.pipeline(transaction=False)
+    pipe.zcount(INDEX_KEY, now - 60, "+inf")
+    pipe.zcount(INDEX_KEY, now - 3600, "+inf")
+    minute, hour = pipe.execute()
+    return {"last_minute": int(minute), "last_hour": int(hour)}
+
+
+def counters(redis: Redis) -> dict[str, dict[str, int]]:
+    """Totals since the metrics began: deliveries by outcome, action runs by outcome, rejections by reason."""
+    totals: dict[str, dict[str, int]] = {"deliveries": {}, "actions": {}, "rejected": {}}
+    # Field format ``name|label1|label2`` (workers.metrics); the outcome or reason is the last label.
+    wanted = {"cvat_hooks_deliveries_total": "deliveries", "cvat_hooks_action_runs_total": "actions",
+              "cvat_hooks_rejected_total": "rejected"}
+    for key, value in redis.hgetall(metrics.COUNTERS_KEY).items():
+        parts = (key.decode() if isinstance(key, bytes) else key).split("|")
+        if parts[0] not in wanted or len(parts) < 2:
+            continue
+        group, label = wanted[parts[0]], parts[-1] or "unknown"
+        totals[group][label] = totals[group].get(label, 0) + int(value)
+    return totals
+
+
+def queue_stats(redis: Redis) -> dict[str, dict[str, int]]:
+    """Per queue: jobs waiting, running, waiting for a retry, and given up (RQ's failed registry)."""
+    from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+
+    from workers.queueing import queue
+
+    found: dict[str, dict[str, int]] = {}
+    for name in QUEUES:
+        q = queue(name, redis)
+        found[name] = {"queued": q.count, "running": StartedJobRegistry(queue=q).count,
+                       "scheduled": ScheduledJobRegistry(queue=q).count,
+                       "failed": FailedJobRegistry(queue=q).count}
+    return found
+
+
+def stats(redis: Redis) -> dict[str, Any]:
+    """Everything ``GET /api/stats`` and the UI header show."""
+    from rq import Worker
+
+    queues = queue_stats(redis)
+    return {
+        "queues": queues,
+        "failed_jobs": sum(q["failed"] for q in queues.values()),
+        "workers": Worker.count(connection=redis),
+        "throughput": throughput(redis),
+        **counters(redis),
+    }
+
+
+def rules_json(rules: RuleSet, redactor: Redactor) -> dict[str, Any]:
+    """The loaded rules as JSON (parameters redacted: a rule may carry a URL with credentials)."""
+    return redactor.data({
+        "source": rules.source,
+        "digest": rules.digest,
+        "warnings": [str(w) for w in rules.warnings],
+        "rules": [
+            {"id": r.id, "description": r.description, "on": list(r.on), "line": r.line,
+             "retry": r.retry.to_json(),
+             "actions": [{"index": a.index, "action": a.action, "params": _plain(a.params), "line": a.line}
+                         for a in r.actions]}
+            for r in rules.rules
+        ],
+    })
+
+
+def _plain(value: Any) -> Any:
+    """YAML mappings and tuples as JSON-ready dicts and lists."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value

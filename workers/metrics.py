@@ -1,0 +1,154 @@
+"""Prometheus metrics kept in Redis, so every receiver and worker process counts into one place.
+
+prometheus-client's multiprocess mode only joins processes that share a directory on one host;
+workers scaled across containers do not. So counters and histograms are Redis hash increments
+(one round trip, usually inside a pipeline that is sent anyway), and ``/metrics`` on any receiver
+renders them, plus gauges read live from RQ (queue depth, failed jobs, workers).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import RedisError
+
+if TYPE_CHECKING:
+    from redis import Redis
+    from redis.client import Pipeline
+
+log = logging.getLogger(__name__)
+
+COUNTERS_KEY = "cvat-hooks:metrics:counters"
+HISTOGRAMS_KEY = "cvat-hooks:metrics:histograms"
+
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+"""Seconds: an action takes from a few ms (notify) to many minutes (a large export)."""
+
+COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cvat_hooks_deliveries_total": ("Deliveries received, by event and outcome "
+                                    "(queued, no_match, ping, duplicate, unstored).", ("event", "outcome")),
+    "cvat_hooks_rejected_total": ("Deliveries rejected before parsing, by reason "
+                                  "(signature_missing, signature_mismatch, bad_json, too_large...).", ("reason",)),
+    "cvat_hooks_action_runs_total": ("Action attempts, by action and outcome "
+                                     "(succeeded, skipped, retrying, failed).", ("action", "outcome")),
+    "cvat_hooks_action_retries_total": ("Action attempts that failed and were scheduled again.", ("action",)),
+}
+"""One place for every counter: name -> (help, label names)."""
+
+HISTOGRAMS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cvat_hooks_action_duration_seconds": ("Duration of one action attempt.", ("action",)),
+}
+
+
+def _field(name: str, labels: Mapping[str, str]) -> str:
+    spec = COUNTERS.get(name) or HISTOGRAMS.get(name)
+    if spec is None:
+        raise KeyError(f"unknown metric {name}")
+    return name + "|" + "|".join(str(labels.get(label, "")) for label in spec[1])
+
+
+def inc(target: Redis | Pipeline, name: str, amount: int = 1, **labels: str) -> None:
+    """Count ``amount`` on a counter (on a pipeline: sent with the caller's other writes)."""
+    target.hincrby(COUNTERS_KEY, _field(name, labels), amount)
+
+
+def safe_inc(redis: Redis, name: str, **labels: str) -> None:
+    """Count, but never let metrics break the request that is being counted."""
+    try:
+        inc(redis, name, **labels)
+    except RedisError as exc:
+        log.debug("metrics: could not count %s: %s", name, exc)
+
+
+def observe(target: Redis | Pipeline, name: str, value: float, **labels: str) -> None:
+    """Add one observation to a histogram."""
+    base = _field(name, labels)
+    for bound in DURATION_BUCKETS:
+        if value <= bound:
+            target.hincrby(HISTOGRAMS_KEY, f"{base}|{bound}", 1)
+    target.hincrby(HISTOGRAMS_KEY, f"{base}|+Inf", 1)
+    target.hincrbyfloat(HISTOGRAMS_KEY, f"{base}|sum", value)
+
+
+def _decode(raw: Mapping[Any, Any]) -> Iterator[tuple[list[str], str]]:
+    for key, value in raw.items():
+        key = key.decode() if isinstance(key, bytes) else key
+        value = value.decode() if isinstance(value, bytes) else value
+        yield key.split("|"), value
+
+
+class RedisCollector:
+    """A prometheus-client collector rendering what every process counted in Redis, plus RQ gauges."""
+
+    def __init__(self, redis: Redis, queues: Iterable[str]) -> None:
+        self.redis = redis
+        self.queues = tuple(queues)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        try:
+            counters = self.redis.hgetall(COUNTERS_KEY)
+            histograms = self.redis.hgetall(HISTOGRAMS_KEY)
+        except RedisError:
+            up = GaugeMetricFamily("cvat_hooks_redis_up", "Whether Redis answered this scrape.")
+            up.add_metric([], 0)
+            yield up
+            return
+        families = {name: CounterMetricFamily(name.removesuffix("_total"), help_, labels=list(labels))
+                    for name, (help_, labels) in COUNTERS.items()}
+        for parts, value in _decode(counters):
+            if parts[0] in families:
+                families[parts[0]].add_metric(parts[1:], float(value))
+        yield from families.values()
+
+        grouped: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
+        for parts, value in _decode(histograms):
+            name, labels, bound = parts[0], tuple(parts[1:-1]), parts[-1]
+            grouped.setdefault((name, labels), {})[bound] = float(value)
+        hist_families = {name: HistogramMetricFamily(name, help_, labels=list(labels))
+                         for name, (help_, labels) in HISTOGRAMS.items()}
+        for (name, labels), values in grouped.items():
+            if name not in hist_families:
+                continue
+            buckets = [(str(b), values.get(str(b), 0.0)) for b in DURATION_BUCKETS]
+            buckets.append(("+Inf", values.get("+Inf", 0.0)))
+            hist_families[name].add_metric(list(labels), buckets, values.get("sum", 0.0))
+        yield from hist_families.values()
+        yield from self._rq_gauges()
+
+    def _rq_gauges(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+        from rq import Worker
+        from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+
+        from workers.queueing import queue
+
+        depth = GaugeMetricFamily("cvat_hooks_queue_depth", "Jobs waiting in each queue.", labels=["queue"])
+        started = GaugeMetricFamily("cvat_hooks_jobs_running", "Jobs being run now.", labels=["queue"])
+        scheduled = GaugeMetricFamily("cvat_hooks_jobs_scheduled",
+                                      "Jobs waiting for a delayed retry.", labels=["queue"])
+        failed = GaugeMetricFamily("cvat_hooks_jobs_failed",
+                                   "Jobs that gave up (RQ's failed registry, the dead letters).", labels=["queue"])
+        for name in self.queues:
+            q = queue(name, self.redis)
+            depth.add_metric([name], q.count)
+            started.add_metric([name], StartedJobRegistry(queue=q).count)
+            scheduled.add_metric([name], ScheduledJobRegistry(queue=q).count)
+            failed.add_metric([name], FailedJobRegistry(queue=q).count)
+        workers = GaugeMetricFamily("cvat_hooks_workers", "RQ workers alive.")
+        workers.add_metric([], len(Worker.all(connection=self.redis)))
+        up = GaugeMetricFamily("cvat_hooks_redis_up", "Whether Redis answered this scrape.")
+        up.add_metric([], 1)
+        yield from (depth, started, scheduled, failed, workers, up)
+
+
+def render(redis: Redis, queues: Iterable[str]) -> bytes:
+    """The text exposition of every cvat-hooks metric."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RedisCollector(redis, queues))  # type: ignore[arg-type]
+    return generate_latest(registry)
