@@ -6,6 +6,7 @@ from flask import Flask
 from redis import Redis
 
 from receiver import views
+from receiver.admin import init_admin
 from receiver.dispatch import Intake
 from receiver.rules import RuleStore
 from receiver.settings import Settings
@@ -23,6 +24,7 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
     init_intake(app, settings, redis)
     app.register_blueprint(views.bp)
+    init_admin(app)
     return app
 
 

@@ -90,6 +90,15 @@ class Delivery:
     def id(self) -> str:
         return self.record["delivery_id"]
 
+    def latest_actions(self) -> list[dict[str, Any]]:
+        """The latest run of each action (a replay supersedes the run it repeats)."""
+        latest: dict[tuple[str, int], dict[str, Any]] = {}
+        for action in self.actions.values():
+            key = (action["rule_id"], int(action["index"]))
+            if key not in latest or int(action.get("run", 0)) > int(latest[key].get("run", 0)):
+                latest[key] = action
+        return list(latest.values())
+
     @property
     def status(self) -> DeliveryStatus:
         outcome = self.record.get("outcome")
@@ -97,7 +106,7 @@ class Delivery:
             return DeliveryStatus.PING
         if not self.actions:
             return DeliveryStatus.NO_MATCH if outcome == Outcome.NO_MATCH else DeliveryStatus.PENDING
-        statuses = {ActionStatus(a["status"]) for a in self.actions.values()}
+        statuses = {ActionStatus(a["status"]) for a in self.latest_actions()}
         if not statuses <= _DONE:
             return DeliveryStatus.PENDING
         return DeliveryStatus.FAILED if ActionStatus.FAILED in statuses else DeliveryStatus.SUCCEEDED

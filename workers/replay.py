@@ -20,13 +20,8 @@ def replay(log: DeliveryLog, delivery: Delivery, *, force: bool = False) -> list
     Actions still queued or running are never doubled. Without ``force``, a delivery whose actions
     all succeeded has nothing to replay: that is how a replay of a finished delivery stays one effect.
     """
-    latest: dict[tuple[str, int], dict] = {}
-    for action in delivery.actions.values():
-        key = (action["rule_id"], int(action["index"]))
-        if key not in latest or int(action.get("run", 0)) > int(latest[key].get("run", 0)):
-            latest[key] = action
     chosen = []
-    for action in latest.values():
+    for action in delivery.latest_actions():
         status = ActionStatus(action["status"])
         if status in _IN_FLIGHT:
             continue

@@ -107,7 +107,7 @@ def delivery(delivery_id: str):  # type: ignore[no-untyped-def]
 @bp.post("/deliveries/<delivery_id>/replay")
 def replay_delivery(delivery_id: str):  # type: ignore[no-untyped-def]
     """Queue new runs of a delivery's failed actions (every finished one with ``force``)."""
-    body = request.get_json(silent=True) if request.get_data(cache=True) else {}
+    body = request.get_json(force=True, silent=True) if request.get_data(cache=True) else {}
     if not isinstance(body, dict):
         return _error(400, 'body: a JSON object such as {"force": false}, or nothing')
     force = body.get("force", False)
