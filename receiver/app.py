@@ -8,6 +8,7 @@ from redis import Redis
 from receiver import views
 from receiver.admin import init_admin
 from receiver.dispatch import Intake
+from receiver.journal import Journal
 from receiver.rules import RuleStore
 from receiver.settings import Settings
 from receiver.state import StateStore
@@ -39,6 +40,9 @@ def init_intake(app: Flask, settings: Settings, redis: Redis | None = None) -> I
         deliveries=DeliveryLog(redis, retention_seconds=settings.workers.retention_seconds, redactor=redactor),
         state=StateStore(redis, settings.state_seconds),
         redactor=redactor,
+        journal=Journal(settings.data_dir / "journal", max_bytes=settings.journal_max_bytes),
     )
+    if intake.journal.pending():
+        intake.start_journal_drain()  # left over from a receiver that stopped while Redis was down
     app.extensions["cvat_hooks"] = intake
     return intake

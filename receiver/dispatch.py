@@ -19,6 +19,7 @@ from redis import Redis
 from redis.exceptions import RedisError, WatchError
 
 from receiver.events import BadEvent, Event, parse_event
+from receiver.journal import Journal, JournalFull
 from receiver.rules import Match, Previous, RuleStore, match, previous_from_payload
 from receiver.settings import Settings
 from receiver.signature import HEADER, Verdict, verify
@@ -54,6 +55,7 @@ class Intake:
     deliveries: DeliveryLog
     state: StateStore
     redactor: Redactor
+    journal: Journal
 
     def receive(self, body: bytes, signature: str | None, *, peer: str = "-") -> Answer:
         """Handle one POSTed delivery (body size already checked by the view)."""
@@ -70,12 +72,43 @@ class Intake:
             metrics.safe_inc(self.redis, "cvat_hooks_rejected_total", reason="bad_json")
             return Answer(400, {"error": str(exc)})
         try:
-            return self._accept(event)
+            answer = self._accept(event)
         except RedisError as exc:
-            log.error("delivery %s: could not be stored, asking CVAT to retry: %s",
-                      event.delivery_id, self.redactor.text(str(exc)))
+            return self._journal(event, body, exc)
+        if self.journal.pending():
+            self.start_journal_drain()
+        return answer
+
+    def _journal(self, event: Event, body: bytes, exc: RedisError) -> Answer:
+        """Redis is unreachable: keep the verified delivery on local disk, or ask CVAT to retry."""
+        reason = self.redactor.text(str(exc))
+        try:
+            self.journal.append(body, time.time())
+        except (JournalFull, OSError) as full:
+            log.error("delivery %s: could not be stored (Redis: %s; journal: %s), asking CVAT to retry",
+                      event.delivery_id, reason, full)
             return Answer(503, {"error": "event could not be stored; retry later",
                                 "delivery_id": event.delivery_id})
+        log.warning("delivery %s: Redis unavailable (%s); kept in the local journal", event.delivery_id, reason)
+        self.start_journal_drain()
+        return Answer(202, {"status": "journaled", "delivery_id": event.delivery_id, "jobs": []})
+
+    def start_journal_drain(self) -> None:
+        """Move journaled deliveries into Redis in the background once it answers again."""
+        self.journal.drain_in_background(self.replay_journaled, self.redis_ready)
+
+    def replay_journaled(self, body: bytes, received_at: float) -> Answer:
+        """Process one journaled delivery as if it arrived now (it was verified when it arrived)."""
+        event = parse_event(body)
+        answer = self._accept(event)
+        log.info("delivery %s: moved from the journal (%s)", event.delivery_id, answer.body.get("status"))
+        return answer
+
+    def redis_ready(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except RedisError:
+            return False
 
     def _accept(self, event: Event) -> Answer:
         now = time.time()

@@ -37,6 +37,8 @@ class Settings:
     dedupe_seconds: int = DEFAULT_DEDUPE_DAYS * 86400
     state_seconds: int = DEFAULT_STATE_DAYS * 86400
     workers: WorkerSettings = field(default_factory=WorkerSettings)
+    journal_max_bytes: int = 256 * 1024 * 1024
+    """Bytes of deliveries kept on local disk while Redis is unreachable (503 beyond that)."""
     admin_token: str | None = field(default=None, repr=False)
     log_format: str = "text"
 
@@ -95,6 +97,7 @@ class Settings:
             dedupe_seconds=int(float(env.get("CVAT_HOOKS_DEDUPE_DAYS") or DEFAULT_DEDUPE_DAYS) * 86400),
             state_seconds=int(float(env.get("CVAT_HOOKS_STATE_DAYS") or DEFAULT_STATE_DAYS) * 86400),
             workers=WorkerSettings.from_env(env),
+            journal_max_bytes=int(env.get("CVAT_HOOKS_JOURNAL_MAX_BYTES") or 256 * 1024 * 1024),
             admin_token=env.get("CVAT_HOOKS_ADMIN_TOKEN") or None,
             log_format=(env.get("CVAT_HOOKS_LOG_FORMAT") or "text").lower(),
         )

@@ -168,13 +168,14 @@ def test_dedupe_key_lasts_at_least_seven_days(client, redis):
     assert redis.ttl(f"cvat-hooks:seen:{delivery_id}") >= 7 * 86400 - 5
 
 
-def test_redis_down_is_503_and_says_retry(settings, redis_server):
-    """When the event cannot be stored the answer is 503, so CVAT retries it later."""
+def test_redis_down_and_journal_full_is_503(settings, redis_server):
+    """When neither Redis nor the local journal can keep the event, the answer is 503 (CVAT retries)."""
     from dataclasses import replace
 
     from tests.conftest import free_port
 
-    dead = replace(settings, workers=replace(settings.workers, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
+    dead = replace(settings, journal_max_bytes=10,
+                   workers=replace(settings.workers, redis_url=f"redis://127.0.0.1:{free_port()}/0"))
     client = create_app(dead).test_client()
     body, _ = capture("create_task.json")
     answer = post(client, body)

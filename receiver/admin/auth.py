@@ -59,7 +59,8 @@ def _same(given: str, expected: str) -> bool:
 
 
 def _mac(token: str, *parts: str) -> str:
-    return hmac.new(token.encode("utf-8", "surrogatepass"), "|".join(parts).encode(), hashlib.sha256).hexdigest()
+    key = token.encode("utf-8", "surrogatepass")
+    return hmac.new(key, "|".join(parts).encode(), hashlib.sha256).hexdigest()
 
 
 def bearer_ok(header: str | None, token: str) -> bool:

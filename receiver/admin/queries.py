@@ -80,9 +80,8 @@ class Filters:
             raise BadFilter(f"limit: a whole number from 1 to {MAX_LIMIT}") from None
         if not 1 <= limit <= MAX_LIMIT:
             raise BadFilter(f"limit: a whole number from 1 to {MAX_LIMIT}")
-        filters = cls(event=(args.get("event") or "").strip()[:200], rule=(args.get("rule") or "").strip()[:200],
-                      status=status, since=(args.get("since") or "").strip()[:64],
-                      until=(args.get("until") or "").strip()[:64], limit=limit)
+        text = {name: (args.get(name) or "").strip()[:200] for name in ("event", "rule", "since", "until")}
+        filters = cls(status=status, limit=limit, **text)
         filters.window()  # validate the times now, so the caller answers 400 before any read
         return filters
 
