@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +60,17 @@ def serve(host: str, port: int, workers: int, with_worker: bool | None) -> None:
 @click.option("--class", "kind", type=click.Choice(["fork", "simple"]), default="fork", show_default=True,
               envvar="CVAT_HOOKS_WORKER_CLASS", help="fork: each job in a child process (crash isolation)")
 def worker(burst: bool, queues: tuple[str, ...], kind: str) -> None:
-    """Run an RQ worker for the actions (with RQ's scheduler, for delayed retries)."""
+    """Run an RQ worker for the actions (with RQ's scheduler, for delayed retries and the periodic
+    reconcile, every CVAT_HOOKS_RECONCILE_MINUTES)."""
+    from receiver.reconcile import schedule_periodic
     from workers.contract import QUEUES
     from workers.redis_conn import RedisConfigError
     from workers.worker import run
 
+    settings = _settings()
     try:
-        run(_settings().workers, burst=burst, queues=queues or QUEUES, kind=kind)
+        run(settings.workers, burst=burst, queues=queues or QUEUES, kind=kind,
+            at_start=partial(schedule_periodic, settings))
     except RedisConfigError as exc:
         raise click.ClickException(str(exc)) from exc
 
@@ -255,6 +262,166 @@ def deliveries_replay(delivery_id: str, force: bool) -> None:
     except NothingToReplay as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"delivery {delivery.id}: queued {len(jobs)} job(s): {', '.join(jobs)}")
+
+
+# -- operations: CVAT webhooks, ping, doctor, reconcile ---------------------------------------------
+
+
+@contextlib.contextmanager
+def _cvat(settings: Settings) -> Iterator[Any]:
+    """A CVAT client for a command; CVAT's and the user's errors become one-line ClickExceptions."""
+    from receiver.reconcile import ReconcileBusy
+    from workers.cvat_client import CvatClient
+    from workers.errors import ActionError
+
+    try:
+        with CvatClient(settings.workers.cvat) as client:
+            yield client
+    except (ActionError, ValueError, ReconcileBusy) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _scope(project_id: int | None, org: str | None, *, required: bool = True) -> Any:
+    from workers.cvat_webhooks import Scope
+
+    if project_id is None and org is None and not required:
+        return None
+    if (project_id is None) == (org is None):
+        raise click.UsageError("give one of --project ID and --org SLUG")
+    return Scope(project_id=project_id, org=org)
+
+
+def _scope_options(func: Any) -> Any:
+    func = click.option("--org", help="an organization (slug), for an organization webhook")(func)
+    return click.option("--project", "project_id", type=int, help="a project id, for a project webhook")(func)
+
+
+@main.command()
+@_scope_options
+@click.option("--url", "public_url", required=True, envvar="CVAT_HOOKS_PUBLIC_URL",
+              help="the receiver's base URL as CVAT reaches it (/webhooks/cvat is added)")
+@click.option("--all", "all_events", is_flag=True,
+              help="subscribe to every event of the webhook type, not just those of the rules")
+@click.option("--rotate-secret", is_flag=True,
+              help="give an existing webhook a new secret (the old one stays accepted until you delete it)")
+def register(project_id: int | None, org: str | None, public_url: str, all_events: bool,
+             rotate_secret: bool) -> None:
+    """Create or update the CVAT webhook of a project or organization, for the events the rules need."""
+    from receiver.registration import describe, needed_events
+    from receiver.registration import register as do_register
+
+    settings = _settings()
+    with _cvat(settings) as cvat:
+        needed = None if all_events else needed_events(settings.rules_path)
+        done = do_register(cvat, _scope(project_id, org), public_url, needed=needed,
+                           secrets_file=settings.registered_secrets_file, rotate_secret=rotate_secret)
+    click.echo("\n".join(describe(done)))
+
+
+@main.command()
+@_scope_options
+@click.option("--url", help="only the webhook posting to this URL (default: every cvat-hooks webhook there)")
+def unregister(project_id: int | None, org: str | None, url: str | None) -> None:
+    """Delete the cvat-hooks webhook(s) of a project or organization."""
+    from receiver.registration import unregister as do_unregister
+
+    with _cvat(_settings()) as cvat:
+        for hook in do_unregister(cvat, _scope(project_id, org), url):
+            click.echo(f"deleted webhook {hook.id} ({hook.where}) -> {hook.target_url}")
+
+
+@main.group()
+def webhooks() -> None:
+    """The webhooks CVAT has."""
+
+
+@webhooks.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def webhooks_list(as_json: bool) -> None:
+    """Every webhook visible to the CVAT credentials, with its last delivery (* = cvat-hooks')."""
+    from receiver.registration import list_webhooks
+
+    with _cvat(_settings()) as cvat:
+        found = list_webhooks(cvat)
+    if as_json:
+        _echo_json([w.to_json() for w in found])
+        return
+    for w in found:
+        mark, active = "*" if w.is_ours else " ", "active  " if w.is_active else "INACTIVE"
+        click.echo(f"{mark}{w.id:>5}  {w.where:<22} {active}  {len(w.events):>2} events  "
+                   f"last {w.last_status or '-'} {w.last_delivery_date or '-'}  {w.target_url}")
+
+
+@main.command()
+@click.option("--webhook", "webhook_id", type=int, help="a webhook id (default: every cvat-hooks webhook)")
+@_scope_options
+@click.option("--timeout", default=10.0, show_default=True, help="seconds to wait for the receiver's record")
+def ping(webhook_id: int | None, project_id: int | None, org: str | None, timeout: float) -> None:
+    """Have CVAT ping the webhook(s) and wait until this receiver recorded it: the round trip, or why not."""
+    from receiver.doctor import ping as do_ping
+    from receiver.doctor import ping_targets
+
+    if webhook_id is not None and (project_id is not None or org is not None):
+        raise click.UsageError("give --webhook, --project or --org, not several")
+    log = _log()
+    with _cvat(_settings()) as cvat:
+        targets = ping_targets(cvat, webhook_id=webhook_id, scope=_scope(project_id, org, required=False))
+        results = [do_ping(cvat, log, hook, timeout=timeout) for hook in targets]
+    for r in results:
+        click.echo(f"webhook {r.webhook_id} -> {r.target_url}: {'OK' if r.ok else 'FAILED'}: {r.message}")
+    sys.exit(0 if all(r.ok for r in results) else 1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def doctor(as_json: bool) -> None:
+    """One report to paste into an issue: CVAT, token, webhooks, Redis, rules, workers (exit 1 on FAIL)."""
+    from receiver.doctor import doctor as run_doctor
+    from workers.cvat_client import CvatClient
+    from workers.errors import ActionError
+
+    settings = _settings()
+    gateway, cvat_problem, redis, redis_problem = None, None, None, None
+    try:
+        gateway = CvatClient(settings.workers.cvat)
+    except ActionError as exc:
+        cvat_problem = str(exc)
+    try:
+        redis = _log().redis
+    except click.ClickException as exc:
+        redis_problem = exc.message
+    report = run_doctor(settings, gateway=gateway, redis=redis, redis_problem=redis_problem,
+                        cvat_problem=cvat_problem)
+    if gateway is not None:
+        gateway.close()
+    if as_json:
+        _echo_json(report.to_json())
+    else:
+        click.echo("\n".join(report.lines()))
+    sys.exit(0 if report.ok else 1)
+
+
+@main.command()
+@click.option("--since", default="4d", show_default=True, help="how far back: 30m, 12h, 4d or an ISO time")
+@click.option("--dry-run", is_flag=True, help="only say what would be redelivered")
+@click.option("--max-tries", default=3, show_default=True, help="redeliveries of one event, over all runs")
+@click.option("--json", "as_json", is_flag=True)
+def reconcile(since: str, dry_run: bool, max_tries: int, as_json: bool) -> None:
+    """Ask CVAT to redeliver what the receiver never recorded (failed or missed deliveries)."""
+    from receiver.reconcile import reconcile as run_reconcile
+    from workers.redaction import Redactor
+
+    settings, log = _settings(), _log()
+    with _cvat(settings) as cvat:
+        report = run_reconcile(cvat, log.redis, since_seconds=time.time() - (_when(since) or 0),
+                               dedupe_seconds=settings.dedupe_seconds, dry_run=dry_run, max_tries=max_tries,
+                               retention_seconds=settings.workers.retention_seconds,
+                               redactor=Redactor(settings.sensitive_values()))
+    if as_json:
+        _echo_json(report.to_json())
+    else:
+        click.echo("\n".join(report.lines()))
+    sys.exit(1 if report.errors else 0)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import logging
 import time
 from datetime import UTC, datetime
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from redis import Redis
@@ -21,8 +22,9 @@ from redis.exceptions import RedisError, WatchError
 from receiver.events import BadEvent, Event, parse_event
 from receiver.journal import Journal, JournalFull
 from receiver.rules import Match, Previous, RuleStore, match, previous_from_payload
+from receiver.secrets_store import SecretStore
 from receiver.settings import Settings
-from receiver.signature import HEADER, Verdict, verify
+from receiver.signature import HEADER, Verdict
 from receiver.state import Seen, StateStore
 from workers.contract import ActionCall
 from workers import metrics
@@ -57,9 +59,14 @@ class Intake:
     redactor: Redactor
     journal: Journal
 
+    @cached_property
+    def secrets(self) -> SecretStore:
+        """The accepted webhook secrets, re-read when the secrets file changes (``cvat-hooks register``)."""
+        return SecretStore.for_settings(self.settings)
+
     def receive(self, body: bytes, signature: str | None, *, peer: str = "-") -> Answer:
         """Handle one POSTed delivery (body size already checked by the view)."""
-        verdict = verify(body, signature, self.settings.secrets)
+        verdict = self.secrets.verify(body, signature)
         if verdict is not Verdict.VALID and not self.settings.insecure_no_signature:
             # Never log the header or the secrets: only what kind of failure it was.
             log.warning("delivery rejected: %s %s (%d bytes from %s)", HEADER, verdict.value, len(body), peer)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from receiver.secrets_store import read_secrets
 from workers.settings import WorkerSettings, _bool, _list
 
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -18,6 +19,11 @@ DEFAULT_STATE_DAYS = 90
 """Days the last-seen state of a project, task or job is kept after its last event."""
 SECRET_FILE = "webhook-secret"
 """Name of the file in the data directory holding the trial secret the run command generates."""
+SECRETS_FILE = "webhook-secrets"
+"""Name of the file in the data directory where ``cvat-hooks register`` appends webhook secrets
+(unless ``CVAT_HOOKS_SECRET_FILE`` names another); receivers always read it too."""
+DEFAULT_RECONCILE_MINUTES = 5
+"""Minutes between two periodic ``reconcile`` runs on the workers' scheduler (0: never)."""
 
 
 class ConfigError(RuntimeError):
@@ -41,6 +47,10 @@ class Settings:
     """Bytes of deliveries kept on local disk while Redis is unreachable (503 beyond that)."""
     admin_token: str | None = field(default=None, repr=False)
     log_format: str = "text"
+    secret_file: Path | None = None
+    """``CVAT_HOOKS_SECRET_FILE``: where ``register`` appends secrets (``None``: the data directory's)."""
+    reconcile_minutes: float = DEFAULT_RECONCILE_MINUTES
+    """``CVAT_HOOKS_RECONCILE_MINUTES``: period of the workers' reconcile run; 0 disables it."""
 
     @property
     def redis_url(self) -> str | None:
@@ -49,6 +59,18 @@ class Settings:
     @property
     def data_dir(self) -> Path:
         return self.workers.data_dir
+
+    @property
+    def registered_secrets_file(self) -> Path:
+        """The file ``cvat-hooks register`` appends new secrets to."""
+        return self.secret_file or self.data_dir / SECRETS_FILE
+
+    @property
+    def secret_files(self) -> tuple[Path, ...]:
+        """Files of secrets a running receiver re-reads: ``CVAT_HOOKS_SECRET_FILE`` and, always, the
+        data directory's ``webhook-secrets`` (so a receiver started with another file, as the trial
+        does, still accepts what ``register`` wrote with the defaults)."""
+        return tuple(dict.fromkeys((self.registered_secrets_file, self.data_dir / SECRETS_FILE)))
 
     def sensitive_values(self) -> tuple[str, ...]:
         """Every value that must never appear in a log line, a record or an answer."""
@@ -85,18 +107,21 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read the environment (``CVAT_HOOKS_SECRET`` is a comma list for rotation)."""
         env = os.environ if env is None else env
-        secrets = _list(env.get("CVAT_HOOKS_SECRET"))
-        secret_file = env.get("CVAT_HOOKS_SECRET_FILE")
-        if secret_file and Path(secret_file).exists():
-            secrets = secrets + _list(Path(secret_file).read_text().replace("\n", ","))
+        workers = WorkerSettings.from_env(env)
+        secret_file = Path(env["CVAT_HOOKS_SECRET_FILE"]) if env.get("CVAT_HOOKS_SECRET_FILE") else None
+        default_file = workers.data_dir / SECRETS_FILE
+        files = dict.fromkeys((secret_file or default_file, default_file))
+        secrets = tuple(dict.fromkeys((*_list(env.get("CVAT_HOOKS_SECRET")), *read_secrets(files))))
         return cls(
             secrets=secrets,
+            secret_file=secret_file,
+            reconcile_minutes=float(env.get("CVAT_HOOKS_RECONCILE_MINUTES") or DEFAULT_RECONCILE_MINUTES),
             insecure_no_signature=_bool(env.get("CVAT_HOOKS_INSECURE_NO_SIGNATURE"), False),
             rules_path=Path(env.get("CVAT_HOOKS_RULES") or "rules.yaml"),
             max_body=int(env.get("CVAT_HOOKS_MAX_BODY") or DEFAULT_MAX_BODY),
             dedupe_seconds=int(float(env.get("CVAT_HOOKS_DEDUPE_DAYS") or DEFAULT_DEDUPE_DAYS) * 86400),
             state_seconds=int(float(env.get("CVAT_HOOKS_STATE_DAYS") or DEFAULT_STATE_DAYS) * 86400),
-            workers=WorkerSettings.from_env(env),
+            workers=workers,
             journal_max_bytes=int(env.get("CVAT_HOOKS_JOURNAL_MAX_BYTES") or 256 * 1024 * 1024),
             admin_token=env.get("CVAT_HOOKS_ADMIN_TOKEN") or None,
             log_format=(env.get("CVAT_HOOKS_LOG_FORMAT") or "text").lower(),

@@ -140,6 +140,7 @@ def test_cvat_retry_is_a_duplicate(client, redis):
     record = DeliveryLog(redis, retention_seconds=60).get(first.json["delivery_id"])
     assert record.record["duplicates"] == 1
     assert [s["step"] for s in record.timeline] == ["received", "duplicate"]
+    assert record.timeline[0]["message"] == "update:job: matched 1 rule(s), queued 1 job(s)"
 
 
 def test_manual_redelivery_with_reordered_keys_is_a_duplicate(client, redis):

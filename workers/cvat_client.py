@@ -31,11 +31,13 @@ Decisions, and why:
 
 from __future__ import annotations
 
+import contextlib
 import http
 import json
 import logging
 import time
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +152,8 @@ class CvatClient:
         api = sdk.api_client
         if "sessionid" in api.cookies:
             try:
-                api.auth_api.create_logout(_request_timeout=self.timeout, _parse_response=False)
+                _, response = api.auth_api.create_logout(_request_timeout=self.timeout, _parse_response=False)
+                response.release_conn()  # otherwise its socket outlives the pool cleared below
             except Exception as exc:  # noqa: BLE001 - closing must not fail a finished job
                 log.debug("cvat: logout failed (%s)", type(exc).__name__)
         sdk.close()
@@ -164,11 +167,12 @@ class CvatClient:
 
     # -- calls and errors ---------------------------------------------------------------------
 
-    def _call(self, endpoint: Endpoint, *, body: Any = None, **params: Any) -> Any:
+    def _call(self, endpoint: Endpoint, *, body: Any = None, missing_ok: bool = False, **params: Any) -> Any:
         """One API call, answered as JSON; any failure raised as a classified ``ActionError``.
 
         The SDK's endpoint supplies the path, method and authentication; ``ApiClient.call_api``
         sends our plain JSON without the endpoint's input validation (see the module docstring).
+        With ``missing_ok`` a 404 answers ``None`` instead of raising.
         """
         client = self._client()
         params = {k: v for k, v in params.items() if v is not None}
@@ -195,6 +199,8 @@ class CvatClient:
                     log.info("cvat: session expired, logging in again")
                     self._login()
                     continue
+                if missing_ok and status_of(exc) == 404:
+                    return None
                 raise self._error(what, exc) from None
             try:
                 return json.loads(data) if data else None
@@ -399,6 +405,86 @@ class CvatClient:
         finally:
             response.release_conn()
         return size
+
+    # -- webhooks and server checks (for workers.cvat_webhooks) ----------------------------------
+
+    @contextlib.contextmanager
+    def _org(self, slug: str | None) -> Iterator[Any]:
+        """Calls in organization ``slug``'s context, or without ``X-Organization`` (``None``), whatever
+        ``CVAT_ORG`` says: CVAT then lists the personal workspace, and takes a detail call's context
+        from the object itself (a webhook of another organization than ``CVAT_ORG`` stays reachable)."""
+        client = self._client()
+        previous = client.organization_slug
+        client.organization_slug = slug
+        try:
+            yield client.api_client
+        finally:
+            client.organization_slug = previous
+
+    def server_about(self) -> dict[str, Any]:
+        """``GET /api/server/about`` (name, version): answered without credentials."""
+        with self._org(None) as api:
+            return self._call(api.server_api.retrieve_about_endpoint)
+
+    def current_user(self) -> dict[str, Any]:
+        """``GET /api/users/self``: proves the token (or login) is valid."""
+        with self._org(None) as api:
+            return self._call(api.users_api.retrieve_self_endpoint)
+
+    def list_organizations(self) -> list[dict[str, Any]]:
+        """Organizations the user can enter (every one for an admin); none from a CVAT without them."""
+        with self._org(None) as api:
+            if self._call(api.organizations_api.list_endpoint, missing_ok=True, page_size=1) is None:
+                return []
+            return self._pages(api.organizations_api.list_endpoint)
+
+    def list_webhooks(self, *, org: str | None = None, org_id: int | None = None,
+                      project_id: int | None = None, webhook_type: str | None = None) -> list[dict[str, Any]]:
+        """Webhooks of one context: organization ``org`` (slug) or ``org_id``, else the personal workspace."""
+        with self._org(org) as api:
+            return self._pages(api.webhooks_api.list_endpoint, org_id=org_id, project_id=project_id,
+                               type=webhook_type)
+
+    def create_webhook(self, fields: dict[str, Any], *, org: str | None = None,
+                       org_id: int | None = None) -> dict[str, Any]:
+        """``POST /api/webhooks`` in organization ``org`` (slug) or ``org_id``'s context."""
+        with self._org(org) as api:
+            return self._call(api.webhooks_api.create_endpoint, body=fields, org_id=org_id)
+
+    def update_webhook(self, webhook_id: int, fields: dict[str, Any]) -> dict[str, Any]:
+        with self._org(None) as api:
+            return self._call(api.webhooks_api.partial_update_endpoint, body=fields, id=webhook_id)
+
+    def delete_webhook(self, webhook_id: int) -> None:
+        with self._org(None) as api:
+            self._call(api.webhooks_api.destroy_endpoint, id=webhook_id)
+
+    def ping_webhook(self, webhook_id: int) -> dict[str, Any]:
+        """CVAT sends a ``ping`` now and answers with that delivery (``{}`` if the webhook is inactive)."""
+        with self._org(None) as api:
+            return self._call(api.webhooks_api.create_ping_endpoint, id=webhook_id) or {}
+
+    def webhook_deliveries(self, webhook_id: int, *, page: int = 1,
+                           page_size: int = PAGE_SIZE) -> dict[str, Any]:
+        """One page of a webhook's deliveries, newest first (``count``, ``next``, ``results``)."""
+        with self._org(None) as api:
+            return self._call(api.webhooks_api.list_deliveries_endpoint, id=webhook_id, page=page,
+                              page_size=page_size)
+
+    def redeliver(self, webhook_id: int, delivery_id: int) -> None:
+        """CVAT queues the delivery's stored payload again (a new delivery record, ``redelivery: true``)."""
+        with self._org(None) as api:
+            self._call(api.webhooks_api.create_deliveries_redelivery_endpoint, id=webhook_id,
+                       delivery_id=delivery_id)
+
+    def webhook_events(self, webhook_type: str) -> list[str] | None:
+        """Event names a ``project`` or ``organization`` webhook may subscribe to; ``None`` from a CVAT
+        that cannot say. Older CVAT lists names, newer ``{"key", "group"}`` objects."""
+        with self._org(None) as api:
+            answer = self._call(api.webhooks_api.retrieve_events_endpoint, missing_ok=True, type=webhook_type)
+        if not isinstance(answer, dict) or not isinstance(answer.get("events"), list):
+            return None
+        return [e["key"] if isinstance(e, dict) else str(e) for e in answer["events"]]
 
 
 def make_gateway(settings: CvatSettings) -> CvatClient:

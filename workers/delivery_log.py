@@ -172,7 +172,7 @@ class DeliveryLog:
             return "ping received"
         if not matched:
             return f"{record.get('event')}: no rule matched"
-        jobs = sum(len(m.get("actions", [])) for m in matched)
+        jobs = sum(len(m.get("jobs", [])) for m in matched)
         return f"{record.get('event')}: matched {len(matched)} rule(s), queued {jobs} job(s)"
 
     def add_duplicate(self, delivery_id: str, at: float | None = None) -> None:

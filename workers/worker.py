@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from rq import SimpleWorker, Worker
 
@@ -12,6 +13,9 @@ from workers.jobs import on_work_horse_killed
 from workers.queueing import SERIALIZER, queue
 from workers.redis_conn import connect
 from workers.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from redis import Redis
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +35,15 @@ def build_worker(settings: WorkerSettings, *, queues: Sequence[str] = QUEUES, ki
 
 
 def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] = QUEUES, kind: str = "fork",
-        name: str | None = None) -> bool:
-    """Work until stopped (or, with ``burst``, until the queues are empty)."""
+        name: str | None = None, at_start: Callable[[Redis], object] | None = None) -> bool:
+    """Work until stopped (or, with ``burst``, until the queues are empty).
+
+    ``at_start`` is called with the worker's Redis before it works, unless ``burst``: the command
+    line schedules the periodic reconcile there (``receiver.reconcile.schedule_periodic``), so a
+    one-off burst worker leaves no periodic job behind.
+    """
     worker = build_worker(settings, queues=queues, kind=kind, name=name)
+    if at_start is not None and not burst:
+        at_start(worker.connection)
     log.info("worker %s: serving %s (%s)", worker.name, ", ".join(queues), kind)
     return worker.work(burst=burst, with_scheduler=True, logging_level="INFO")

@@ -36,6 +36,7 @@ def intake() -> Intake:
 
 
 def _error(status: int, message: str, **extra: Any) -> tuple[Response, int]:
+    """Every error is JSON with an ``error`` message, so scripts can show it as is."""
     return jsonify({"error": message, **extra}), status
 
 

@@ -50,6 +50,7 @@ def disabled_reason(settings: Settings) -> str | None:
 
 
 def _digest(value: str) -> bytes:
+    """SHA-256 of a token, so compared values always have the same length."""
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).digest()
 
 
@@ -59,6 +60,7 @@ def _same(given: str, expected: str) -> bool:
 
 
 def _mac(token: str, *parts: str) -> str:
+    """HMAC-SHA256 under the admin token of ``parts`` joined by ``|`` (one purpose word first)."""
     key = token.encode("utf-8", "surrogatepass")
     return hmac.new(key, "|".join(parts).encode(), hashlib.sha256).hexdigest()
 

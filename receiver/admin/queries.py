@@ -90,6 +90,7 @@ class Filters:
         return parse_when("since", self.since), parse_when("until", self.until)
 
     def to_json(self) -> dict[str, Any]:
+        """The filters that were given, echoed in the list answer."""
         return {k: v for k, v in asdict(self).items() if v not in ("", None)}
 
     def apply(self, log: DeliveryLog) -> list[Delivery]:

@@ -42,14 +42,17 @@ def intake() -> Intake:
 
 
 def _token() -> str:
+    """The admin token (only called once :func:`receiver.admin.auth.disabled_reason` said it is set)."""
     return intake().settings.admin_token or ""
 
 
 def _page(template: str, status: int = 200, **context: Any) -> tuple[str, int]:
+    """A rendered page and its status."""
     return render_template(template, **context), status
 
 
 def _message(title: str, message: str, status: int) -> tuple[str, int]:
+    """A page that only says something (disabled, refused, not found, Redis down)."""
     return _page("admin_message.html", status, title=title, message=message)
 
 
@@ -141,6 +144,7 @@ def deliveries():  # type: ignore[no-untyped-def]
 
 
 def _find(delivery_id: str) -> Delivery | None:
+    """The delivery with this id or unique prefix; malformed ids are not even looked up."""
     return intake().deliveries.find(delivery_id) if valid_delivery_id(delivery_id) else None
 
 
@@ -187,6 +191,7 @@ def unknown(rest: str):  # type: ignore[no-untyped-def]
 
 
 def _flash_signer() -> URLSafeTimedSerializer:
+    """Signs flash cookies, so another site cannot plant a message on our pages."""
     return URLSafeTimedSerializer(auth.flash_key(_token()), salt="cvat-hooks-ui-flash")
 
 
@@ -211,6 +216,7 @@ def link(value: Any) -> str | None:
 
 
 def _shown(value: Any) -> str:
+    """A result value as text: strings as they are, anything else as JSON."""
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
