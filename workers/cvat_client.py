@@ -186,14 +186,20 @@ class CvatClient:
         what = _describe(endpoint, params)
         for attempt in (1, 2):
             try:
+                # _check_status=False: the SDK would raise before we could release an error
+                # answer's connection (its exception keeps no handle on the response).
                 _, response = client.api_client.call_api(
                     endpoint.path, endpoint.settings["http_method"], path_params, query, headers, body=body,
                     auth_settings=endpoint.settings["auth"], _parse_response=False,
-                    _request_timeout=self.timeout)
+                    _request_timeout=self.timeout, _check_status=False)
                 try:
                     data = response.data
                 finally:
                     response.release_conn()
+                if not 200 <= response.status <= 299:
+                    error = sdk_exceptions.ApiException(status=response.status, reason=response.reason)
+                    error.body = data.decode("utf-8", "replace") if data else ""
+                    raise error
             except Exception as exc:
                 if attempt == 1 and status_of(exc) == 401 and "sessionid" in client.api_client.cookies:
                     log.info("cvat: session expired, logging in again")
