@@ -152,7 +152,8 @@ class CvatClient:
         api = sdk.api_client
         if "sessionid" in api.cookies:
             try:
-                _, response = api.auth_api.create_logout(_request_timeout=self.timeout, _parse_response=False)
+                _, response = api.auth_api.create_logout(_request_timeout=self.timeout, _parse_response=False,
+                                                         _check_status=False)
                 response.release_conn()  # otherwise its socket outlives the pool cleared below
             except Exception as exc:  # noqa: BLE001 - closing must not fail a finished job
                 log.debug("cvat: logout failed (%s)", type(exc).__name__)
