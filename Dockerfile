@@ -7,7 +7,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH \
     CVAT_HOOKS_DATA_DIR=/data \
     CVAT_HOOKS_RULES=/app/rules.yaml \
-    CVAT_HOOKS_LOG_FORMAT=json
+    CVAT_HOOKS_LOG_FORMAT=json \
+    TMPDIR=/data/tmp
 
 # Our own venv: works on the official image and on Debian's python alike.
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip
@@ -19,6 +20,7 @@ COPY receiver ./receiver
 COPY workers ./workers
 RUN pip install --no-cache-dir . && rm -rf build *.egg-info
 COPY rules.yaml ./
+COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 
 RUN useradd --system --uid 10001 --gid 0 --home-dir /data --shell /usr/sbin/nologin cvathooks \
     && mkdir -p /data && chown 10001:0 /data && chmod 0770 /data
@@ -29,5 +31,5 @@ EXPOSE 8000
 # Role-aware: the receiver answers /healthz; a worker must have a fresh heartbeat in Redis.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 CMD ["cvat-hooks", "healthcheck"]
 
-ENTRYPOINT ["cvat-hooks"]
+ENTRYPOINT ["docker-entrypoint.sh"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
