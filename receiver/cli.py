@@ -170,11 +170,10 @@ def deliveries() -> None:
 
 
 def _log() -> Any:
+    from receiver.serve import redis_url_for
     from workers.delivery_log import DeliveryLog
     from workers.redaction import Redactor
     from workers.redis_conn import RedisConfigError, connect
-
-    from receiver.serve import redis_url_for
 
     settings = _settings()
     url, keep_alive = redis_url_for(settings)

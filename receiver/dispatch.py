@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
@@ -26,8 +26,8 @@ from receiver.secrets_store import SecretStore
 from receiver.settings import Settings
 from receiver.signature import HEADER, Verdict
 from receiver.state import Seen, StateStore
-from workers.contract import ActionCall
 from workers import metrics
+from workers.contract import ActionCall
 from workers.delivery_log import DeliveryLog, Outcome
 from workers.queueing import enqueue
 from workers.redaction import Redactor
@@ -206,8 +206,7 @@ def calls_for(event: Event, matches: list[Match]) -> list[ActionCall]:
 
 def record_actions(calls: list[ActionCall]) -> list[dict[str, Any]]:
     """The per-action part of a delivery record."""
-    return [{"job_id": c.job_id, "rule_id": c.rule_id, "index": c.index, "action": c.action,
-             "queue": c.queue, "params": c.params, "retry": c.retry.to_json(), "run": c.run} for c in calls]
+    return [call.summary() for call in calls]
 
 
 def delivery_record(event: Event, matches: list[Match], calls: list[ActionCall], previous: Previous,

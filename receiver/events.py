@@ -16,6 +16,8 @@ from typing import Any
 MAX_DEPTH = 64
 """Deepest JSON nesting accepted; CVAT's payloads are about 4 levels deep."""
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+"""A JSON escape of a UTF-16 surrogate (valid in pairs, for characters beyond U+FFFF)."""
 _EVENT_NAME = re.compile(r"^(?P<action>[a-z_]+)(?::(?P<resource>[a-z_]+)(?:\[(?P<op>[a-z_]+:[a-z_]+)\])?)?$")
 
 ID_NAMES = ("project_id", "task_id", "job_id", "org_id")
@@ -59,6 +61,14 @@ def parse_json(body: bytes) -> dict[str, Any]:
         raise BadEvent("body is not a JSON object")
     if _depth(data, MAX_DEPTH) > MAX_DEPTH:
         raise BadEvent(f"JSON nested deeper than {MAX_DEPTH} levels")
+    if _SURROGATE_ESCAPE.search(text):
+        # JSON may escape half of a UTF-16 pair alone ("\ud800"): Python reads it into a str that
+        # cannot be encoded, and Redis would fail on it later (a 500). CVAT's payloads come from
+        # PostgreSQL, which refuses such strings, so they never hold one.
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadEvent("body holds a lone UTF-16 surrogate escape, which is not text") from exc
     return data
 
 

@@ -18,7 +18,6 @@ import pytest
 from rq.registry import FailedJobRegistry
 
 from tests.conftest import capture, post
-from tests.cvat_fixtures import cvat_server  # noqa: F401  (fixture)
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer
 from tests.moto_s3 import bucket, s3_endpoint, use_endpoint
 from workers.contract import EXPORT_QUEUE

@@ -59,6 +59,11 @@ class ActionCall:
         suffix = f"-r{self.run}" if self.run else ""
         return f"cvh-{self.delivery_id[:32]}-{rule}-{self.index}{suffix}"
 
+    def summary(self) -> dict[str, Any]:
+        """What the delivery log keeps of this call (everything a replay needs, but the event)."""
+        return {"job_id": self.job_id, "rule_id": self.rule_id, "index": self.index, "action": self.action,
+                "queue": self.queue, "params": self.params, "retry": self.retry.to_json(), "run": self.run}
+
     def to_json(self) -> dict[str, Any]:
         """The JSON-only job argument."""
         return {

@@ -154,7 +154,7 @@ class CvatClient:
             try:
                 _, response = api.auth_api.create_logout(_request_timeout=self.timeout, _parse_response=False,
                                                          _check_status=False)
-                response.release_conn()  # otherwise its socket outlives the pool cleared below
+                response.close()  # closes its file and socket; the pool below no longer owns them
             except Exception as exc:  # noqa: BLE001 - closing must not fail a finished job
                 log.debug("cvat: logout failed (%s)", type(exc).__name__)
         sdk.close()

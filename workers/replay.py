@@ -39,9 +39,7 @@ def replay(log: DeliveryLog, delivery: Delivery, *, force: bool = False) -> list
     ]
     # Recorded before enqueuing, so a fast worker's "started" cannot be overwritten by "queued".
     for call in calls:
-        log.action_queued(call.delivery_id, {"job_id": call.job_id, "rule_id": call.rule_id, "index": call.index,
-                                             "action": call.action, "queue": call.queue, "params": call.params,
-                                             "retry": call.retry.to_json(), "run": call.run},
+        log.action_queued(call.delivery_id, call.summary(),
                           reason=f"replay run {call.run} of {call.action} (rule {call.rule_id})")
     with log.redis.pipeline(transaction=True) as pipe:
         job_ids = enqueue(calls, log.redis, pipe, failure_ttl=log.retention)

@@ -23,6 +23,7 @@ boto3 is imported lazily: action modules import this one, and the receiver impor
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import re
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 TMP_DIR = "tmp"
 """Staging directory for S3 uploads, under the data directory."""
 PART_SUFFIX = ".part"
+LOCK_SUFFIX = ".lock"
+"""Beside each staging file while its run lives: the run holds an ``flock`` on it (see ``_sweep_dead``)."""
 STALE_SECONDS = 2 * JOB_TIMEOUT
 """Seconds after which a staging file is an orphan of a killed worker (RQ kills a job after
 ``JOB_TIMEOUT``) and may be swept."""
@@ -196,6 +199,42 @@ def _sweep(directory: Path, pattern: str) -> None:
             pass
 
 
+def _sweep_dead(directory: Path, stem: str) -> None:
+    """Delete the staging files of runs that died before cleaning up (a SIGKILLed or out-of-memory
+    work-horse), so the retry that completes the export leaves one final file and nothing else.
+
+    Each run holds an exclusive ``flock`` on its ``.lock`` file for as long as it stages; the kernel
+    releases it when the process dies, whatever killed it. A lock we can take therefore belongs to
+    no live run, here or in another container sharing the volume (``flock`` is per open file, not per
+    PID). Best effort, like :func:`_sweep`.
+    """
+    pattern = os.path.join(glob.escape(str(directory)), glob.escape(stem) + "*" + LOCK_SUFFIX)
+    for lock in glob.glob(pattern):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            base = lock[: -len(LOCK_SUFFIX)]
+            for name in (base + PART_SUFFIX, lock):
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass
+        except OSError:
+            pass  # its run is alive (or the file went away): leave it
+        finally:
+            os.close(fd)
+
+
+def _hold(lock: Path) -> int:
+    """Create ``lock`` and hold an exclusive ``flock`` on it until the returned descriptor is closed."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def _fsync_dir(directory: Path) -> None:
     """Make a rename durable (POSIX: the directory entry lives in the directory's own blocks)."""
     try:
@@ -259,13 +298,19 @@ class Storage:
             directory.mkdir(parents=True, exist_ok=True)
             stem = f"{destination.key.rsplit('/', 1)[-1][:_MAX_NAME]}."
         _sweep(directory, glob.escape(stem) + "*" + PART_SUFFIX)
+        _sweep_dead(directory, stem)
         # A name that does not exist yet: cvat-sdk refuses to download over an existing file.
-        staged = Staged(destination, directory / f"{stem}{uuid.uuid4().hex[:16]}{PART_SUFFIX}")
+        token = uuid.uuid4().hex[:16]
+        staged = Staged(destination, directory / f"{stem}{token}{PART_SUFFIX}")
+        lock = directory / f"{stem}{token}{LOCK_SUFFIX}"
+        held = _hold(lock)
         try:
             yield staged
         finally:
             if not staged.committed:
                 staged.path.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+            os.close(held)
 
     def commit(self, staged: Staged, *, version: str | None = None) -> dict[str, Any]:
         """Publish a staged file in one step; the result is ``{"uri", "size"}`` (+ ``"path"`` locally).

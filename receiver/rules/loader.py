@@ -345,13 +345,76 @@ def _operand_problem(op: str, arg: Any) -> str | None:
     return None
 
 
+MAX_NODES = 100_000
+"""YAML nodes a rules file may stand for once every alias is expanded. A real file has a few hundred;
+an alias bomb ("billion laughs": nine aliases of nine aliases of...) has billions, and checking its
+templates, or rendering its parameters for each event, would never end."""
+MAX_NESTING = 100
+"""Deepest nesting accepted in a rules file (a real one is about 8 levels deep)."""
+
+
+def _children(node: Node) -> list[Node]:
+    if isinstance(node, MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, SequenceNode):
+        return list(node.value)
+    return []
+
+
+class _Oversized(Exception):
+    """A document beyond :data:`MAX_NODES` or :data:`MAX_NESTING`, or a recursive alias."""
+
+
+def _expanded_shape(root: Node) -> tuple[int, int]:
+    """``(nodes, depth)`` of the tree ``root`` stands for with its aliases expanded, in time linear in
+    the nodes written (each shared node is measured once); :class:`_Oversized` for a recursive alias."""
+    done: dict[int, tuple[int, int]] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            kids = [done[id(k)] for k in _children(node)]
+            nodes = min(1 + sum(k[0] for k in kids), MAX_NODES + 1)
+            done[key] = (nodes, 1 + max((k[1] for k in kids), default=0))
+            on_path.discard(key)
+            continue
+        if key in done:
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        for kid in _children(node):
+            if id(kid) in on_path:
+                raise _Oversized(f"recursive: an alias on line {_line(kid)} refers to a node containing it")
+            if id(kid) not in done:
+                stack.append((kid, False))
+    return done[id(root)]
+
+
 def _compose(text: str, source: str) -> tuple[Node | None, yaml.SafeLoader]:
-    """The node tree of a document, syntax and unsafe tags rejected as a :class:`RulesError`."""
-    loader = yaml.SafeLoader(text)
+    """The node tree of a document, syntax and unsafe tags rejected as a :class:`RulesError`, and so
+    are documents nested or aliased beyond what any rules file needs (see :data:`MAX_NODES`)."""
+    try:
+        loader = yaml.SafeLoader(text)  # checks the characters at once: NUL and other controls are refused
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise RulesError([Problem(source, line, f"YAML error: {exc.reason} (character #x{exc.character:04x})")]) \
+            from exc
     try:
         root = loader.get_single_node()
         if root is not None:
+            nodes, depth = _expanded_shape(root)
+            if depth > MAX_NESTING:
+                raise _Oversized(f"nested deeper than {MAX_NESTING} levels")
+            if nodes > MAX_NODES:
+                raise _Oversized(f"more than {MAX_NODES} values once its aliases are expanded")
             loader.construct_document(root)  # rejects tags the safe loader does not know
+    except (_Oversized, RecursionError) as exc:
+        # PyYAML composes recursively: a deep enough document exhausts the stack before we can measure it.
+        loader.dispose()
+        why = str(exc) if isinstance(exc, _Oversized) else "nested too deeply"
+        raise RulesError([Problem(source, None, f"YAML error: the document is {why}")]) from exc
     except yaml.MarkedYAMLError as exc:
         loader.dispose()
         mark = exc.problem_mark or exc.context_mark
@@ -360,6 +423,10 @@ def _compose(text: str, source: str) -> tuple[Node | None, yaml.SafeLoader]:
     except yaml.YAMLError as exc:
         loader.dispose()
         raise RulesError([Problem(source, None, f"YAML error: {exc}")]) from exc
+    except (ValueError, OverflowError) as exc:
+        # A constructor refusing a value PyYAML's scanner accepted: an int of 5,000 digits, a 13th month.
+        loader.dispose()
+        raise RulesError([Problem(source, None, f"YAML error: a value cannot be read: {exc}")]) from exc
     return root, loader
 
 

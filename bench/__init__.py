@@ -1,0 +1,1 @@
+"""The benchmark suite: intake against peers, dispatch, exports (``python -m bench.run``)."""

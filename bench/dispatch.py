@@ -1,0 +1,268 @@
+"""Dispatch: how fast the shipped workers drain light actions, and how soon an event's action starts.
+
+Workers are ``cvat-hooks worker --class fork|simple`` (through ``bench.worker``, which only adds the
+``bench_noop`` action), 1 and 2 processes, on a production-like Redis. Jobs are queued the way the
+receiver queues them: the delivery record and the job in one Redis transaction, through
+``workers.queueing.enqueue``, so a worker does its real per-job bookkeeping (delivery log,
+metrics, RQ registries) around an action that does nothing but note its start time.
+
+- drain: queue N jobs at once while the workers wait, time until all have finished;
+- latency: one event every 10 ms (100 events/s) for a few seconds; the time from just before
+  the enqueue transaction to the action's own start time, p50/p99;
+- crash probe: an action that kills its process (``os._exit``, what a segfault or the OOM killer
+  does), followed by a no-op: who survives, what runs next, when the crashed job is retried.
+
+Nothing is pinned: two worker processes need both cores to show scale-out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+
+from bench import procs
+from bench.noop_action import ENV, NAME, STARTS_KEY
+from bench.procs import MB, Proc, RedisProc
+
+SETUPS: tuple[tuple[str, int], ...] = (("fork", 1), ("fork", 2), ("simple", 1), ("simple", 2))
+"""(worker class, processes) as shipped: ``cvat-hooks worker --class ...``, scaled by processes."""
+
+
+def _calls(n: int, *, tag: str, crash: bool = False, attempts: int = 0) -> list[Any]:
+    """``n`` bench actions, one per (fake) delivery, shaped like the receiver's."""
+    from workers.contract import ActionCall
+    from workers.retry import RetryPolicy
+
+    calls = []
+    for i in range(n):
+        delivery_id = hashlib.sha256(f"{tag}-{i}-{time.time_ns()}".encode()).hexdigest()
+        event = {"event": "update:job", "resource": "job", "resource_id": 1000 + i, "job_id": 1000 + i,
+                 "task_id": 2, "project_id": 1, "org_id": None, "updated_date": None, "webhook_id": 1,
+                 "object": None}
+        calls.append(ActionCall(delivery_id=delivery_id, rule_id=f"bench-{tag}", index=0, action=NAME,
+                                params={"crash": True} if crash else {}, event=event,
+                                retry=RetryPolicy(attempts=attempts, backoff=(1,) if attempts else ())))
+    return calls
+
+
+class Queuer:
+    """Queues calls as the receiver does: delivery record + job in one MULTI transaction."""
+
+    def __init__(self, redis: Redis) -> None:
+        from workers.delivery_log import DeliveryLog
+
+        self.redis = redis
+        self.retention = 86400
+        self.log = DeliveryLog(redis, retention_seconds=self.retention)
+
+    def queue(self, calls: list[Any]) -> None:
+        """All ``calls`` in one transaction (a burst that was waiting, or one event)."""
+        from receiver.dispatch import record_actions
+        from workers.delivery_log import Outcome
+        from workers.queueing import enqueue
+
+        now = time.time()
+        with self.redis.pipeline(transaction=True) as pipe:
+            for call in calls:
+                record = {"delivery_id": call.delivery_id, "event": call.event["event"],
+                          "outcome": Outcome.QUEUED.value, "resource": "job",
+                          "resource_id": call.event["job_id"], "essentials": call.event,
+                          "matched": [{"rule_id": call.rule_id, "reasons": [], "jobs": [call.job_id],
+                                       "errors": []}]}
+                self.log.add_received(pipe, record, record_actions([call]), now)
+            enqueue(calls, self.redis, pipe, failure_ttl=self.retention)
+            pipe.execute()
+
+
+def _finished(redis: Redis) -> int:
+    """Jobs of the light queue that finished or failed (RQ's registries)."""
+    from workers.contract import LIGHT_QUEUE
+    from workers.queueing import queue
+
+    q = queue(LIGHT_QUEUE, redis)
+    return int(redis.zcard(q.finished_job_registry.key)) + int(redis.zcard(q.failed_job_registry.key))
+
+
+def _worker_count(redis: Redis) -> int:
+    from rq import Worker
+
+    return Worker.count(connection=redis)
+
+
+@contextmanager
+def workers(redis: RedisProc, kind: str, count: int, work: Path, *, extra_env: dict[str, str] | None = None,
+            cpu: int | None = None) -> Iterator[list[Proc]]:
+    """``count`` shipped workers of class ``kind``, registered and waiting; stopped by PID after."""
+    env = {"CVAT_HOOKS_REDIS_URL": redis.url, "CVAT_HOOKS_DATA_DIR": str(work / "data"), ENV: "1",
+           **(extra_env or {})}
+    before = _worker_count(redis.client)
+    started: list[Proc] = []
+    try:
+        for i in range(count):
+            started.append(procs.start(f"worker-{kind}-{count}-{i}", [sys.executable, "-m", "bench.worker",
+                                                                      "--class", kind],
+                                       env=env, log_dir=work / "logs", cpu=cpu))
+        deadline = time.monotonic() + 60
+        while _worker_count(redis.client) < before + count:
+            for proc in started:
+                if not proc.alive():
+                    raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers did not register within 60 s")
+            time.sleep(0.05)
+        time.sleep(0.5)  # let them reach their blocking dequeue
+        yield started
+    finally:
+        for proc in started:
+            proc.stop()
+
+
+def drain(redis: RedisProc, queuer: Queuer, n: int, started: list[Proc] | None = None) -> dict[str, Any]:
+    """Queue ``n`` jobs at once; time until every one has finished, and the CPU the workers used."""
+    def cpu() -> tuple[float, float]:
+        return (sum(procs.tree_cpu(p.pid) for p in started or ()), procs.tree_cpu(redis.proc.pid))
+
+    base = _finished(redis.client)
+    cpu0 = cpu()
+    calls = _calls(n, tag="drain")
+    t_queue = time.perf_counter()
+    queuer.queue(calls)
+    t0 = time.perf_counter()
+    deadline = t0 + max(60.0, n / 20)
+    done = base
+    while time.perf_counter() < deadline:
+        done = _finished(redis.client)
+        if done - base >= n:
+            break
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - t0
+    completed = done - base
+    cpu1 = cpu()
+    return {"jobs": n, "completed": completed, "seconds": round(elapsed, 3),
+            "per_second": round(completed / elapsed, 1) if elapsed else 0.0,
+            "enqueue_seconds": round(t0 - t_queue, 3),
+            "worker_cpu_ms_per_job": round((cpu1[0] - cpu0[0]) * 1000 / max(1, completed), 2),
+            "redis_cpu_ms_per_job": round((cpu1[1] - cpu0[1]) * 1000 / max(1, completed), 2)}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def latency(redis: RedisProc, queuer: Queuer, *, rate: float, seconds: float) -> dict[str, Any]:
+    """One event every ``1/rate`` s; event-to-action-start latency of each."""
+    n = int(rate * seconds)
+    calls = _calls(n, tag="latency")
+    queued_at: dict[str, float] = {}
+    start = time.perf_counter()
+    behind = 0
+    for i, call in enumerate(calls):
+        due = start + i / rate
+        pause = due - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        elif pause < -0.005:
+            behind += 1
+        queued_at[call.job_id] = time.time()
+        queuer.queue([call])
+    sent_seconds = time.perf_counter() - start
+    deadline = time.monotonic() + 60
+    while redis.client.hlen(STARTS_KEY) < len(queued_at) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    raw = redis.client.hgetall(STARTS_KEY)
+    starts = {k.decode(): float(v) for k, v in raw.items()}
+    lat = [(starts[j] - t) * 1000 for j, t in queued_at.items() if j in starts]
+    return {"events": n, "rate": rate, "achieved_rate": round(n / sent_seconds, 1), "late_sends": behind,
+            "started": len(lat), "p50_ms": round(percentile(lat, 50), 2),
+            "p99_ms": round(percentile(lat, 99), 2),
+            "max_ms": round(max(lat), 2) if lat else None,
+            "mean_ms": round(statistics.fmean(lat), 2) if lat else None}
+
+
+def crash_probe(redis: RedisProc, queuer: Queuer, kind: str, work: Path) -> dict[str, Any]:
+    """A crashing action, then a no-op, on one worker: what survives and what happens next."""
+    from rq.job import Job
+
+    from workers.contract import LIGHT_QUEUE
+    from workers.delivery_log import DeliveryLog
+    from workers.queueing import SERIALIZER, queue
+
+    redis.flush()
+    crash = _calls(1, tag="crash", crash=True, attempts=1)[0]
+    after = _calls(1, tag="after-crash")[0]
+    with workers(redis, kind, 1, work) as (proc,):
+        queuer.queue([crash])
+        queuer.queue([after])
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline and not redis.client.hexists(STARTS_KEY, after.job_id):
+            if not proc.alive():
+                time.sleep(0.5)  # give it time to write anything it writes on the way down
+                break
+            time.sleep(0.05)
+        alive = proc.alive()
+        exit_code = proc.popen.returncode
+        next_ran = bool(redis.client.hexists(STARTS_KEY, after.job_id))
+        job = Job.fetch(crash.job_id, connection=redis.client, serializer=SERIALIZER)
+        status = job.get_status()
+        record = DeliveryLog(redis.client, retention_seconds=86400).get(crash.delivery_id)
+        action = record.actions.get(crash.job_id, {}) if record else {}
+        q = queue(LIGHT_QUEUE, redis.client)
+        wip = redis.client.zrange(q.started_job_registry.key, 0, -1, withscores=True)
+        retry_in = None
+        for member, score in wip:
+            if member.decode().startswith(crash.job_id):
+                retry_in = round(score - time.time())
+        return {
+            "worker_survived": alive, "worker_exit_code": exit_code, "next_job_ran": next_ran,
+            "crashed_job_rq_status": str(status.value if status else None),
+            "crashed_job_log_status": action.get("status"),
+            "crashed_job_log_error": (action.get("error") or {}).get("class"),
+            "abandoned_job_recovered_in_s": retry_in,
+        }
+
+
+def run(work: Path, *, jobs: int, latency_seconds: float, rate: float = 100.0,
+        setups: tuple[tuple[str, int], ...] = SETUPS, crash: bool = True,
+        worker_env: dict[str, str] | None = None, log: Callable[[str], None]) -> dict[str, Any]:
+    """The whole dispatch phase."""
+    work.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"jobs": jobs, "rate": rate, "latency_seconds": latency_seconds, "setups": {}}
+    with RedisProc(work / "redis") as redis:
+        queuer = Queuer(redis.client)
+        for kind, count in setups:
+            name = f"{kind}x{count}"
+            redis.flush()
+            with workers(redis, kind, count, work, extra_env=worker_env) as started:
+                # A short warm-up burst: imports, connections and the first fork out of the way.
+                drain(redis, queuer, min(50, jobs))
+                d = drain(redis, queuer, jobs, started)
+                log(f"dispatch: {name:<9} drained {d['completed']}/{jobs} in {d['seconds']:.2f}s "
+                    f"= {d['per_second']:.0f} jobs/s; CPU per job: workers {d['worker_cpu_ms_per_job']} ms, "
+                    f"redis {d['redis_cpu_ms_per_job']} ms")
+                redis.client.delete(STARTS_KEY)
+                lat = latency(redis, queuer, rate=rate, seconds=latency_seconds)
+                log(f"dispatch: {name:<9} {rate:.0f} events/s: start latency p50 {lat['p50_ms']} ms "
+                    f"p99 {lat['p99_ms']} ms ({lat['started']}/{lat['events']} started)")
+                rss = sum(procs.tree_memory(p.pid).rss for p in started)
+            out["setups"][name] = {"kind": kind, "processes": count, "drain": d, "latency": lat,
+                                   "rss_mb_after": round(rss / MB, 1)}
+        if crash:
+            out["crash"] = {}
+            for kind in sorted({k for k, _ in setups}):
+                probe = crash_probe(redis, queuer, kind, work)
+                out["crash"][kind] = probe
+                log(f"dispatch: crash probe {kind}: {probe}")
+    return out
