@@ -26,7 +26,7 @@ SECRET = "mykey"
 """The secret the captured CVAT 2.73 deliveries were signed with."""
 
 # The test CVAT server's fixtures (cvat_server, cvat_settings, webhook_sink...) for every test module.
-pytest_plugins = ("tests.cvat_fixtures",)
+pytest_plugins = ("tests.cvat_fixtures", "tests.live_receiver")
 
 
 

@@ -281,3 +281,29 @@ def test_settings_read_secret_list_from_env():
     settings = Settings.from_env({"CVAT_HOOKS_SECRET": "a-one, b-two", "CVAT_HOOKS_REDIS_URL": "redis://x"})
     assert settings.secrets == ("a-one", "b-two")
     assert "a-one" not in repr(settings)
+
+
+@pytest.mark.parametrize("name,status,outcome,rules", CAPTURES, ids=[c[0] for c in CAPTURES])
+def test_real_capture_over_a_real_socket(redis, live_receiver, name, status, outcome, rules):
+    """The same captures over real HTTP (a loopback socket, CVAT's headers as sent), and a one-byte
+    change to each is refused with 401."""
+    import urllib.error
+    import urllib.request
+
+    body, headers = capture(name)
+    sent = {k: v for k, v in headers.items() if k in ("X-Signature-256", "Content-Type", "User-Agent")}
+
+    def send(data: bytes) -> tuple[int, dict]:
+        request = urllib.request.Request(live_receiver.url + "/webhooks/cvat", data=data, headers=sent)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read())
+
+    flipped = bytearray(body)
+    flipped[len(body) // 2] ^= 0x01
+    assert send(bytes(flipped))[0] == 401
+    code, answer = send(body)
+    assert (code, answer["status"]) == (status, outcome)
