@@ -13,6 +13,8 @@ from workers.settings import WorkerSettings, _bool, _list
 
 DEFAULT_MAX_BODY = 1024 * 1024
 """Bytes: the largest body accepted (413 above). CVAT's largest payloads are a few KB."""
+DEFAULT_BODY_SECONDS = 10.0
+"""Seconds a client may take to send a body once its headers arrived (CVAT sends a few KB at once)."""
 DEFAULT_DEDUPE_DAYS = 7
 """Days a delivery id is remembered; CVAT retries a failed delivery for about 4 days."""
 DEFAULT_STATE_DAYS = 90
@@ -40,6 +42,8 @@ class Settings:
     """Accept unsigned deliveries. For local experiments only; never in production."""
     rules_path: Path = Path("rules.yaml")
     max_body: int = DEFAULT_MAX_BODY
+    body_seconds: float = DEFAULT_BODY_SECONDS
+    """``CVAT_HOOKS_BODY_SECONDS``: a body not received by then is cut off (408), freeing the thread."""
     dedupe_seconds: int = DEFAULT_DEDUPE_DAYS * 86400
     state_seconds: int = DEFAULT_STATE_DAYS * 86400
     workers: WorkerSettings = field(default_factory=WorkerSettings)
@@ -119,6 +123,7 @@ class Settings:
             insecure_no_signature=_bool(env.get("CVAT_HOOKS_INSECURE_NO_SIGNATURE"), False),
             rules_path=Path(env.get("CVAT_HOOKS_RULES") or "rules.yaml"),
             max_body=int(env.get("CVAT_HOOKS_MAX_BODY") or DEFAULT_MAX_BODY),
+            body_seconds=float(env.get("CVAT_HOOKS_BODY_SECONDS") or DEFAULT_BODY_SECONDS),
             dedupe_seconds=int(float(env.get("CVAT_HOOKS_DEDUPE_DAYS") or DEFAULT_DEDUPE_DAYS) * 86400),
             state_seconds=int(float(env.get("CVAT_HOOKS_STATE_DAYS") or DEFAULT_STATE_DAYS) * 86400),
             workers=workers,

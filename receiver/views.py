@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+
 from flask import Blueprint, current_app, jsonify, request
 from redis.exceptions import RedisError
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from receiver.dispatch import Intake
 from receiver.signature import HEADER
@@ -24,9 +27,49 @@ def webhook():  # type: ignore[no-untyped-def]
     limit = intake().settings.max_body
     if request.content_length is not None and request.content_length > limit:
         raise RequestEntityTooLarge()
-    body = request.get_data(cache=False)  # MAX_CONTENT_LENGTH also caps chunked bodies
+    body = read_body(intake().settings.body_seconds)
+    if body is None:
+        metrics.safe_inc(intake().redis, "cvat_hooks_rejected_total", reason="body_timeout")
+        return jsonify({"error": "body not received in time"}), 408, {"Connection": "close"}
+    if request.content_length is None and len(body) >= limit and request.environ["wsgi.input"].read(1):
+        # MAX_CONTENT_LENGTH stops reading a chunked body at the limit without a word: what is left
+        # says it was larger (otherwise the cut body would only fail its signature, a 401).
+        raise RequestEntityTooLarge()
     answer = intake().receive(body, request.headers.get(HEADER), peer=request.remote_addr or "-")
     return jsonify(answer.body), answer.status
+
+
+def read_body(seconds: float) -> bytes | None:
+    """The raw body, or ``None`` if the client did not send all of it within ``seconds``.
+
+    gunicorn's gthread worker waits at most 5 s for a request's first byte, but once it reads a
+    request, a client trickling its body holds that thread as long as it likes: ``--timeout`` only
+    watches the worker process, which stays responsive. So at the deadline the socket's reading side
+    is shut down: the blocked read returns what it has at once, and the client still gets its 408.
+    """
+    sock = request.environ.get("gunicorn.socket")
+    timer = None
+    if sock is not None:  # under gunicorn (not the test client or werkzeug's server)
+        timer = threading.Timer(seconds, _stop_reading, args=(sock,))
+        timer.daemon = True
+        timer.start()
+    try:
+        body = request.get_data(cache=False)
+    except (OSError, ClientDisconnected):  # gunicorn's NoMoreData (a chunked body cut short) is an OSError
+        return None
+    finally:
+        if timer is not None:
+            timer.cancel()
+    if request.content_length is not None and len(body) < request.content_length:
+        return None  # cut off before its Content-Length arrived
+    return body
+
+
+def _stop_reading(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RD)
+    except OSError:
+        pass  # already closed: nothing to cut off
 
 
 @bp.get("/healthz")

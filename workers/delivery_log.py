@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 PREFIX = "cvat-hooks"
 INDEX_KEY = f"{PREFIX}:deliveries"
+DUPLICATE_TRIES = 50
+"""Attempts at counting a duplicate while other writers change its record (then the count is skipped:
+it is informational, and the timeline's duplicate steps are not)."""
 
 
 def record_key(delivery_id: str) -> str:
@@ -128,8 +131,12 @@ class Delivery:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.record, "status": self.status.value, "actions": list(self.actions.values()),
-                "timeline": self.timeline}
+        """The whole delivery as shown (CLI, admin API): action parameters as ``public_params`` shows them."""
+        from workers.actions import public_params
+
+        actions = [{**a, "params": public_params(str(a.get("action")), a.get("params") or {})}
+                   if isinstance(a.get("params"), dict) else a for a in self.actions.values()]
+        return {**self.record, "status": self.status.value, "actions": actions, "timeline": self.timeline}
 
 
 class DeliveryLog:
@@ -176,19 +183,35 @@ class DeliveryLog:
         return f"{record.get('event')}: matched {len(matched)} rule(s), queued {jobs} job(s)"
 
     def add_duplicate(self, delivery_id: str, at: float | None = None) -> None:
-        """Note that the same event arrived again (CVAT retry, redelivery, reconcile)."""
+        """Note that the same event arrived again (CVAT retry, redelivery, reconcile).
+
+        The count lives inside the record's JSON, so the read-modify-write is retried under WATCH:
+        copies arriving at once at several receivers would otherwise lose counts (issue 6).
+        """
+        from redis.exceptions import WatchError
+
         at = at or now()
         key = record_key(delivery_id)
-        raw = self.redis.hget(key, "record")
-        pipe = self.redis.pipeline(transaction=True)
-        if raw is not None:
-            record = json.loads(raw)
-            record["duplicates"] = int(record.get("duplicates", 0)) + 1
-            record["last_duplicate_at"] = iso(at)
-            pipe.hset(key, "record", json.dumps(record))
-            step = {"t": iso(at), "step": "duplicate", "message": "same event received again; nothing queued"}
-            pipe.rpush(timeline_key(delivery_id), json.dumps(step))
-        pipe.execute()
+        step = {"t": iso(at), "step": "duplicate", "message": "same event received again; nothing queued"}
+        with self.redis.pipeline(transaction=True) as pipe:
+            for _ in range(DUPLICATE_TRIES):
+                try:
+                    pipe.watch(key)
+                    raw = pipe.hget(key, "record")
+                    if raw is None:
+                        pipe.unwatch()
+                        return
+                    record = json.loads(raw)
+                    record["duplicates"] = int(record.get("duplicates", 0)) + 1
+                    record["last_duplicate_at"] = iso(at)
+                    pipe.multi()
+                    pipe.hset(key, "record", json.dumps(record))
+                    pipe.rpush(timeline_key(delivery_id), json.dumps(step))
+                    pipe.execute()
+                    return
+                except WatchError:
+                    continue
+        self.redis.rpush(timeline_key(delivery_id), json.dumps(step))
 
     # -- worker side ---------------------------------------------------------------------------
 

@@ -66,6 +66,11 @@ class WorkerSettings:
     """If set, ``notify`` may only POST to these hosts (stops rules from reaching internal hosts)."""
     notify_timeout: float = 10.0
     """Seconds a notification POST may take."""
+    maintenance_seconds: int = 30
+    """Seconds between two rounds of RQ maintenance in a worker, idle or not: retrying the jobs of
+    workers that died (once RQ deems them abandoned) and taking over the scheduler (delayed retries)
+    from a dead worker's. RQ's default of 10 minutes left delayed retries stalled that long after a
+    worker was killed and restarted (issue 6)."""
 
     @property
     def retention_seconds(self) -> int:
@@ -95,4 +100,5 @@ class WorkerSettings:
             ),
             notify_allowed_hosts=_list(env.get("CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS")),
             notify_timeout=float(env.get("CVAT_HOOKS_NOTIFY_TIMEOUT") or 10),
+            maintenance_seconds=int(env.get("CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS") or 30),
         )

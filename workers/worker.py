@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from rq import SimpleWorker, Worker
+from redis.exceptions import RedisError
+from rq import Queue, SimpleWorker, Worker
+from rq.job import JobStatus
+from rq.registry import StartedJobRegistry
 
 from workers.contract import QUEUES
 from workers.jobs import on_work_horse_killed
@@ -19,7 +23,53 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WORKER_CLASSES: dict[str, type[Worker]] = {"fork": Worker, "simple": SimpleWorker}
+def rescue_unstarted(queue_: Queue) -> list[str]:
+    """Make RQ's maintenance retry the jobs a dead worker took but never marked started.
+
+    A worker pops a job off its queue (on several queues RQ uses BLPOP, not its intermediate
+    queue), adds it to the StartedJobRegistry, and only then does the job get the status
+    ``started``. A worker (or Redis) killed in between leaves a registry entry for a job still
+    ``queued`` but on no queue; RQ 3.0's cleanup of expired entries only retries ``started`` jobs
+    and drops that one silently: an acknowledged delivery lost (found by bench/soak.py, issue 6).
+    Such jobs are marked ``started`` here, just before RQ's cleanup runs, so it treats them as the
+    abandoned jobs they are (retry or failed registry, and our failure callback records it).
+    Returns the job ids rescued.
+    """
+    registry = StartedJobRegistry(queue=queue_)
+    rescued = []
+    for job_id in registry.get_expired_job_ids():
+        job = queue_.fetch_job(job_id)
+        if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
+            continue
+        if queue_.connection.lpos(queue_.key, job_id) is not None:
+            continue  # queued again since (a replay or requeue): it will run from there
+        job.set_status(JobStatus.STARTED)
+        rescued.append(job_id)
+        log.warning("worker: job %s was taken by a worker that stopped before starting it; retrying it", job_id)
+    return rescued
+
+
+class _Rescuing:
+    """RQ's maintenance, preceded by :func:`rescue_unstarted` on each queue."""
+
+    def clean_registries(self) -> None:
+        for queue_ in self.queues:  # type: ignore[attr-defined]
+            try:
+                rescue_unstarted(queue_)
+            except Exception as exc:  # maintenance must go on: RQ's own cleanup follows
+                log.warning("worker: could not check %s for unstarted jobs: %s", queue_.name, exc)
+        super().clean_registries()  # type: ignore[misc]
+
+
+class ForkWorker(_Rescuing, Worker):
+    """RQ's forking worker with :func:`rescue_unstarted`."""
+
+
+class InProcessWorker(_Rescuing, SimpleWorker):
+    """RQ's SimpleWorker with :func:`rescue_unstarted`."""
+
+
+WORKER_CLASSES: dict[str, type[Worker]] = {"fork": ForkWorker, "simple": InProcessWorker}
 """``fork`` runs each job in a child process (a crashing action takes down only that child, and RQ
 retries it); ``simple`` runs jobs in the worker itself (faster, but a crash takes the worker down:
 RQ's abandoned-job cleanup then retries the job from another worker)."""
@@ -47,8 +97,11 @@ def build_worker(settings: WorkerSettings, *, queues: Sequence[str] = QUEUES, ki
     """A worker serving ``queues`` in order (light actions before exports)."""
     redis = connect(settings.redis_url)
     cls = WORKER_CLASSES[kind]
+    # An idle worker runs maintenance only when its blocking dequeue returns, after worker_ttl - 15
+    # seconds: the TTL is derived from the interval so that happens on time (RQ: 405 s and 10 min).
     return cls([queue(q, redis) for q in queues], connection=redis, serializer=SERIALIZER, name=name,
-               work_horse_killed_handler=on_work_horse_killed)
+               work_horse_killed_handler=on_work_horse_killed,
+               maintenance_interval=settings.maintenance_seconds, worker_ttl=settings.maintenance_seconds + 15)
 
 
 def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] = QUEUES, kind: str = "fork",
@@ -64,5 +117,21 @@ def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] 
     worker = build_worker(settings, queues=queues, kind=kind, name=name)
     if at_start is not None and not burst:
         at_start(worker.connection)
-    log.info("worker %s: serving %s (%s)", worker.name, ", ".join(queues), kind)
-    return worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+    while True:
+        log.info("worker %s: serving %s (%s)", worker.name, ", ".join(queues), kind)
+        try:
+            worked = worker.work(burst=burst, with_scheduler=True, logging_level="INFO")
+        except RedisError as exc:  # RQ's start or teardown met Redis gone
+            if burst:
+                raise
+            worked, why = False, f"{type(exc).__name__}: {exc}"
+        else:
+            why = "an unexpected error (see above)"
+        if burst or getattr(worker, "_shutdown_requested_date", True) is not None:
+            return worked  # done, or asked to stop (SIGTERM, SIGINT)
+        # RQ's loop quits on an unexpected error, e.g. Redis going away while a work-horse runs (its
+        # job is then retried as abandoned): start a new worker rather than leave this process idle,
+        # or exit 0, which a supervisor restarting on failure would not restart (issue 6).
+        log.error("worker %s: stopped on %s; starting a new worker in 1 s", worker.name, why)
+        time.sleep(1)
+        worker = build_worker(settings, queues=queues, kind=kind, name=None)

@@ -161,6 +161,8 @@ def stats(redis: Redis) -> dict[str, Any]:
 
 def rules_json(rules: RuleSet, redactor: Redactor) -> dict[str, Any]:
     """The loaded rules as JSON (parameters redacted: a rule may carry a URL with credentials)."""
+    from workers.actions import public_params
+
     return redactor.data({
         "source": rules.source,
         "digest": rules.digest,
@@ -168,7 +170,8 @@ def rules_json(rules: RuleSet, redactor: Redactor) -> dict[str, Any]:
         "rules": [
             {"id": r.id, "description": r.description, "on": list(r.on), "line": r.line,
              "retry": r.retry.to_json(),
-             "actions": [{"index": a.index, "action": a.action, "params": _plain(a.params), "line": a.line}
+             "actions": [{"index": a.index, "action": a.action, "line": a.line,
+                          "params": public_params(a.action, _plain(a.params))}
                          for a in r.actions]}
             for r in rules.rules
         ],

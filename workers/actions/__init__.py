@@ -89,6 +89,15 @@ def validate_params(name: str, params: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def public_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """An action's parameters as they may be shown to people: an action whose parameters can hold
+    credentials (``notify``: its URL and headers) defines ``public_params`` to cut them down. The
+    job and the delivery record keep them whole: the action, and a replay, need them."""
+    spec = REGISTRY.get(name)
+    shown = getattr(spec.load(), "public_params", None) if spec is not None else None
+    return shown(params) if shown is not None else dict(params)
+
+
 def runner(name: str) -> Callable[..., dict[str, Any]]:
     """The ``run`` function of an action (KeyError for an unknown name)."""
     return REGISTRY[name].load().run

@@ -76,6 +76,17 @@ def redact_url(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{shown}{more}"
 
 
+def public_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters as they may be shown (admin API, CLI): the URL cut down by :func:`redact_url`,
+    header values masked (an ``Authorization`` header is as secret as the URL)."""
+    shown = dict(params)
+    if isinstance(shown.get("url"), str):
+        shown["url"] = redact_url(shown["url"])
+    if isinstance(shown.get("headers"), Mapping):
+        shown["headers"] = {name: "***" for name in shown["headers"]}
+    return shown
+
+
 def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     """Whether ``host`` is in the allow-list (exact, case-insensitive; ``*.x.com`` for subdomains)."""
     host = host.lower().rstrip(".")

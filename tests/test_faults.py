@@ -1,0 +1,531 @@
+"""Faults with real processes: redis-server, ``cvat-hooks serve`` (gunicorn) and ``cvat-hooks worker``
+processes SIGKILLed and restarted by PID (``tests.procs``), against the test CVAT server over HTTP.
+
+What each test proves is the promise of issue 6 for one fault: every delivery acknowledged leads to
+its actions exactly once in effect, and a failure that cannot be recovered automatically is visible
+and can be replayed. ``test_journal.py`` (Redis down while deliveries arrive), ``test_end_to_end.py``
+(503 retried, 404 permanent, duplicates exported once, replay) and ``test_reconcile.py`` already
+cover what they cover; nothing here repeats them.
+
+RQ decides that a job whose worker died is abandoned when its entry in the StartedJobRegistry
+expires: the worker's heartbeat keeps it ``min(job timeout, job_monitoring_interval) + 60`` seconds
+ahead (90 s with RQ's defaults; the ``+ 60`` is fixed in RQ 3.0). A dead scheduler's lock lasts
+61 s. Rather than wait that long, the tests that kill a whole worker move those two clocks on
+(:func:`age_dead_worker`): the registry entry's score and the lock's TTL, nothing else; everything
+after that is RQ's own maintenance in the new worker process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+from rq.executions import Execution
+from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+
+from receiver.app import create_app
+from receiver.events import delivery_id_of
+from receiver.settings import Settings
+from tests.conftest import SECRET, capture, signed
+from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, jsonb_order
+from tests.cvat_server import exports as cvat_exports
+from tests.procs import ReceiverProc, RedisProc, WorkerProc, clean_env, cli_argv, wait_for
+from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE
+from workers.delivery_log import DeliveryLog
+from workers.queueing import queue
+from workers.settings import WorkerSettings
+
+MAINTENANCE_SECONDS = 1
+"""RQ maintenance interval of the workers here (30 s by default): how soon a running worker retries
+a dead worker's abandoned job and takes over its scheduler."""
+
+EXPORT_RULE = """
+  - id: export-finished-jobs
+    on: update:job
+    if: {job.state: {became: completed}, job.stage: acceptance}
+    do:
+      - action: export
+        resource: job
+        format: CVAT for images 1.1
+        to: exports/{project_id}/{task_id}/job-{job_id}.zip
+    retry: {attempts: 2, backoff: [1]}
+"""
+
+
+@dataclass
+class Stack:
+    """One test's world: its Redis (AOF, fsync always), the test CVAT server, rules, and processes."""
+
+    tmp: Path
+    redis: RedisProc
+    cvat: CvatTestServer
+    rules: Path
+    procs: list[Any] = field(default_factory=list)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.tmp / "data"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What every cvat-hooks process of this stack reads."""
+        return {"CVAT_HOOKS_REDIS_URL": self.redis.url, "CVAT_HOOKS_SECRET": SECRET,
+                "CVAT_HOOKS_RULES": str(self.rules), "CVAT_HOOKS_DATA_DIR": str(self.data_dir),
+                "CVAT_URL": self.cvat.url, "CVAT_ACCESS_TOKEN": DEFAULT_TOKEN,
+                "CVAT_HOOKS_CVAT_POLL_SECONDS": "0.1", "CVAT_HOOKS_RECONCILE_MINUTES": "0",
+                "CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS": str(MAINTENANCE_SECONDS)}
+
+    def set_rules(self, rules: str) -> None:
+        self.rules.write_text("version: 1\nrules:\n" + rules)
+
+    def worker(self, kind: str = "fork", *, queues: tuple[str, ...] = (), name: str = "worker") -> WorkerProc:
+        proc = WorkerProc(self.env, self.tmp / "logs", kind=kind, queues=queues, name=name)
+        self.procs.append(proc)
+        return proc.start()
+
+    def receiver(self, *, start: bool = True, **options: Any) -> ReceiverProc:
+        proc = ReceiverProc(self.env, self.tmp / "logs", **options)
+        self.procs.append(proc)
+        return proc.start() if start else proc
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``cvat-hooks ARGS`` as a separate process with this stack's environment."""
+        return subprocess.run(cli_argv(*args), env=clean_env(self.env), capture_output=True, text=True,
+                              timeout=60)
+
+    def client(self) -> Redis:
+        return self.redis.client()
+
+    def log(self) -> DeliveryLog:
+        return DeliveryLog(self.client(), retention_seconds=3600)
+
+    def app(self):  # type: ignore[no-untyped-def]
+        """An in-process receiver on this stack's Redis (for tests where the receiver is not the fault)."""
+        settings = Settings(secrets=(SECRET,), rules_path=self.rules,
+                            workers=WorkerSettings(redis_url=self.redis.url, data_dir=self.tmp / "app-data"))
+        return create_app(settings).test_client()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.log_text()[-4000:]}" for p in self.procs)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """Redis and the test CVAT server started; every process a test starts is stopped afterwards."""
+    redis = RedisProc(tmp_path / "redis", tmp_path / "logs").start()
+    cvat = CvatTestServer(export_seconds=0.2).start()
+    world = Stack(tmp_path, redis, cvat, tmp_path / "rules.yaml")
+    world.set_rules(EXPORT_RULE)
+    yield world
+    for proc in reversed(world.procs):
+        proc.kill()  # a graceful stop is not under test, and waits for idle dequeues to time out
+    cvat.stop()
+    redis.kill()
+
+
+def steps(delivery) -> list[tuple[str, str | None]]:  # type: ignore[no-untyped-def]
+    """A delivery's timeline without notes: (step, error class)."""
+    return [(s["step"], (s.get("error") or {}).get("class")) for s in delivery.timeline if s["step"] != "note"]
+
+
+def age_dead_worker(redis: Redis, queue_name: str) -> None:
+    """Move RQ's clocks on as if the 90 s after a worker's death had passed: its started jobs' registry
+    entries expire now, and its scheduler's lock (61 s) is gone. Nothing else is touched."""
+    registry = StartedJobRegistry(queue_name, connection=redis)
+    entries = redis.zrange(registry.key, 0, -1)
+    assert entries, "the killed worker left no started job"
+    redis.zadd(registry.key, {entry: time.time() - 1 for entry in entries})
+    for name in (LIGHT_QUEUE, EXPORT_QUEUE):
+        redis.pexpire(f"rq:scheduler-lock:{name}", 1)
+
+
+# -- a worker killed in the middle of an export ----------------------------------------------------
+
+
+class SlowDownloads:
+    """Makes the test CVAT server send exports slowly (a pause between 1 MiB chunks) until released."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, pause: float = 0.4) -> None:
+        self.slow = threading.Event()
+        original = cvat_exports.export_chunks
+
+        def chunks(seed: str, size: int, chunk_size: int = cvat_exports.CHUNK_SIZE) -> Iterator[bytes]:
+            for chunk in original(seed, size, chunk_size):
+                yield chunk
+                if self.slow.is_set():
+                    time.sleep(pause)
+
+        monkeypatch.setattr(cvat_exports, "export_chunks", chunks)
+
+
+def partial_downloads(directory: Path) -> list[Path]:
+    return sorted(directory.glob(".*.part")) if directory.exists() else []
+
+
+def kill_mid_download(stack: Stack, slow: SlowDownloads, kill) -> Path:  # type: ignore[no-untyped-def]
+    """Post a completed job, wait until the worker is half-way through downloading its export, kill."""
+    target_dir = stack.data_dir / "exports" / "1" / "2"
+    stack.cvat.export_size = 6 * cvat_exports.CHUNK_SIZE + 7
+    slow.slow.set()
+    body, _ = capture("update_job_completed.json")
+    answer = stack.app().post("/webhooks/cvat", data=body, headers=signed(body))
+    assert answer.status_code == 202, answer.json
+    assert wait_for(lambda: any(p.stat().st_size > 0 for p in partial_downloads(target_dir)), timeout=30), \
+        stack.logs()
+    kill()
+    slow.slow.clear()
+    return target_dir
+
+
+def assert_exported_once_after_a_kill(stack: Stack, target_dir: Path, error_class: str) -> None:
+    """One final file with the export's bytes, no staging file left, and the killed attempt recorded
+    before the successful one."""
+    log = stack.log()
+    [delivery_id] = [d.id for d in log.list(limit=5)]
+    assert wait_for(lambda: log.get(delivery_id).status.value == "succeeded", timeout=40), \
+        (steps(log.get(delivery_id)), stack.logs())
+    delivery = log.get(delivery_id)
+    assert steps(delivery) == [("received", None), ("started", None), ("retrying", error_class),
+                               ("started", None), ("succeeded", None)]
+    [action] = delivery.actions.values()
+    assert action["attempts"] == 2
+    assert sorted(p.name for p in target_dir.iterdir()) == ["job-1.zip"], "one final file, nothing staged"
+    [rq_id] = [r.query.get("rq_id") for r in stack.cvat.calls("GET", "/api/jobs/1/dataset/download")][-1:]
+    assert (target_dir / "job-1.zip").stat().st_size == stack.cvat.export_size
+    assert hashlib.sha256((target_dir / "job-1.zip").read_bytes()).hexdigest() == stack.cvat.export_digest(rq_id)
+
+
+def test_work_horse_killed_mid_export_runs_again_and_exports_once(stack: Stack, monkeypatch):
+    """--class fork: the work-horse SIGKILLed half-way through a download; the worker records
+    WorkHorseKilled, RQ retries, the export completes, and one file exists."""
+    slow = SlowDownloads(monkeypatch)
+    worker = stack.worker("fork")
+    killed: list[int] = []
+
+    def kill_horse() -> None:
+        horse = worker.work_horse()
+        assert horse is not None, "no work-horse running"
+        os.kill(horse, signal.SIGKILL)
+        killed.append(horse)
+
+    target_dir = kill_mid_download(stack, slow, kill_horse)
+    assert_exported_once_after_a_kill(stack, target_dir, "WorkHorseKilled")
+    assert worker.running, "the worker itself survives its work-horse"
+    assert len(stack.cvat.calls("POST", "/api/jobs/1/dataset/export")) == 2
+
+
+@pytest.mark.parametrize("kind", ["fork", "simple"], ids=["fork-worker-and-horse", "simple-worker"])
+def test_whole_worker_killed_mid_export_is_retried_by_the_next_worker(stack: Stack, monkeypatch, kind: str):
+    """The whole worker (main process, work-horse, scheduler) SIGKILLed mid-export, a new one started:
+    once RQ deems the job abandoned, the new worker's maintenance retries it (AbandonedJobError,
+    recorded by our failure callback) and takes over the dead scheduler's role, so the delayed
+    retry runs; the export completes once."""
+    slow = SlowDownloads(monkeypatch)
+    first = stack.worker(kind, name="first")
+    target_dir = kill_mid_download(stack, slow, first.kill)
+    redis = stack.client()
+    assert len(StartedJobRegistry(EXPORT_QUEUE, connection=redis).get_job_ids(cleanup=False)) == 1
+    # The next worker starts while RQ still counts the job as running and the dead scheduler's lock
+    # as held (as a supervisor restarting a container would); then the 90 s pass.
+    second = stack.worker(kind, name="second")
+    age_dead_worker(redis, EXPORT_QUEUE)
+    assert_exported_once_after_a_kill(stack, target_dir, "AbandonedJobError")
+    assert second.running
+
+
+def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_run(stack: Stack):
+    """The state a worker SIGKILLed (or cut off from Redis) between taking a job and starting it
+    leaves: off its queue, in the StartedJobRegistry, still 'queued'. Once RQ deems it abandoned, a
+    worker's maintenance runs it again (RQ 3.0 on its own drops it: bench/soak.py lost one so)."""
+    stack.set_rules(LABELS_RULE)
+    body, _ = capture("create_task.json")
+    answer = stack.app().post("/webhooks/cvat", data=body, headers=signed(body)).json
+    [job_id] = answer["jobs"]
+    redis = stack.client()
+    light = queue(LIGHT_QUEUE, redis)
+    # What the dying worker did, with RQ's own calls: pop the job, register its execution.
+    assert redis.lpop(light.key) == job_id.encode()
+    with redis.pipeline() as pipe:
+        Execution.create(light.fetch_job(job_id), ttl=90, pipeline=pipe, worker_name="dead-worker")
+        pipe.execute()
+    assert light.fetch_job(job_id).get_status() == "queued"
+    stack.worker("fork")
+    age_dead_worker(redis, LIGHT_QUEUE)
+    log = stack.log()
+    assert wait_for(lambda: log.get(answer["delivery_id"]).status.value == "succeeded", timeout=20), \
+        (steps(log.get(answer["delivery_id"])), stack.logs())
+    assert steps(log.get(answer["delivery_id"])) == [("received", None), ("retrying", "AbandonedJobError"),
+                                                     ("started", None), ("succeeded", None)]
+
+
+# -- Redis restarted ---------------------------------------------------------------------------------
+
+LABELS_RULE = """
+  - id: check-new-task-labels
+    on: create:task
+    do:
+      - action: check_labels
+        require: [car, person]
+    retry: {attempts: 2, backoff: [2]}
+"""
+
+
+def test_redis_restart_keeps_queued_jobs_and_scheduled_retries(stack: Stack):
+    """Redis SIGKILLed and restarted (AOF, appendfsync always): a job waiting for a delayed retry and
+    a job still queued are both there afterwards; the worker that lived through the restart runs the
+    retry when it is due, a new worker runs the queued job, each exactly once."""
+    stack.set_rules(EXPORT_RULE + LABELS_RULE)
+    light = stack.worker("fork", queues=(LIGHT_QUEUE,), name="light")
+    stack.cvat.fail_next(1, 503, path="/api/")
+    app, redis = stack.app(), stack.client()
+    task_body, _ = capture("create_task.json")
+    job_body, _ = capture("update_job_completed.json")
+    retried = app.post("/webhooks/cvat", data=task_body, headers=signed(task_body)).json
+    queued = app.post("/webhooks/cvat", data=job_body, headers=signed(job_body)).json
+    scheduled = ScheduledJobRegistry(LIGHT_QUEUE, connection=redis)
+    assert wait_for(lambda: scheduled.get_job_ids() == retried["jobs"], timeout=20), stack.logs()
+    assert queue(EXPORT_QUEUE, redis).job_ids == queued["jobs"]
+
+    stack.redis.kill()
+    stack.redis.start()
+    redis = stack.client()
+    assert ScheduledJobRegistry(LIGHT_QUEUE, connection=redis).get_job_ids() == retried["jobs"]
+    assert queue(EXPORT_QUEUE, redis).job_ids == queued["jobs"]
+
+    log = DeliveryLog(redis, retention_seconds=3600)
+    assert wait_for(lambda: log.get(retried["delivery_id"]).status.value == "succeeded", timeout=30), \
+        (steps(log.get(retried["delivery_id"])), stack.logs())
+    assert light.running
+    stack.worker("fork", name="all")
+    assert wait_for(lambda: log.get(queued["delivery_id"]).status.value == "succeeded", timeout=30), stack.logs()
+    assert steps(log.get(retried["delivery_id"])) == [("received", None), ("started", None),
+                                                      ("retrying", "TransientError"), ("started", None),
+                                                      ("succeeded", None)]
+    assert steps(log.get(queued["delivery_id"])) == [("received", None), ("started", None), ("succeeded", None)]
+    assert len(stack.cvat.calls("POST", "/api/jobs/1/dataset/export")) == 1
+
+
+# -- the receiver killed under load -----------------------------------------------------------------
+
+NOTIFY_RULE = """
+  - id: note-jobs
+    on: update:job
+    do:
+      - action: notify
+        url: http://127.0.0.1:9/sink
+        text: "job {job_id} is {job.state}"
+"""
+
+
+def distinct_job_events(n: int) -> list[bytes]:
+    """``n`` different update:job deliveries (job ids 1000...), signed as CVAT signs them."""
+    body, _ = capture("update_job_completed.json")
+    payload = json.loads(body)
+    return [json.dumps(dict(payload, job=dict(payload["job"], id=1000 + i))).encode() for i in range(n)]
+
+
+def post_raw(url: str, body: bytes, timeout: float = 10.0) -> int | None:
+    """POST a signed delivery; the status, or None when no answer came (refused, reset, timed out)."""
+    request = urllib.request.Request(url + "/webhooks/cvat", data=body, headers=signed(body), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None
+
+
+def post_all(url: str, bodies: list[bytes], answers: dict[int, int | None], indexes: list[int], *,
+             threads: int = 4, stop: threading.Event | None = None) -> None:
+    """Post ``bodies[i]`` for each index from ``threads`` client threads, writing each answer."""
+    todo = list(reversed(indexes))
+    lock = threading.Lock()
+
+    def client() -> None:
+        while stop is None or not stop.is_set():
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            answers[i] = post_raw(url, bodies[i])
+
+    workers = [threading.Thread(target=client) for _ in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join(timeout=120)
+
+
+def test_receiver_killed_under_load_loses_and_doubles_nothing(stack: Stack):
+    """gunicorn (master and workers, and the serve process) SIGKILLed while four clients post distinct
+    signed deliveries: each delivery answered 2xx is recorded with its job queued, and after the
+    restart the ones left without an answer are posted again, as CVAT retries: all recorded, every
+    job queued exactly once."""
+    stack.set_rules(NOTIFY_RULE)
+    receiver = stack.receiver()
+    bodies = distinct_job_events(500)
+    answers: dict[int, int | None] = {}
+    stop = threading.Event()
+    load = threading.Thread(target=post_all, args=(receiver.url, bodies, answers, list(range(len(bodies)))),
+                            kwargs={"stop": stop})
+    load.start()
+    assert wait_for(lambda: sum(1 for s in answers.values() if s and s < 300) >= 100, timeout=30), stack.logs()
+    killed = receiver.kill()
+    assert len(killed) >= 4, "serve, the gunicorn master and two gunicorn workers"
+    stop.set()
+    load.join(timeout=30)
+    acknowledged_before = {i for i, s in answers.items() if s is not None and 200 <= s < 300}
+    assert not [s for s in answers.values() if s is not None and s >= 500]
+
+    redis = stack.client()
+    log = DeliveryLog(redis, retention_seconds=3600)
+    ids = [delivery_id_of(json.loads(b)) for b in bodies]
+    for i in acknowledged_before:
+        assert log.get(ids[i]) is not None, f"delivery {i} was acknowledged but not recorded"
+
+    receiver.start()
+    for _ in range(3):
+        missing = [i for i in range(len(bodies)) if not (answers.get(i) and 200 <= answers[i] < 300)]
+        if not missing:
+            break
+        post_all(receiver.url, bodies, answers, missing)
+    assert all(answers[i] in (200, 202) for i in range(len(bodies))), \
+        {i: answers.get(i) for i in range(len(bodies)) if answers.get(i) not in (200, 202)}
+
+    jobs = redis.lrange(queue(LIGHT_QUEUE, redis).key, 0, -1)
+    assert len(jobs) == len(set(jobs)) == len(bodies), "every delivery's job queued exactly once"
+    expected = {a["job_id"] for i in range(len(bodies)) for a in log.get(ids[i]).actions.values()}
+    assert {j.decode() for j in jobs} == expected
+    assert redis.zcard("cvat-hooks:deliveries") == len(bodies)
+
+
+# -- CVAT unreachable -------------------------------------------------------------------------------
+
+UNREACHABLE_RULES = """
+  - id: to-review
+    on: update:job
+    do:
+      - action: update_job
+        stage: validation
+    retry: {attempts: 1, backoff: [1]}
+  - id: check-new-task-labels
+    on: create:task
+    do:
+      - action: check_labels
+        require: [car, person]
+    retry: {attempts: 5, backoff: [1]}
+"""
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample of a Prometheus text exposition (0 when absent)."""
+    want = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+    for line in text.splitlines():
+        if line.startswith(name + want + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_cvat_unreachable_retries_on_schedule_then_fails_visibly_and_replay_recovers(stack: Stack):
+    """CVAT stops listening: actions retry on their schedule (real scheduler, 1 s backoff). The one
+    whose retries run out is failed in the delivery log, in RQ's failed registry and in /metrics;
+    the one with retries left succeeds once CVAT is back; `cvat-hooks deliveries replay` recovers
+    the failed one."""
+    stack.set_rules(UNREACHABLE_RULES)
+    stack.worker("fork")
+    stack.cvat.stop()  # connections refused from now on
+    app, redis = stack.app(), stack.client()
+    log = DeliveryLog(redis, retention_seconds=3600)
+    job_body, _ = capture("update_job_completed.json")
+    task_body, _ = capture("create_task.json")
+    short = app.post("/webhooks/cvat", data=job_body, headers=signed(job_body)).json
+    patient = app.post("/webhooks/cvat", data=task_body, headers=signed(task_body)).json
+
+    assert wait_for(lambda: log.get(short["delivery_id"]).status.value == "failed", timeout=20), stack.logs()
+    failed = log.get(short["delivery_id"])
+    [action] = failed.actions.values()
+    assert action["attempts"] == 2 and action["error"]["kind"] == "transient"
+    # RQ files the job as failed just after our code recorded the attempt and re-raised.
+    failed_jobs = FailedJobRegistry(LIGHT_QUEUE, connection=redis)
+    assert wait_for(lambda: failed_jobs.get_job_ids() == short["jobs"], timeout=10), failed_jobs.get_job_ids()
+    scrape = app.get("/metrics").get_data(as_text=True)
+    assert metric(scrape, "cvat_hooks_action_runs_total", action="update_job", outcome="failed") == 1
+    assert metric(scrape, "cvat_hooks_action_runs_total", action="update_job", outcome="retrying") == 1
+
+    stack.cvat.start()  # the same port: CVAT is back
+    assert wait_for(lambda: log.get(patient["delivery_id"]).status.value == "succeeded", timeout=20), \
+        (steps(log.get(patient["delivery_id"])), stack.logs())
+    patient_steps = log.get(patient["delivery_id"]).timeline
+    starts = [time.mktime(time.strptime(s["t"][:19], "%Y-%m-%dT%H:%M:%S")) + float("0" + s["t"][19:-1])
+              for s in patient_steps if s["step"] == "started"]
+    assert len(starts) >= 2
+    assert all(b - a >= 0.8 for a, b in zip(starts, starts[1:], strict=False)), starts  # on schedule, not at once
+
+    replayed = stack.cli("deliveries", "replay", short["delivery_id"])
+    assert replayed.returncode == 0, replayed.stderr
+    assert wait_for(lambda: log.get(short["delivery_id"]).status.value == "succeeded", timeout=20), stack.logs()
+    assert len(stack.cvat.calls("PATCH", "/api/jobs/1")) == 1
+    assert stack.cvat.state.jobs[1]["stage"] == "validation"
+
+
+# -- the same event, many ways ----------------------------------------------------------------------
+
+
+def test_the_same_event_many_ways_has_one_effect(stack: Stack):
+    """One update:job event that CVAT failed to deliver, then: 24 copies at once through both gunicorn
+    workers (its retries byte for byte, and redeliveries with keys in jsonb order) racing to be the
+    first; CVAT's own redelivery; a `cvat-hooks reconcile` run; a replay of the finished delivery
+    without --force. One 202, one job run, one export."""
+    receiver = stack.receiver(start=False)
+    hook = stack.cvat.add_webhook(receiver.url + "/webhooks/cvat", project_id=1, secret=SECRET,
+                                  events=["update:job"])
+    stack.cvat.set_job(1, stage="acceptance", state="completed")
+    [missed] = stack.cvat.emit("update:job", 1, before={"state": "in progress"})
+    assert missed["status_code"] == 502, "the receiver was down"
+    sent = stack.cvat.webhooks.sent[-1].body
+    reordered = json.dumps(jsonb_order(json.loads(sent))).encode()
+    assert reordered != sent
+    receiver.start()
+    stack.worker("fork")
+
+    copies = [sent, reordered] * 12
+    answers: dict[int, int | None] = {}
+    post_all(receiver.url, copies, answers, list(range(len(copies))), threads=8)
+    assert sorted(answers.values()) == [200] * 23 + [202], answers
+    delivery_id = delivery_id_of(json.loads(sent))
+    log = stack.log()
+    assert wait_for(lambda: log.get(delivery_id).status.value == "succeeded", timeout=30), stack.logs()
+
+    request = urllib.request.Request(f"{stack.cvat.url}/api/webhooks/{hook}/deliveries/{missed['id']}/redelivery",
+                                     method="POST", headers={"Authorization": f"Bearer {DEFAULT_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
+    assert stack.cvat.webhooks.join()
+    assert stack.cvat.webhooks.sent[-1].status_code == 200, "a duplicate"
+
+    reconciled = stack.cli("reconcile", "--json")
+    assert reconciled.returncode == 0, reconciled.stderr
+    report = json.loads(reconciled.stdout)
+    assert report["redelivered_count"] == 0 and report["checked"] >= 2, report
+    replayed = stack.cli("deliveries", "replay", delivery_id)
+    assert replayed.returncode != 0 and "no failed action" in replayed.stderr
+
+    delivery = log.get(delivery_id)
+    assert [s for s, _ in steps(delivery) if s != "duplicate"] == ["received", "started", "succeeded"]
+    assert delivery.record["duplicates"] == 24
+    assert len(stack.cvat.calls("POST", "/api/jobs/1/dataset/export")) == 1
+    assert sorted(p.name for p in (stack.data_dir / "exports" / "1" / "2").iterdir()) == ["job-1.zip"]
