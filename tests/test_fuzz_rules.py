@@ -24,7 +24,7 @@ from receiver.events import parse_event
 from receiver.rules import Previous, RulesError, RuleSet, match, parse_rules
 from tests.conftest import PAYLOADS, ROOT
 
-EXAMPLES = {"text": 500, "structure": 400}
+EXAMPLES = {"text": 400, "structure": 300}
 """Examples per property (a parse takes a few milliseconds)."""
 
 SLOW = 5.0
