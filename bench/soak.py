@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     sink = WebhookSink()
     procs: list[Any] = []
     faults: list[dict[str, Any]] = []
+    keep = False
     try:
         redis.start()
         cvat.start()
@@ -370,14 +371,18 @@ def main(argv: list[str] | None = None) -> int:
             path = RESULTS / f"soak-{datetime.now():%Y%m%d-%H%M%S}.json"
             path.write_text(json.dumps(report, indent=2))
             log(f"soak: saved {path}")
-        return 0 if report["lost"] == 0 and report["run_twice"] == 0 and report["answered_5xx"] == 0 else 1
+        ok = report["lost"] == 0 and report["run_twice"] == 0 and report["answered_5xx"] == 0
+        if not ok:
+            keep = True
+            log(f"soak: kept {work} (logs, Redis AOF) for a look at what went wrong")
+        return 0 if ok else 1
     finally:
         for proc in reversed(procs):
             proc.stop()
         sink.stop()
         cvat.stop()
         redis.stop()
-        if args.work is None:
+        if args.work is None and not keep:
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
@@ -423,6 +428,7 @@ def figures(args: argparse.Namespace, tally: Tally, traffic: Traffic, expected: 
         "actions_expected": len(expected),
         "actions_run": sum(seen[key] for key in expected),
         "lost": len(expected - set(seen)),
+        "lost_actions": sorted(f"{d} {tag}" for d, tag in expected - set(seen))[:20],
         "run_twice": sum(1 for key in expected if seen[key] > 1),
         "unexpected_effects": sum(n for key, n in seen.items() if key not in expected),
         "drained": is_drained,
@@ -440,9 +446,10 @@ def print_report(r: dict[str, Any]) -> None:
         f"deliveries sent      {r['sent']}  ({', '.join(f'{k} {v}' for k, v in r['sent_by_kind'].items())})",
         f"acknowledged (2xx)   {r['acknowledged_2xx']}  (answers: {r['answers']}; "
         f"{r['unanswered_then_reposted']} unanswered, posted again)",
-        f"actions expected     {r['actions_expected']}  ({r['events_acknowledged']} of {r['events']} events acknowledged)",
+        f"actions expected     {r['actions_expected']}  "
+        f"({r['events_acknowledged']} of {r['events']} events acknowledged)",
         f"actions run          {r['actions_run']}",
-        f"lost                 {r['lost']}",
+        f"lost                 {r['lost']}" + (f"  ({', '.join(r['lost_actions'])})" if r["lost"] else ""),
         f"run twice            {r['run_twice']}",
         f"unexpected effects   {r['unexpected_effects']}",
         f"5xx answered         {r['answered_5xx']}",
