@@ -9,6 +9,7 @@ from receiver import views
 from receiver.admin import init_admin
 from receiver.dispatch import Intake
 from receiver.journal import Journal
+from receiver.receipts import Receipts
 from receiver.rules import RuleStore
 from receiver.settings import Settings
 from receiver.state import StateStore
@@ -38,7 +39,7 @@ def init_intake(app: Flask, settings: Settings, redis: Redis | None = None) -> I
         redis=redis,
         rules=RuleStore(settings.rules_path),
         deliveries=DeliveryLog(redis, retention_seconds=settings.workers.retention_seconds, redactor=redactor),
-        state=StateStore(redis, settings.state_seconds),
+        receipts=Receipts(redis, StateStore(redis, settings.state_seconds)),
         redactor=redactor,
         journal=Journal(settings.data_dir / "journal", max_bytes=settings.journal_max_bytes),
     )

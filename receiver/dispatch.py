@@ -1,6 +1,7 @@
 """One delivery, from raw bytes to durably queued jobs: the story the receiver tells for each POST.
 
-verify -> parse -> what we last saw -> match -> record + enqueue (one Redis transaction) -> answer.
+verify -> parse -> duplicate? / what we last saw (one script) -> match -> record + enqueue (one
+atomic script, see ``receiver.receipts``) -> answer.
 
 Answers are chosen for CVAT's sender, which retries 5xx/408/429 (recent versions) and shows our
 reply body in its delivery log: 401 bad signature, 400 unreadable, 200 ping / no match / duplicate,
@@ -17,15 +18,16 @@ from functools import cached_property
 from typing import Any
 
 from redis import Redis
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisError
 
 from receiver.events import BadEvent, Event, parse_event
 from receiver.journal import Journal, JournalFull
+from receiver.receipts import Batch, Receipts
 from receiver.rules import Match, Previous, RuleStore, match, previous_from_payload
 from receiver.secrets_store import SecretStore
 from receiver.settings import Settings
 from receiver.signature import HEADER, Verdict
-from receiver.state import Seen, StateStore
+from receiver.state import Seen
 from workers import metrics
 from workers.contract import ActionCall
 from workers.delivery_log import DeliveryLog, Outcome
@@ -34,7 +36,6 @@ from workers.redaction import Redactor
 
 log = logging.getLogger(__name__)
 
-SEEN_KEY = "cvat-hooks:seen:{}"
 NO_MATCH_RETENTION = 86400
 """Seconds a delivery that matched no rule stays listed: enough to debug a rule, cheap at volume."""
 
@@ -55,7 +56,7 @@ class Intake:
     redis: Redis
     rules: RuleStore
     deliveries: DeliveryLog
-    state: StateStore
+    receipts: Receipts
     redactor: Redactor
     journal: Journal
 
@@ -121,35 +122,29 @@ class Intake:
         now = time.time()
         if event.is_ping:
             return self._store(event, [], Previous(None, None, "untracked"), now, Outcome.PING)
+        begun = self.receipts.begin(event, self._duplicate_writes(event, now))
+        if begun.duplicate:
+            return self._duplicate(event)
         self.rules.maybe_reload()
-        previous = transitions_for(event, self.state.observe(event))
+        previous = transitions_for(event, begun.seen)
         matches = match(self.rules.current, event, previous, datetime.fromtimestamp(now, UTC))
         return self._store(event, matches, previous, now, Outcome.QUEUED if matches else Outcome.NO_MATCH)
 
     def _store(self, event: Event, matches: list[Match], previous: Previous, now: float,
                outcome: Outcome) -> Answer:
-        """Record the delivery and enqueue its jobs atomically, unless it was seen before."""
+        """Record the delivery and enqueue its jobs in one atomic step, unless it was stored meanwhile."""
         calls = calls_for(event, matches)
         record = delivery_record(event, matches, calls, previous, outcome)
-        seen_key = SEEN_KEY.format(event.delivery_id)
-        retention = self.settings.workers.retention_seconds
-        with self.redis.pipeline(transaction=True) as pipe:
-            try:
-                pipe.watch(seen_key)
-                if pipe.exists(seen_key):
-                    pipe.unwatch()
-                    return self._duplicate(event, now)
-                pipe.multi()
-                pipe.set(seen_key, int(now), ex=self.settings.dedupe_seconds)
-                self.deliveries.add_received(pipe, record, record_actions(calls), now)
-                if outcome is Outcome.NO_MATCH:
-                    self.deliveries.expire(pipe, event.delivery_id, NO_MATCH_RETENTION)
-                job_ids = enqueue(calls, self.redis, pipe, failure_ttl=retention)
-                metrics.inc(pipe, "cvat_hooks_deliveries_total", event=event.name, outcome=outcome.value)
-                pipe.execute()
-            except WatchError:
-                # Another receiver stored this very event between our check and our write.
-                return self._duplicate(event, now)
+        writes = Batch()
+        self.deliveries.add_received(writes, record, record_actions(calls), now)
+        if outcome is Outcome.NO_MATCH:
+            self.deliveries.expire(writes, event.delivery_id, NO_MATCH_RETENTION)
+        job_ids = enqueue(calls, self.redis, writes, failure_ttl=self.settings.workers.retention_seconds)
+        metrics.inc(writes, "cvat_hooks_deliveries_total", event=event.name, outcome=outcome.value)
+        if not self.receipts.commit(event, int(now), self.settings.dedupe_seconds, writes,
+                                    self._duplicate_writes(event, now)):
+            # Another receiver stored this very event since our first look.
+            return self._duplicate(event)
         if outcome is Outcome.PING:
             log.info("delivery %s: ping from webhook %s", event.delivery_id, event.webhook_id)
             return Answer(200, {"status": "ping", "delivery_id": event.delivery_id})
@@ -160,9 +155,15 @@ class Intake:
                  event.delivery_id, event.name, len(matches), len(job_ids))
         return Answer(202, {"status": "queued", "delivery_id": event.delivery_id, "jobs": job_ids})
 
-    def _duplicate(self, event: Event, now: float) -> Answer:
-        self.deliveries.add_duplicate(event.delivery_id, now)
-        metrics.safe_inc(self.redis, "cvat_hooks_deliveries_total", event=event.name, outcome="duplicate")
+    def _duplicate_writes(self, event: Event, now: float) -> Batch:
+        """What a duplicate leaves behind: a step in the delivery's log and a count."""
+        writes = Batch()
+        self.deliveries.add_duplicate(writes, event.delivery_id, now)
+        metrics.inc(writes, "cvat_hooks_deliveries_total", event=event.name, outcome="duplicate")
+        return writes
+
+    @staticmethod
+    def _duplicate(event: Event) -> Answer:
         log.info("delivery %s: duplicate of an event already received; nothing queued", event.delivery_id)
         return Answer(200, {"status": "duplicate", "delivery_id": event.delivery_id})
 

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import LockError, RedisError
 
-from receiver.dispatch import SEEN_KEY
 from receiver.events import delivery_id_of
+from receiver.receipts import SEEN_KEY
 from receiver.settings import Settings
 from workers.contract import LIGHT_QUEUE
 from workers.cvat_webhooks import (

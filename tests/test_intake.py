@@ -259,9 +259,9 @@ def test_secret_never_appears_in_logs_or_records(client, redis, caplog):
     assert "X-Signature-256 mismatch" in caplog.text
     for key in redis.scan_iter():
         kind = redis.type(key)
-        values = {b"string": lambda: [redis.get(key)], b"hash": lambda: list(redis.hgetall(key).values()),
-                  b"list": lambda: redis.lrange(key, 0, -1), b"zset": lambda: redis.zrange(key, 0, -1),
-                  b"set": lambda: list(redis.smembers(key))}.get(kind, lambda: [])()
+        values = {b"string": lambda k: [redis.get(k)], b"hash": lambda k: list(redis.hgetall(k).values()),
+                  b"list": lambda k: redis.lrange(k, 0, -1), b"zset": lambda k: redis.zrange(k, 0, -1),
+                  b"set": lambda k: list(redis.smembers(k))}.get(kind, lambda k: [])(key)
         for value in values:
             assert SECRET.encode() not in (value or b""), key
 

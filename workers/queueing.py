@@ -8,6 +8,7 @@ survives an upgrade of our code; the receiver, the replay command and the worker
 from __future__ import annotations
 
 import random
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -20,14 +21,23 @@ if TYPE_CHECKING:
     from redis import Redis
     from redis.client import Pipeline
 
+    from receiver.receipts import Batch
+
 SERIALIZER = JSONSerializer
 RESULT_TTL = 7 * 86400
 """Seconds RQ keeps a finished job (our delivery log keeps the outcome for longer)."""
 
 
+_QUEUES: weakref.WeakKeyDictionary[Redis, dict[str, Queue]] = weakref.WeakKeyDictionary()
+
+
 def queue(name: str, connection: Redis) -> Queue:
-    """The RQ queue called ``name``, with our serializer."""
-    return Queue(name, connection=connection, serializer=SERIALIZER, default_timeout=JOB_TIMEOUT)
+    """The RQ queue called ``name``, with our serializer: one object per connection, because RQ's
+    constructor checks the serializer against a runtime Protocol, slow enough to show per delivery."""
+    by_name = _QUEUES.setdefault(connection, {})
+    if name not in by_name:
+        by_name[name] = Queue(name, connection=connection, serializer=SERIALIZER, default_timeout=JOB_TIMEOUT)
+    return by_name[name]
 
 
 def retry_of(call: ActionCall, rng: random.Random | None = None) -> Retry | None:
@@ -37,9 +47,13 @@ def retry_of(call: ActionCall, rng: random.Random | None = None) -> Retry | None
     return Retry(max=call.retry.attempts, interval=call.retry.delays(rng))
 
 
-def enqueue(calls: Iterable[ActionCall], connection: Redis, pipeline: Pipeline,
+def enqueue(calls: Iterable[ActionCall], connection: Redis, pipeline: Pipeline | Batch,
             *, failure_ttl: int) -> list[str]:
-    """Queue one job per call on ``pipeline`` (executed by the caller, with its other writes)."""
+    """Queue one job per call on ``pipeline`` (executed by the caller, with its other writes).
+
+    ``pipeline`` may be the receiver's :class:`receiver.receipts.Batch`: RQ writes its jobs there
+    as it would on a pipeline, and the receiver applies them with the delivery record in one script.
+    """
     by_queue: dict[str, list[ActionCall]] = {}
     for call in calls:
         by_queue.setdefault(call.queue, []).append(call)

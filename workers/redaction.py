@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterable
@@ -50,6 +51,7 @@ class Redactor:
         # Longest first, so a secret that contains another is masked whole. Very short values
         # would mask innocent text and are not secrets worth the name.
         self._secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+        self._in_json = [json.dumps(s)[1:-1] for s in self._secrets]
 
     def add(self, *secrets: str) -> None:
         """Also mask these values from now on."""
@@ -61,6 +63,19 @@ class Redactor:
             if secret in value:
                 value = value.replace(secret, MASK)
         return mask_url_credentials(value)
+
+    def dumps(self, value: Any) -> str:
+        """``json.dumps(self.data(value))``, without walking ``value`` when the JSON holds no secret.
+
+        A delivery record carries the whole payload; walking it string by string was a tenth of
+        the receiver's time per request (issue 5). A secret inside a string shows in the JSON text
+        as its JSON-escaped form, and credentials in a URL survive escaping, so a text free of both
+        is exactly what the walk would have produced.
+        """
+        text = json.dumps(value)
+        if any(secret in text for secret in self._in_json) or mask_url_credentials(text) != text:
+            return json.dumps(self.data(value))
+        return text
 
     def data(self, value: Any) -> Any:
         """Mask secrets in every string of a JSON-like value."""

@@ -12,7 +12,6 @@ never matches.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -198,13 +197,13 @@ def previous_from_payload(event: Event) -> Previous | None:
     obj = event.obj
     if obj is None:
         return None
-    snapshot = copy.deepcopy(obj)
+    snapshot = dict(obj)  # shallow: values are only read, and the payload is never changed
     if isinstance(before, Mapping):
-        snapshot.update(copy.deepcopy(dict(before)))
+        snapshot.update(before)
     if isinstance(changes, Mapping):
         for name, change in changes.items():
             if isinstance(change, Mapping) and "from" in change:
-                snapshot[name] = copy.deepcopy(change["from"])
+                snapshot[name] = change["from"]
     return Previous(event.resource, snapshot, "payload")
 
 
