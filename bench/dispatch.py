@@ -1,7 +1,9 @@
 """Dispatch: how fast the shipped workers drain light actions, and how soon an event's action starts.
 
-Workers are ``cvat-hooks worker --class fork|simple`` (through ``bench.worker``, which only adds the
-``bench_noop`` action), 1 and 2 processes, on a production-like Redis. Jobs are queued the way the
+Workers are ``cvat-hooks worker`` as shipped (``--class split``, the default: light actions in a
+supervised in-process child, exports in a forking one) and, for comparison, ``--class fork`` and
+``--class simple`` (through ``bench.worker``, which only adds the ``bench_noop`` action), 1 and 2
+processes (``cvat-hooks worker`` commands), on a production-like Redis. Jobs are queued the way the
 receiver queues them: the delivery record and the job in one Redis transaction, through
 ``workers.queueing.enqueue``, so a worker does its real per-job bookkeeping (delivery log,
 metrics, RQ registries) around an action that does nothing but note its start time.
@@ -23,6 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,11 @@ from bench import procs
 from bench.noop_action import ENV, NAME, STARTS_KEY
 from bench.procs import MB, Proc, RedisProc
 
-SETUPS: tuple[tuple[str, int], ...] = (("fork", 1), ("fork", 2), ("simple", 1), ("simple", 2))
-"""(worker class, processes) as shipped: ``cvat-hooks worker --class ...``, scaled by processes."""
+SHIPPED = "split"
+"""The class ``cvat-hooks worker`` runs by default: the setup issue 5's dispatch targets are about."""
+SETUPS: tuple[tuple[str, int], ...] = ((SHIPPED, 1), (SHIPPED, 2), ("fork", 1), ("fork", 2), ("simple", 1),
+                                       ("simple", 2))
+"""(worker class, processes): ``cvat-hooks worker --class ...``, scaled by processes."""
 
 
 def _calls(n: int, *, tag: str, crash: bool = False, attempts: int = 0) -> list[Any]:
@@ -104,6 +110,7 @@ def workers(redis: RedisProc, kind: str, count: int, work: Path, *, extra_env: d
     env = {"CVAT_HOOKS_REDIS_URL": redis.url, "CVAT_HOOKS_DATA_DIR": str(work / "data"), ENV: "1",
            **(extra_env or {})}
     before = _worker_count(redis.client)
+    per_process = 2 if kind == SHIPPED else 1  # split: a light and an export worker per command
     started: list[Proc] = []
     try:
         for i in range(count):
@@ -111,7 +118,7 @@ def workers(redis: RedisProc, kind: str, count: int, work: Path, *, extra_env: d
                                                                       "--class", kind],
                                        env=env, log_dir=work / "logs", cpu=cpu))
         deadline = time.monotonic() + 60
-        while _worker_count(redis.client) < before + count:
+        while _worker_count(redis.client) < before + count * per_process:
             for proc in started:
                 if not proc.alive():
                     raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
@@ -192,8 +199,14 @@ def latency(redis: RedisProc, queuer: Queuer, *, rate: float, seconds: float) ->
             "mean_ms": round(statistics.fmean(lat), 2) if lat else None}
 
 
+TOOK_DOWN = {SHIPPED: "the light child (its parent restarts it)", "fork": "the work-horse",
+             "simple": "the whole worker"}
+"""What one crashing action takes down, by class (what the probe then checks)."""
+
+
 def crash_probe(redis: RedisProc, queuer: Queuer, kind: str, work: Path) -> dict[str, Any]:
-    """A crashing action, then a no-op, on one worker: what survives and what happens next."""
+    """A crashing action (one retry allowed, after 1 s), then a no-op, on one worker: what survives,
+    whether the next job runs, and how soon the crashed job is retried (it crashes again, then fails)."""
     from rq.job import Job
 
     from workers.contract import LIGHT_QUEUE
@@ -203,13 +216,22 @@ def crash_probe(redis: RedisProc, queuer: Queuer, kind: str, work: Path) -> dict
     redis.flush()
     crash = _calls(1, tag="crash", crash=True, attempts=1)[0]
     after = _calls(1, tag="after-crash")[0]
+    deliveries = DeliveryLog(redis.client, retention_seconds=86400)
+
+    def action() -> dict[str, Any]:
+        record = deliveries.get(crash.delivery_id)
+        return record.actions.get(crash.job_id, {}) if record else {}
+
     with workers(redis, kind, 1, work) as (proc,):
+        t0 = time.time()
         queuer.queue([crash])
         queuer.queue([after])
-        deadline = time.monotonic() + 8
-        while time.monotonic() < deadline and not redis.client.hexists(STARTS_KEY, after.job_id):
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
             if not proc.alive():
                 time.sleep(0.5)  # give it time to write anything it writes on the way down
+                break
+            if redis.client.hexists(STARTS_KEY, after.job_id) and action().get("status") == "failed":
                 break
             time.sleep(0.05)
         alive = proc.alive()
@@ -217,21 +239,32 @@ def crash_probe(redis: RedisProc, queuer: Queuer, kind: str, work: Path) -> dict
         next_ran = bool(redis.client.hexists(STARTS_KEY, after.job_id))
         job = Job.fetch(crash.job_id, connection=redis.client, serializer=SERIALIZER)
         status = job.get_status()
-        record = DeliveryLog(redis.client, retention_seconds=86400).get(crash.delivery_id)
-        action = record.actions.get(crash.job_id, {}) if record else {}
+        state = action()
+        record = deliveries.get(crash.delivery_id)
+        steps = [(st["step"], st["t"]) for st in (record.timeline if record else []) if st["step"] != "note"]
         q = queue(LIGHT_QUEUE, redis.client)
         wip = redis.client.zrange(q.started_job_registry.key, 0, -1, withscores=True)
         retry_in = None
         for member, score in wip:
             if member.decode().startswith(crash.job_id):
                 retry_in = round(score - time.time())
+        starts = [_epoch(t) for step, t in steps if step == "started"]
         return {
+            "took_down": TOOK_DOWN.get(kind, "?"),
             "worker_survived": alive, "worker_exit_code": exit_code, "next_job_ran": next_ran,
             "crashed_job_rq_status": str(status.value if status else None),
-            "crashed_job_log_status": action.get("status"),
-            "crashed_job_log_error": (action.get("error") or {}).get("class"),
+            "crashed_job_log_status": state.get("status"),
+            "crashed_job_log_error": (state.get("error") or {}).get("class"),
+            "crashed_job_steps": [step for step, _ in steps],
+            "first_start_s": round(starts[0] - t0, 2) if starts else None,
+            "retried_after_s": round(starts[1] - starts[0], 2) if len(starts) > 1 else None,
             "abandoned_job_recovered_in_s": retry_in,
         }
+
+
+def _epoch(iso_time: str) -> float:
+    """Seconds since the epoch of a delivery-log time (``2026-11-22T19:26:26.123Z``)."""
+    return datetime.strptime(iso_time, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
 
 
 def run(work: Path, *, jobs: int, latency_seconds: float, rate: float = 100.0,
@@ -239,7 +272,8 @@ def run(work: Path, *, jobs: int, latency_seconds: float, rate: float = 100.0,
         worker_env: dict[str, str] | None = None, log: Callable[[str], None]) -> dict[str, Any]:
     """The whole dispatch phase."""
     work.mkdir(parents=True, exist_ok=True)
-    out: dict[str, Any] = {"jobs": jobs, "rate": rate, "latency_seconds": latency_seconds, "setups": {}}
+    out: dict[str, Any] = {"jobs": jobs, "rate": rate, "latency_seconds": latency_seconds, "shipped": SHIPPED,
+                           "setups": {}}
     with RedisProc(work / "redis") as redis:
         queuer = Queuer(redis.client)
         for kind, count in setups:

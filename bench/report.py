@@ -68,7 +68,8 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     dispatch = results.get("dispatch")
     if dispatch:
         setups = dispatch["setups"]
-        for kind in ("fork", "simple"):
+        shipped = dispatch.get("shipped")  # targets are about what ``cvat-hooks worker`` runs by default
+        for kind in ([shipped] if shipped and f"{shipped}x2" in setups else ["fork", "simple"]):
             two, one = setups.get(f"{kind}x2"), setups.get(f"{kind}x1")
             if two:
                 rate = two["drain"]["per_second"]
@@ -85,7 +86,8 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
                                    f"{ratio:.2f}x", ratio >= 1.8))
         for kind, probe in (dispatch.get("crash") or {}).items():
             if probe["worker_survived"]:
-                said = (f"work-horse only; worker survived, next job ran: {probe['next_job_ran']}; "
+                said = (f"{probe.get('took_down', 'work-horse')} only; worker survived, next job ran: "
+                        f"{probe['next_job_ran']}; retried after {probe.get('retried_after_s')} s; "
                         f"log: {probe['crashed_job_log_status']} ({probe['crashed_job_log_error']})")
                 ok = probe["next_job_ran"] and probe["crashed_job_log_status"] in ("retrying", "failed")
             else:
@@ -195,11 +197,12 @@ def sections(doc: dict[str, Any]) -> list[Section]:
         crash = dispatch.get("crash") or {}
         if crash:
             out.append(("Dispatch: one action calling os._exit(), then a no-op",
-                        ["class", "worker survived", "next job ran", "crashed job in the log", "RQ status",
-                         "abandoned-job retry in"],
-                        [[k, str(p["worker_survived"]), str(p["next_job_ran"]),
+                        ["class", "took down", "worker survived", "next job ran", "crashed job in the log",
+                         "RQ status", "retried after", "abandoned-job retry in"],
+                        [[k, str(p.get("took_down", "-")), str(p["worker_survived"]), str(p["next_job_ran"]),
                           f"{p['crashed_job_log_status']} ({p['crashed_job_log_error']})",
                           str(p["crashed_job_rq_status"]),
+                          "-" if p.get("retried_after_s") is None else f"{p['retried_after_s']} s",
                           "-" if p["abandoned_job_recovered_in_s"] is None
                           else f"{p['abandoned_job_recovered_in_s']} s"]
                          for k, p in crash.items()]))

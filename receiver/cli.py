@@ -57,20 +57,26 @@ def serve(host: str, port: int, workers: int, with_worker: bool | None) -> None:
 @main.command()
 @click.option("--burst", is_flag=True, help="stop when the queues are empty")
 @click.option("--queue", "queues", multiple=True, help="serve only these queues (repeatable)")
-@click.option("--class", "kind", type=click.Choice(["fork", "simple"]), default="fork", show_default=True,
-              envvar="CVAT_HOOKS_WORKER_CLASS", help="fork: each job in a child process (crash isolation)")
+@click.option("--class", "kind", type=click.Choice(["split", "fork", "simple"]), default="split", show_default=True,
+              envvar="CVAT_HOOKS_WORKER_CLASS",
+              help="split: light actions in-process, exports each in a forked child, under a parent that "
+                   "restarts a crashed worker and retries its job at once; fork: every job in a forked child; "
+                   "simple: every job in-process, one process")
 def worker(burst: bool, queues: tuple[str, ...], kind: str) -> None:
-    """Run an RQ worker for the actions (with RQ's scheduler, for delayed retries and the periodic
+    """Run RQ workers for the actions (with RQ's scheduler, for delayed retries and the periodic
     reconcile, every CVAT_HOOKS_RECONCILE_MINUTES)."""
     from receiver.reconcile import schedule_periodic
+    from workers import supervisor
     from workers.contract import QUEUES
     from workers.redis_conn import RedisConfigError
     from workers.worker import run
 
     settings = _settings()
+    at_start = partial(schedule_periodic, settings)
     try:
-        run(settings.workers, burst=burst, queues=queues or QUEUES, kind=kind,
-            at_start=partial(schedule_periodic, settings))
+        if kind == "split":
+            sys.exit(supervisor.run(settings.workers, burst=burst, queues=queues or QUEUES, at_start=at_start))
+        run(settings.workers, burst=burst, queues=queues or QUEUES, kind=kind, at_start=at_start)
     except RedisConfigError as exc:
         raise click.ClickException(str(exc)) from exc
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from functools import cache
-from typing import Any
+from functools import cache, partial
+from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from rq import get_current_job
@@ -21,12 +21,16 @@ from workers import metrics
 from workers.actions import runner
 from workers.context import ActionContext
 from workers.contract import ActionCall
-from workers.delivery_log import DeliveryLog
+from workers.delivery_log import Attempt, DeliveryLog
 from workers.errors import ErrorKind, PermanentError, UnknownAction, classify
 from workers.gateway import CvatGateway
+from workers.inprocess import defer
 from workers.redaction import Redactor
 from workers.redis_conn import connect
 from workers.settings import WorkerSettings
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +72,19 @@ def attempt_of(job: Job | None, call: ActionCall) -> int:
 
 
 def run_action(data: dict[str, Any]) -> dict[str, Any]:
-    """Run one action (the RQ job function named in ``workers.contract.JOB_FUNCTION``)."""
+    """Run one action (the RQ job function named in ``workers.contract.JOB_FUNCTION``).
+
+    Three Redis round trips of its own (bench/dispatch.py): the action's state read and the start
+    written, then the end and the metrics in one transaction (``workers.delivery_log.Attempt``),
+    which the in-process worker sends with its own success transaction (``workers.inprocess.defer``).
+    """
     call = ActionCall.from_json(data)
     rt = runtime()
     job = get_current_job()
-    attempt = attempt_of(job, call)
-    started = rt.deliveries.action_started(call.delivery_id, call.job_id, attempt)
-    ctx = ActionContext(
-        call=call, settings=rt.settings, redis=rt.redis, gateway_factory=rt.gateway,
-        note=lambda message, **extra: rt.deliveries.action_note(call.delivery_id, call.job_id, message, **extra),
-    )
+    attempt = rt.deliveries.attempt(call.delivery_id, call.job_id, attempt_of(job, call))
+    attempt.start()
+    ctx = ActionContext(call=call, settings=rt.settings, redis=rt.redis, gateway_factory=rt.gateway,
+                        note=attempt.note)
     try:
         skipped = unmet_job_requirement(ctx)
         if skipped is not None:
@@ -87,20 +94,20 @@ def run_action(data: dict[str, Any]) -> dict[str, Any]:
                 run = runner(call.action)
             except KeyError:
                 raise UnknownAction(f"no such action {call.action!r} in this worker") from None
-            result, is_skip = run(ctx), False
+            result = run(ctx)
             is_skip = bool(result.get("skipped")) if isinstance(result, dict) else False
     except Exception as exc:
-        record_failure(rt, call, job, attempt, started, exc)
+        record_failure(rt, call, job, attempt, exc)
         raise
     finally:
         close = getattr(ctx._gateway, "close", None)
         if close is not None:
             close()
-    rt.deliveries.action_succeeded(call.delivery_id, call.job_id, attempt=attempt, started=started,
-                                   result=result, skipped=is_skip)
-    count_attempt(rt, call.action, "skipped" if is_skip else "succeeded", time.time() - started)
+    outcome = "skipped" if is_skip else "succeeded"
+    attempt.succeeded(result, skipped=is_skip, also=partial(count_attempt, call.action, outcome, attempt),
+                      defer=defer)
     log.info("delivery %s: %s of rule %s %s (attempt %d)", call.delivery_id, call.action, call.rule_id,
-             "skipped" if is_skip else "succeeded", attempt)
+             outcome, attempt.number)
     return result
 
 
@@ -121,7 +128,7 @@ def unmet_job_requirement(ctx: ActionContext) -> dict[str, Any] | None:
     return None
 
 
-def record_failure(rt: Runtime, call: ActionCall, job: Job | None, attempt: int, started: float,
+def record_failure(rt: Runtime, call: ActionCall, job: Job | None, attempt: Attempt,
                    exc: BaseException) -> None:
     """Write the failed attempt, and stop RQ from retrying what cannot succeed."""
     kind = classify(exc)
@@ -130,25 +137,20 @@ def record_failure(rt: Runtime, call: ActionCall, job: Job | None, attempt: int,
     if job is not None and not will_retry:
         job.retries_left = 0
     message = rt.redactor.text(str(exc) or type(exc).__name__)
-    rt.deliveries.action_failed(call.delivery_id, call.job_id, attempt=attempt, started=started,
-                                error_class=type(exc).__name__, message=message, kind=kind.value,
-                                next_retry_at=next_at, result=getattr(exc, "result", None))
-    count_attempt(rt, call.action, "retrying" if will_retry else "failed", time.time() - started)
+    outcome = "retrying" if will_retry else "failed"
+    attempt.failed(error_class=type(exc).__name__, message=message, kind=kind.value, next_retry_at=next_at,
+                   result=getattr(exc, "result", None), also=partial(count_attempt, call.action, outcome, attempt))
     log.warning("delivery %s: %s of rule %s failed (attempt %d, %s): %s%s", call.delivery_id, call.action,
-                call.rule_id, attempt, kind.value, message, "; will retry" if will_retry else "; gave up")
+                call.rule_id, attempt.number, kind.value, message, "; will retry" if will_retry else "; gave up")
 
 
-def count_attempt(rt: Runtime, action: str, outcome: str, seconds: float) -> None:
-    """Count one attempt for /metrics (never fails the job if Redis hiccups)."""
-    try:
-        with rt.redis.pipeline(transaction=False) as pipe:
-            metrics.inc(pipe, "cvat_hooks_action_runs_total", action=action, outcome=outcome)
-            if outcome == "retrying":
-                metrics.inc(pipe, "cvat_hooks_action_retries_total", action=action)
-            metrics.observe(pipe, "cvat_hooks_action_duration_seconds", seconds, action=action)
-            pipe.execute()
-    except Exception as exc:  # metrics must never turn a success into a failure
-        log.debug("metrics: could not count %s: %s", action, exc)
+def count_attempt(action: str, outcome: str, attempt: Attempt, pipe: Pipeline) -> None:
+    """Queue the metrics of one attempt on ``pipe`` (the transaction that records its end; a metrics
+    error there is logged, never raised: see ``Attempt``)."""
+    metrics.inc(pipe, "cvat_hooks_action_runs_total", action=action, outcome=outcome)
+    if outcome == "retrying":
+        metrics.inc(pipe, "cvat_hooks_action_retries_total", action=action)
+    metrics.observe(pipe, "cvat_hooks_action_duration_seconds", time.time() - attempt.started, action=action)
 
 
 def on_job_failure(job: Job, connection: Redis, exc_type: type, exc: BaseException, tb: Any) -> None:

@@ -21,7 +21,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COUNTERS_KEY = "cvat-hooks:metrics:counters"
-HISTOGRAMS_KEY = "cvat-hooks:metrics:histograms"
+HISTOGRAMS_KEY = "cvat-hooks:metrics:buckets"
+"""Histogram observations, one count per bucket an observation *falls in* (not cumulative: one write
+per observation instead of one per bucket); :class:`RedisCollector` cumulates them when rendering.
+Renamed from ``...:histograms`` (cumulative counts) so the two forms never mix after an upgrade."""
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 """Seconds: an action takes from a few ms (notify) to many minutes (a large export)."""
@@ -63,13 +66,21 @@ def safe_inc(redis: Redis, name: str, **labels: str) -> None:
 
 
 def observe(target: Redis | Pipeline, name: str, value: float, **labels: str) -> None:
-    """Add one observation to a histogram."""
+    """Add one observation to a histogram: two writes, the count of the one bucket ``value`` falls in
+    (the smallest bound >= value, or ``+Inf``) and the sum (a worker's hot path: see bench/)."""
     base = _field(name, labels)
-    for bound in DURATION_BUCKETS:
-        if value <= bound:
-            target.hincrby(HISTOGRAMS_KEY, f"{base}|{bound}", 1)
-    target.hincrby(HISTOGRAMS_KEY, f"{base}|+Inf", 1)
+    bound = next((str(b) for b in DURATION_BUCKETS if value <= b), "+Inf")
+    target.hincrby(HISTOGRAMS_KEY, f"{base}|{bound}", 1)
     target.hincrbyfloat(HISTOGRAMS_KEY, f"{base}|sum", value)
+
+
+def cumulate(values: Mapping[str, float]) -> list[tuple[str, float]]:
+    """Prometheus buckets (``le`` cumulative, ending with ``+Inf`` = the count) from per-bucket counts."""
+    buckets, total = [], 0.0
+    for bound in [*map(str, DURATION_BUCKETS), "+Inf"]:
+        total += values.get(bound, 0.0)
+        buckets.append((bound, total))
+    return buckets
 
 
 def _decode(raw: Mapping[Any, Any]) -> Iterator[tuple[list[str], str]]:
@@ -113,9 +124,7 @@ class RedisCollector:
         for (name, labels), values in grouped.items():
             if name not in hist_families:
                 continue
-            buckets = [(str(b), values.get(str(b), 0.0)) for b in DURATION_BUCKETS]
-            buckets.append(("+Inf", values.get("+Inf", 0.0)))
-            hist_families[name].add_metric(list(labels), buckets, values.get("sum", 0.0))
+            hist_families[name].add_metric(list(labels), cumulate(values), values.get("sum", 0.0))
         yield from hist_families.values()
         yield from self._rq_gauges()
 

@@ -8,11 +8,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
-from rq import Queue, SimpleWorker, Worker
+from rq import Queue, Worker
 from rq.job import JobStatus
 from rq.registry import StartedJobRegistry
+from rq.worker import BaseWorker
 
 from workers.contract import QUEUES
+from workers.inprocess import BatchedSimpleWorker
 from workers.jobs import on_work_horse_killed
 from workers.queueing import SERIALIZER, queue
 from workers.redis_conn import connect
@@ -65,14 +67,16 @@ class ForkWorker(_Rescuing, Worker):
     """RQ's forking worker with :func:`rescue_unstarted`."""
 
 
-class InProcessWorker(_Rescuing, SimpleWorker):
-    """RQ's SimpleWorker with :func:`rescue_unstarted`."""
+class InProcessWorker(_Rescuing, BatchedSimpleWorker):
+    """RQ's SimpleWorker, its bookkeeping batched (``workers.inprocess``), with :func:`rescue_unstarted`."""
 
 
-WORKER_CLASSES: dict[str, type[Worker]] = {"fork": ForkWorker, "simple": InProcessWorker}
+WORKER_CLASSES: dict[str, type[BaseWorker]] = {"fork": ForkWorker, "simple": InProcessWorker}
 """``fork`` runs each job in a child process (a crashing action takes down only that child, and RQ
-retries it); ``simple`` runs jobs in the worker itself (faster, but a crash takes the worker down:
-RQ's abandoned-job cleanup then retries the job from another worker)."""
+retries it); ``simple`` runs jobs in the worker itself (about 7x less CPU per job, but a crash takes
+the worker down: RQ's abandoned-job cleanup then retries the job from another worker, once it deems
+it abandoned). ``cvat-hooks worker``'s default, ``split``, runs both under a supervising parent
+(``workers.supervisor``, which says what a crash takes down there)."""
 
 
 def preload() -> None:
@@ -93,7 +97,7 @@ def preload() -> None:
 
 
 def build_worker(settings: WorkerSettings, *, queues: Sequence[str] = QUEUES, kind: str = "fork",
-                 name: str | None = None) -> Worker:
+                 name: str | None = None) -> BaseWorker:
     """A worker serving ``queues`` in order (light actions before exports)."""
     redis = connect(settings.redis_url)
     cls = WORKER_CLASSES[kind]
@@ -115,6 +119,7 @@ def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] 
     if kind == "fork":
         preload()
     worker = build_worker(settings, queues=queues, kind=kind, name=name)
+    restarts = 0  # a successor's name says whose it is (``workers.supervisor.recover`` finds its jobs)
     if at_start is not None and not burst:
         at_start(worker.connection)
     while True:
@@ -134,4 +139,5 @@ def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] 
         # or exit 0, which a supervisor restarting on failure would not restart (issue 6).
         log.error("worker %s: stopped on %s; starting a new worker in 1 s", worker.name, why)
         time.sleep(1)
-        worker = build_worker(settings, queues=queues, kind=kind, name=None)
+        restarts += 1
+        worker = build_worker(settings, queues=queues, kind=kind, name=f"{name}.{restarts}" if name else None)

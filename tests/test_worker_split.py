@@ -1,0 +1,71 @@
+"""``cvat-hooks worker``'s default setup (``--class split``) and the batched in-process worker under it:
+a crashing light action takes down its child only, is recorded and retried at once, and RQ's
+bookkeeping of a job run by the batched worker is RQ's own. Real redis-server, real processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from rq.job import Job
+
+from bench import dispatch
+from bench.noop_action import NAME, register
+from bench.procs import RedisProc
+from workers import metrics
+from workers.actions import REGISTRY
+from workers.contract import LIGHT_QUEUE
+from workers.queueing import SERIALIZER, queue
+from workers.worker import build_worker
+
+
+@pytest.mark.parametrize(("observations", "expected"), [
+    ([], [0.0] * 13),  # no observation: every bucket 0
+    ([0.01], [1.0] * 13),  # below the first bound: counted in every bucket
+    ([0.3, 2], [0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2]),  # each from its own bound on
+    ([5, 5, 9999], [0] * 6 + [2] * 6 + [3]),  # a bound is inclusive; past the last only in +Inf
+], ids=["none", "tiny", "two", "edges"])
+def test_histogram_buckets_render_cumulative(redis: Redis, observations: list[float], expected: list[float]):
+    """One write per observation, and /metrics still shows Prometheus' cumulative ``le`` buckets."""
+    for value in observations:
+        metrics.observe(redis, "cvat_hooks_action_duration_seconds", value, action="notify")
+    text = metrics.render(redis, []).decode()
+    found = []
+    for bound in [*map(str, metrics.DURATION_BUCKETS), "+Inf"]:
+        line = f'cvat_hooks_action_duration_seconds_bucket{{action="notify",le="{bound}"}} '
+        found.append(next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)), 0.0))
+    assert found == [float(e) for e in expected]
+    if observations:
+        assert f'cvat_hooks_action_duration_seconds_count{{action="notify"}} {float(len(observations))}' in text
+
+
+def test_batched_worker_keeps_rqs_bookkeeping(redis: Redis, settings, worker_env, monkeypatch):
+    """A job run by the in-process worker is finished in RQ's registries with its result, its execution
+    is gone, and the worker counted it: what RQ's own SimpleWorker leaves."""
+    monkeypatch.setitem(REGISTRY, NAME, None)  # undone after the test: the bench action is not ours
+    register()
+    [call] = dispatch._calls(1, tag="bookkeeping")
+    dispatch.Queuer(redis).queue([call])
+    worker = build_worker(settings.workers, queues=(LIGHT_QUEUE,), kind="simple", name="batched")
+    assert worker.work(burst=True, with_scheduler=False)
+    q = queue(LIGHT_QUEUE, redis)
+    job = Job.fetch(call.job_id, connection=redis, serializer=SERIALIZER)
+    assert job.get_status() == "finished" and job.return_value() == {"noop": True}
+    assert q.finished_job_registry.get_job_ids() == [call.job_id]
+    assert q.started_job_registry.get_job_ids() == [] and redis.llen(q.intermediate_queue_key) == 0
+    worker.refresh()
+    assert worker.successful_job_count == 1
+
+
+def test_split_worker_crash_takes_down_the_light_child_only_and_retries_at_once(tmp_path: Path):
+    """`cvat-hooks worker` (split) running an action that calls os._exit(): the command survives, the
+    next job runs, and the crashed job is recorded and retried now (not after RQ's one-hour
+    abandoned-job timeout), then, crashing again with no retry left, given up."""
+    with RedisProc(tmp_path / "redis") as server:
+        probe = dispatch.crash_probe(server, dispatch.Queuer(server.client), "split", tmp_path)
+    assert probe["worker_survived"] is True, probe
+    assert probe["next_job_ran"] is True, probe
+    assert probe["crashed_job_steps"] == ["received", "started", "retrying", "started", "failed"], probe
+    assert probe["crashed_job_log_error"] == "AbandonedJobError"
+    assert probe["crashed_job_rq_status"] == "failed"
