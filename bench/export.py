@@ -67,7 +67,7 @@ def cvat_server(work: Path, *, size_mb: float, export_seconds: float) -> Iterato
 @contextmanager
 def moto_server(work: Path) -> Iterator[str]:
     """moto's S3 in its own process (its memory is not the worker's); a bucket made; yields the URL."""
-    import boto3
+    import boto3  # type: ignore[import-untyped]
 
     port = procs.free_port()
     proc = procs.start("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -152,16 +152,36 @@ def export_once(redis: RedisProc, proc: Proc, sampler: TreeSampler, to: str, *,
     peak, peak_pss = sampler.peak(since), sampler.peak_pss(since)
     result = action.get("result") or {}
     started, finished = _ts(action.get("started_at")), _ts(action.get("finished_at"))
+    timeline = record.timeline if record else []
+    notes = {step.get("message", "").split(" ", 1)[0]: _ts(step.get("t")) for step in timeline
+             if step.get("job_id") == call.job_id and step.get("step") == "note"}
     return {
         "to": to, "size_mb": round((result.get("size") or 0) / MB, 1),
         "total_s": round((finished or 0) - queued, 3),
         "queue_to_start_s": round((started or 0) - queued, 3),
         "action_s": action.get("duration"), "server_seconds": result.get("server_seconds"),
+        "steps": _steps(started, notes, finished, result.get("server_seconds")),
         "rss_idle_mb": round(idle.rss / MB, 1), "rss_peak_mb": round(peak.rss / MB, 1),
         "rss_growth_mb": round((peak.rss - idle.rss) / MB, 1),
         "pss_idle_mb": round(idle.pss / MB, 1), "pss_peak_mb": round(peak_pss.pss / MB, 1),
         "pss_growth_mb": round((peak_pss.pss - idle.pss) / MB, 1),
     }
+
+
+def _steps(started: float | None, notes: dict[str, float | None], finished: float | None,
+           server_seconds: float | None) -> dict[str, float | None]:
+    """Where an action's time went, from its timeline notes (``export started``, ``downloaded``,
+    ``committed``): before the export request (plan, login, format check, staging), after the server
+    was seen finished until the file was here (download), the commit (fsync and rename, or the upload),
+    and from the commit to the recorded end (closing the clients, the worker's bookkeeping)."""
+    began, downloaded, committed = notes.get("export"), notes.get("downloaded"), notes.get("committed")
+
+    def span(a: float | None, b: float | None, minus: float = 0.0) -> float | None:
+        return round(b - a - minus, 3) if a is not None and b is not None else None
+
+    return {"before_request_s": span(started, began),
+            "download_s": span(began, downloaded, server_seconds or 0.0),
+            "commit_s": span(downloaded, committed), "end_s": span(committed, finished)}
 
 
 def run(work: Path, *, size_mb: float, small_mb: float = 5.0, export_seconds: float = 2.0, reps: int = 3,
@@ -185,7 +205,7 @@ def run(work: Path, *, size_mb: float, small_mb: float = 5.0, export_seconds: fl
                     log(f"export: overhead run {i + 1}: total {r['total_s']:.2f}s for a {export_seconds:g}s "
                         f"server export -> +{r['overhead_s']:.2f}s "
                         f"(queue->start {r['queue_to_start_s']:.2f}s, "
-                        f"seen finished after {r['server_seconds']}s)")
+                        f"seen finished after {r['server_seconds']}s; steps {r['steps']})")
             finally:
                 sampler.stop()
         out["overhead"] = {"runs": runs, "export_seconds": export_seconds,
@@ -207,7 +227,7 @@ def run(work: Path, *, size_mb: float, small_mb: float = 5.0, export_seconds: fl
                         out["memory"][f"{where}-{size:g}mb"] = r
                         log(f"export: {size:g} MB to {where}: {r['total_s']:.1f}s, worker RSS "
                             f"{r['rss_idle_mb']} -> {r['rss_peak_mb']} MB (+{r['rss_growth_mb']}), PSS "
-                            f"+{r['pss_growth_mb']} MB")
+                            f"+{r['pss_growth_mb']} MB; steps {r['steps']}")
                         local = data / to if not to.startswith("s3://") else None
                         if local is not None and local.exists():
                             local.unlink()  # 500 MB of disk back

@@ -12,11 +12,15 @@ During the run it SIGKILLs, by PID, and restarts once each: Redis (at 25 % of th
 (whole process tree, at 50 %) and the receiver (serve, gunicorn master and workers, at 75 %). Then
 it waits for every queue to drain and prints: deliveries sent, acknowledged (2xx), actions expected
 (those of every event some copy of which got a 2xx), actions run (effects at the sink), lost (must
-be 0), run twice (must be 0), 5xx answered, and the peak RSS of each process. The figures are saved
+be 0), run twice (distinct runs of one action, must be 0; a ``notify`` posted again after a crash
+between the POST and its marker carries the same ``Idempotency-Key`` and is counted apart), 5xx
+answered, and the peak RSS of each process. The figures are saved
 to ``bench/results/soak-<date>.json``.
 
-A killed worker's in-flight job is retried by RQ once it deems it abandoned (about 90 s after the
-kill, then within a worker's maintenance interval, 30 s), so the drain takes that long at least.
+A killed worker's in-flight job is retried by RQ once it deems it abandoned: a light action's after
+its time limit + 60 s (6 minutes, ``workers.contract.JOB_TIMEOUTS``), an export's work-horse about
+90 s after the kill; a job taken off a queue but not yet registered, after RQ's intermediate-queue
+cleanup (two maintenance rounds, over a minute). The drain therefore takes that long at least.
 """
 
 from __future__ import annotations
@@ -265,17 +269,19 @@ class Load:
             thread.join(timeout=15)
 
 
-def effects(sink: WebhookSink) -> Counter[tuple[str, str]]:
-    """(delivery id, action tag) -> POSTs the sink received for it."""
-    found: Counter[tuple[str, str]] = Counter()
+def effects(sink: WebhookSink, *, distinct_runs: bool = False) -> Counter[tuple[str, str]]:
+    """(delivery id, action tag) -> POSTs the sink received for it; with ``distinct_runs``, the
+    distinct ``Idempotency-Key`` values among them (runs a receiver honouring the key acts on)."""
+    keys: dict[tuple[str, str], list[str]] = {}
     for received in list(sink.received):
         try:
             text = json.loads(received.body)["text"]
         except (ValueError, KeyError, TypeError):
             continue
         delivery_id, _, tag = text.partition(" ")
-        found[(delivery_id, tag)] += 1
-    return found
+        headers = {k.lower(): v for k, v in dict(received.headers).items()}
+        keys.setdefault((delivery_id, tag), []).append(headers.get("idempotency-key", ""))
+    return Counter({k: len(set(v)) if distinct_runs else len(v) for k, v in keys.items()})
 
 
 def drained(redis_url: str) -> bool:
@@ -289,12 +295,39 @@ def drained(redis_url: str) -> bool:
     try:
         redis = Redis.from_url(redis_url, socket_timeout=5)
         try:
-            return all(rq_queue(q, redis).count == 0 and StartedJobRegistry(q, connection=redis).count == 0
-                       and ScheduledJobRegistry(q, connection=redis).count == 0 for q in QUEUES)
+            # cleanup=False: counting must not run RQ's registry cleanup behind the workers' back
+            # (it drops expired entries of jobs that never started, which the workers rescue).
+            return all(rq_queue(q, redis).count == 0
+                       and StartedJobRegistry(q, connection=redis).get_job_count(cleanup=False) == 0
+                       and ScheduledJobRegistry(q, connection=redis).get_job_count(cleanup=False) == 0
+                       for q in QUEUES)
         finally:
             redis.close()
     except Exception:
         return False
+
+
+DEFAULT_FAULTS = "redis@0.25,worker@0.5,receiver@0.75"
+FAULT_KINDS = ("redis", "worker", "receiver")
+
+
+def faults_arg(text: str) -> list[tuple[float, str]]:
+    """``redis@0.25,worker@0.5`` -> [(0.25, "redis"), (0.5, "worker")], in time order."""
+    if text.strip() in ("", "none"):
+        return []
+    schedule = []
+    for part in text.split(","):
+        what, _, at = part.strip().partition("@")
+        if what not in FAULT_KINDS:
+            raise argparse.ArgumentTypeError(f"{what!r} is not one of {', '.join(FAULT_KINDS)}")
+        try:
+            fraction = float(at) if at else 0.5
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{at!r} is not a fraction of the run") from None
+        if not 0 <= fraction <= 1:
+            raise argparse.ArgumentTypeError(f"{at!r} is not a fraction of the run in [0, 1]")
+        schedule.append((fraction, what))
+    return sorted(schedule)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -302,12 +335,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the traffic (default 10)")
     parser.add_argument("--rate", type=float, default=200.0, help="deliveries a second (default 200)")
     parser.add_argument("--workers", type=int, default=2, help="cvat-hooks worker processes (default 2)")
-    parser.add_argument("--worker-class", choices=("fork", "simple"), default="fork")
+    parser.add_argument("--worker-class", choices=("split", "fork", "simple"), default="split",
+                        help="cvat-hooks worker --class (default: split, the shipped setup)")
     parser.add_argument("--fsync", choices=("always", "everysec"), default="always",
                         help="Redis appendfsync (default always: no acknowledged write lost to a kill)")
-    parser.add_argument("--drain-minutes", type=float, default=6.0, help="longest wait for the queues to drain")
+    parser.add_argument("--drain-minutes", type=float, default=9.0, help="longest wait for the queues to drain")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one, removed)")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    parser.add_argument("--faults", type=faults_arg, default=DEFAULT_FAULTS,
+                        help="what to kill and when, as WHAT@FRACTION of the run, comma-separated "
+                             "(WHAT: redis, worker, receiver; default %(default)s; 'none' for no fault)")
     return parser.parse_args(argv)
 
 
@@ -341,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         traffic, tally = Traffic(), Tally()
         load = Load(lambda: receiver.port, traffic, args.rate, tally)
         duration = args.minutes * 60
-        schedule = [(0.25, "redis"), (0.50, "worker"), (0.75, "receiver")]
+        schedule = args.faults if isinstance(args.faults, list) else faults_arg(args.faults)
         with Sampler([redis, receiver, *workers], interval=1.0):
             started = time.monotonic()
             load.start()
@@ -362,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             drain_seconds = time.monotonic() - drain_started
             time.sleep(2)  # anything still in flight lands at the sink: counted as "run twice"
 
-        seen = effects(sink)
-        report = figures(args, tally, traffic, expected, seen, procs, redis, faults, drain_seconds,
+        seen, runs = effects(sink), effects(sink, distinct_runs=True)
+        report = figures(args, tally, traffic, expected, seen, runs, procs, redis, faults, drain_seconds,
                          drained(redis.url))
         print_report(report)
         if not args.no_save:
@@ -406,7 +443,8 @@ def kill_and_restart(what: str, redis: RedisProc, receiver: ReceiverProc, worker
 
 
 def figures(args: argparse.Namespace, tally: Tally, traffic: Traffic, expected: set[tuple[str, str]],
-            seen: Counter[tuple[str, str]], procs: list[Any], redis: RedisProc, faults: list[dict[str, Any]],
+            seen: Counter[tuple[str, str]], runs: Counter[tuple[str, str]], procs: list[Any], redis: RedisProc,
+            faults: list[dict[str, Any]],
             drain_seconds: float, is_drained: bool) -> dict[str, Any]:
     """The soak's figures as one JSON-ready dict."""
     mb = 1024 * 1024
@@ -429,7 +467,9 @@ def figures(args: argparse.Namespace, tally: Tally, traffic: Traffic, expected: 
         "actions_run": sum(seen[key] for key in expected),
         "lost": len(expected - set(seen)),
         "lost_actions": sorted(f"{d} {tag}" for d, tag in expected - set(seen))[:20],
-        "run_twice": sum(1 for key in expected if seen[key] > 1),
+        "run_twice": sum(1 for key in expected if runs[key] > 1),
+        "twice_actions": sorted(f"{d} {tag}" for d, tag in expected if runs[(d, tag)] > 1)[:20],
+        "posted_again_same_key": sum(1 for key in expected if seen[key] > runs[key]),
         "unexpected_effects": sum(n for key, n in seen.items() if key not in expected),
         "drained": is_drained,
         "drain_seconds": round(drain_seconds, 1),
@@ -450,7 +490,9 @@ def print_report(r: dict[str, Any]) -> None:
         f"({r['events_acknowledged']} of {r['events']} events acknowledged)",
         f"actions run          {r['actions_run']}",
         f"lost                 {r['lost']}" + (f"  ({', '.join(r['lost_actions'])})" if r["lost"] else ""),
-        f"run twice            {r['run_twice']}",
+        f"run twice            {r['run_twice']}" + (f"  ({', '.join(r['twice_actions'])})" if r["run_twice"] else ""),
+        f"posted again         {r['posted_again_same_key']}  (same Idempotency-Key: one effect where the "
+        "receiver honours it)",
         f"unexpected effects   {r['unexpected_effects']}",
         f"5xx answered         {r['answered_5xx']}",
         f"drained              {r['drained']} ({r['drain_seconds']} s after the traffic)",

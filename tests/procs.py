@@ -298,9 +298,12 @@ class WorkerProc(Proc):
             if not self.running:
                 raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
             try:
-                return any(w.pid == self.pid for w in Worker.all(connection=redis))
+                pids = {w.pid for w in Worker.all(connection=redis)}
             except Exception:
                 return False
+            if self.kind == "split":  # its RQ workers are the children of a supervising parent
+                return len(pids & set(children(self.pid))) >= 2
+            return self.pid in pids
 
         try:
             if not wait_for(registered, timeout=30, interval=0.05):

@@ -254,3 +254,17 @@ def test_a_failed_notification_is_sent_on_retry(hook: Hook, redis: Redis) -> Non
         send(params, redis)
     result, _ = send(params, redis)
     assert result["status"] == 200 and len(hook.requests) == 2
+
+
+def test_every_post_of_a_run_carries_its_idempotency_key(hook: Hook, redis: Redis) -> None:
+    """A retry of one run (here after a 503; after a crash past the POST it is the same) repeats the
+    key, so a receiver honouring it acts once; a replay is a new run with a new key."""
+    hook.statuses = [503]
+    params = {"url": hook.url, "text": "hi"}
+    with pytest.raises(TransientError):
+        send(params, redis)
+    send(params, redis)
+    send(params, redis, run=1)
+    keys = [r.headers["Idempotency-Key"] for r in hook.requests]
+    assert keys[0] == keys[1] != keys[2]
+    assert keys[0].startswith("cvh-") and keys[2].endswith("-r1")

@@ -7,9 +7,11 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -450,6 +452,30 @@ def test_export_polls_the_status_only_a_few_times(cvat_gateway: CvatClient, cvat
                         tmp_path / "x.zip")
     polls = cvat_server.calls("GET", "/api/requests/")
     assert 2 <= len(polls) <= 5
+
+
+def test_export_polls_on_a_schedule_slow_answers_do_not_delay(make_cvat_client: MakeClient,
+                                                                cvat_server: CvatTestServer, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch):
+    """Status checks are due at fixed times from the export request, so the time an answer takes is not
+    added to every pause: with 0.2 s answers, checks still start one period apart, not 0.7 s."""
+    import workers.cvat_client as module
+
+    call, starts = module.CvatClient._call, []
+
+    def slow(self: CvatClient, endpoint: Any, **params: Any) -> Any:
+        if "/requests/" in endpoint.path:
+            starts.append(time.monotonic())
+            time.sleep(0.2)
+        return call(self, endpoint, **params)
+
+    monkeypatch.setattr(module.CvatClient, "_call", slow)
+    cvat_server.export_seconds = 3.0
+    period = 0.5
+    gateway = make_cvat_client(status_check_period=period)
+    gateway.export(ExportRequest(Resource.TASK, 2, ExportKind.ANNOTATIONS, "COCO 1.0"), tmp_path / "x.zip")
+    steady = [b - a for a, b in zip(starts[-3:], starts[-2:], strict=False)]  # once the pause is the period
+    assert steady and max(steady) < period + 0.1, steady
 
 
 def test_export_wait_has_a_deadline(cvat_server: CvatTestServer, make_cvat_client: MakeClient,

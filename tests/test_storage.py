@@ -22,6 +22,8 @@ from workers.storage import (
     S3Destination,
     Storage,
     parse_destination,
+    shared_s3_client,
+    warm_up,
 )
 
 MB = 1024 * 1024
@@ -300,3 +302,52 @@ def test_s3_unreachable_endpoint_is_transient(cfg: WorkerSettings, monkeypatch: 
     with Storage(cfg) as storage, pytest.raises(Exception) as caught:  # noqa: B017 - classify decides
         upload(storage, "s3://exports/a.zip", b"x")
     assert classify(caught.value) is ErrorKind.TRANSIENT
+
+
+# -- the shared S3 client ------------------------------------------------------------------------
+
+def test_s3_client_is_shared_by_the_process_and_kept_open(s3_env: str, cfg: WorkerSettings) -> None:
+    """Every Storage of a process uses one S3 client (made once, not per export), and closing a
+    Storage leaves it usable for the next export."""
+    with Storage(cfg) as first:
+        client = first.s3
+    with bucket("exports-shared"), Storage(cfg) as second:
+        assert second.s3 is client
+        upload(second, "s3://exports-shared/a.zip", b"12345")
+    assert shared_s3_client() is client
+
+
+def test_s3_client_is_made_again_when_the_aws_environment_changes(s3_env: str, cfg: WorkerSettings,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client made under other credentials or another endpoint is not reused."""
+    before = shared_s3_client()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated")
+    assert shared_s3_client() is not before
+    assert shared_s3_client() is shared_s3_client()
+
+
+def test_warm_up_makes_the_shared_client_without_a_request(cfg: WorkerSettings, monkeypatch: pytest.MonkeyPatch,
+                                                           tmp_path: Path) -> None:
+    """A forking worker's parent can make the client its work-horses inherit while S3 is unreachable."""
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    use_endpoint(monkeypatch, f"http://127.0.0.1:{port}", tmp_path)
+    warm_up()
+    with Storage(cfg) as storage:
+        assert storage.s3 is shared_s3_client()
+
+
+def test_warm_up_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker starts even when no S3 client can be made; the export will say why."""
+    import workers.storage as storage_module
+
+    def broken() -> None:
+        raise RuntimeError("no boto3 here")
+
+    monkeypatch.setattr(storage_module, "_shared", None)
+    monkeypatch.setattr(storage_module, "_default_s3_client", broken)
+    warm_up()
+    assert storage_module._shared is None

@@ -29,7 +29,16 @@ QUEUES: tuple[str, ...] = (LIGHT_QUEUE, EXPORT_QUEUE)
 """Every queue, in the order a worker serves them (light first)."""
 
 JOB_TIMEOUT = 3600
-"""Seconds one run of an action may take before RQ kills it (a big export can take long)."""
+"""Seconds one run of an export may take before RQ kills it (a big export can take long)."""
+JOB_TIMEOUTS: dict[str, int] = {LIGHT_QUEUE: 300}
+"""Shorter limits per queue. A light action is a few HTTP calls; its limit also bounds how long a job
+waits when its whole worker is killed (container stopped, OOM), since RQ retries an abandoned
+in-process job only once its limit + 60 s have passed."""
+
+
+def job_timeout(queue: str) -> int:
+    """Seconds a run of an action on ``queue`` may take."""
+    return JOB_TIMEOUTS.get(queue, JOB_TIMEOUT)
 
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
 

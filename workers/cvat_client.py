@@ -362,16 +362,23 @@ class CvatClient:
         return api.create_dataset_export_endpoint, params
 
     def _wait(self, rq_id: str, started: float) -> dict[str, Any]:
-        """Poll ``/api/requests/{rq_id}``: first after 50 ms, then 1.5 times longer each time up to
-        the configured period, so a quick export returns quickly and a long one costs few requests
-        (cvat-sdk's own wait polls every 5 s)."""
+        """Poll ``/api/requests/{rq_id}``: first 50 ms after the export was asked for, then 1.5 times
+        longer each time up to the configured period, so a quick export returns quickly and a long one
+        costs few requests (cvat-sdk's own wait polls every 5 s).
+
+        The checks are scheduled from ``started`` rather than after each answer, so the time each
+        check takes does not push the next one later: with a 0.5 s period the wait overshoots an
+        export's end by at most 0.5 s plus one request, on average half that.
+        """
         endpoint = self._client().api_client.requests_api.retrieve_endpoint
         delay, period = FIRST_POLL_DELAY, max(self.settings.status_check_period, FIRST_POLL_DELAY)
+        due = started + delay
         while True:
-            if time.monotonic() + delay - started > self.export_timeout:
+            if due - started > self.export_timeout:
                 raise TransientError(f"CVAT export {rq_id} did not finish within {self.export_timeout:g} s")
-            time.sleep(delay)
+            time.sleep(max(0.0, due - time.monotonic()))
             delay = min(delay * POLL_BACKOFF, period)
+            due = max(due + delay, time.monotonic())  # after a stall, go on from now: no burst to catch up
             answer = self._call(endpoint, id=rq_id)
             status = answer.get("status")
             if status == "finished":

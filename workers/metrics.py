@@ -144,9 +144,11 @@ class RedisCollector:
         for name in self.queues:
             q = queue(name, self.redis)
             depth.add_metric([name], q.count)
-            started.add_metric([name], StartedJobRegistry(queue=q).count)
-            scheduled.add_metric([name], ScheduledJobRegistry(queue=q).count)
-            failed.add_metric([name], FailedJobRegistry(queue=q).count)
+            # get_job_count(cleanup=False): a scrape must not run RQ's cleanup, which would beat the
+            # workers' maintenance (workers.worker.rescue_unstarted) to a job a dead worker had taken.
+            started.add_metric([name], StartedJobRegistry(queue=q).get_job_count(cleanup=False))
+            scheduled.add_metric([name], ScheduledJobRegistry(queue=q).get_job_count(cleanup=False))
+            failed.add_metric([name], FailedJobRegistry(queue=q).get_job_count(cleanup=False))
         workers = GaugeMetricFamily("cvat_hooks_workers", "RQ workers alive.")
         workers.add_metric([], len(Worker.all(connection=self.redis)))
         up = GaugeMetricFamily("cvat_hooks_redis_up", "Whether Redis answered this scrape.")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from rq import Callback, Queue, Retry
 from rq.serializers import JSONSerializer
 
-from workers.contract import FAILURE_CALLBACK, JOB_FUNCTION, JOB_TIMEOUT, ActionCall
+from workers.contract import FAILURE_CALLBACK, JOB_FUNCTION, ActionCall, job_timeout
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -36,7 +36,7 @@ def queue(name: str, connection: Redis) -> Queue:
     constructor checks the serializer against a runtime Protocol, slow enough to show per delivery."""
     by_name = _QUEUES.setdefault(connection, {})
     if name not in by_name:
-        by_name[name] = Queue(name, connection=connection, serializer=SERIALIZER, default_timeout=JOB_TIMEOUT)
+        by_name[name] = Queue(name, connection=connection, serializer=SERIALIZER, default_timeout=job_timeout(name))
     return by_name[name]
 
 
@@ -67,7 +67,7 @@ def enqueue(calls: Iterable[ActionCall], connection: Redis, pipeline: Pipeline |
                 job_id=call.job_id,
                 retry=retry_of(call),
                 on_failure=Callback(FAILURE_CALLBACK),
-                timeout=JOB_TIMEOUT,
+                timeout=job_timeout(name),
                 result_ttl=RESULT_TTL,
                 failure_ttl=failure_ttl,
                 description=f"{call.action} for rule {call.rule_id}, delivery {call.delivery_id[:12]}",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -94,6 +96,12 @@ def preload() -> None:
             importlib.import_module(module)
         except ImportError as exc:  # an optional piece missing must not stop the worker
             log.warning("worker: could not preload %s: %s", module, exc)
+    if any(name.startswith("AWS_") for name in os.environ):  # S3 configured: no credential lookups otherwise
+        from workers import storage
+
+        storage.warm_up()
+    gc.collect()
+    gc.freeze()  # what is loaded stays in pages shared with the work-horses: their collections skip it
 
 
 def build_worker(settings: WorkerSettings, *, queues: Sequence[str] = QUEUES, kind: str = "fork",

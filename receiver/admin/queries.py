@@ -139,9 +139,10 @@ def queue_stats(redis: Redis) -> dict[str, dict[str, int]]:
     found: dict[str, dict[str, int]] = {}
     for name in QUEUES:
         q = queue(name, redis)
-        found[name] = {"queued": q.count, "running": StartedJobRegistry(queue=q).count,
-                       "scheduled": ScheduledJobRegistry(queue=q).count,
-                       "failed": FailedJobRegistry(queue=q).count}
+        # No RQ cleanup from a page view: that is the workers' maintenance (see workers.metrics).
+        found[name] = {"queued": q.count, "running": StartedJobRegistry(queue=q).get_job_count(cleanup=False),
+                       "scheduled": ScheduledJobRegistry(queue=q).get_job_count(cleanup=False),
+                       "failed": FailedJobRegistry(queue=q).get_job_count(cleanup=False)}
     return found
 
 

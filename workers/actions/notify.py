@@ -33,7 +33,9 @@ ever show ``scheme://host/first-segment/…``, never the rest of the path or the
 Idempotency: after a 2xx, a Redis marker per (delivery, rule, action index, run) is set, so a retry
 of the job after a crash past that point does not post twice. The window left is a crash or a lost
 answer between the server acting and the marker being written; that is retried, as is any
-notification whose answer never came (a duplicate message beats a lost one).
+notification whose answer never came (a duplicate message beats a lost one). Every POST of one run
+carries the same ``Idempotency-Key`` (the job id; a forced replay is a new run with a new key), so a
+receiver that honours it acts once even then.
 
 Result: ``{"url": <redacted>, "status", "format", "bytes"}``.
 """
@@ -50,6 +52,7 @@ from workers.context import ActionContext
 from workers.errors import ErrorKind, PermanentError, TransientError, classify
 
 PARAMS = ("url", "text", "format", "timeout", "headers")
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 FORMATS = ("json", "slack", "teams")
 MAX_TIMEOUT = 300
 """Longest timeout a rule may ask for, in seconds (a notification is a light job)."""
@@ -193,7 +196,8 @@ def run(ctx: ActionContext) -> dict[str, Any]:
     fmt = params.get("format", "json")
     payload = body(fmt, params["text"], ctx)
     timeout = float(params.get("timeout") or ctx.settings.notify_timeout)
-    status = post(url, payload, timeout=timeout, headers=params.get("headers") or {})
+    headers = {IDEMPOTENCY_HEADER: ctx.call.job_id, **(params.get("headers") or {})}
+    status = post(url, payload, timeout=timeout, headers=headers)
     if not 200 <= status < 300:
         kind = classify(_StatusError(status))
         error = TransientError if kind is ErrorKind.TRANSIENT else PermanentError
