@@ -17,10 +17,10 @@ between the POST and its marker carries the same ``Idempotency-Key`` and is coun
 answered, and the peak RSS of each process. The figures are saved
 to ``bench/results/soak-<date>.json``.
 
-A killed worker's in-flight job is retried by RQ once it deems it abandoned: a light action's after
-its time limit + 60 s (6 minutes, ``workers.contract.JOB_TIMEOUTS``), an export's work-horse about
-90 s after the kill; a job taken off a queue but not yet registered, after RQ's intermediate-queue
-cleanup (two maintenance rounds, over a minute). The drain therefore takes that long at least.
+A killed worker's in-flight job is retried by RQ once it deems it abandoned, about 75 s after the
+kill (``workers.inprocess.JOB_BEAT_SECONDS`` + 60; an export's work-horse: 90 s), at the next
+maintenance (30 s); a job taken off a queue but not yet registered, by RQ's intermediate-queue
+cleanup (over a minute). The drain therefore takes that long at least.
 """
 
 from __future__ import annotations

@@ -69,3 +69,44 @@ def test_split_worker_crash_takes_down_the_light_child_only_and_retries_at_once(
     assert probe["crashed_job_steps"] == ["received", "started", "retrying", "started", "failed"], probe
     assert probe["crashed_job_log_error"] == "AbandonedJobError"
     assert probe["crashed_job_rq_status"] == "failed"
+
+
+def nap(seconds: float) -> None:
+    """A job that runs for a while (time.sleep itself refuses RQ's empty keyword arguments)."""
+    import time
+
+    time.sleep(seconds)
+
+
+def test_a_running_job_stays_registered_by_short_renewals(redis: Redis, settings, monkeypatch):
+    """While a job runs in-process, its StartedJobRegistry entry is renewed every beat for beat + 60 s,
+    instead of once for its whole time limit + 60 s: a job whose whole worker was killed is deemed
+    abandoned (and retried by RQ) about a minute after the kill, not after the limit."""
+    import threading
+    import time
+
+    from workers import inprocess
+
+    monkeypatch.setattr(inprocess, "JOB_BEAT_SECONDS", 0.2)
+    q = queue(LIGHT_QUEUE, redis)
+    job = q.enqueue(nap, 2.5, job_timeout=300)
+    scores: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            scores.extend(s for _, s in redis.zrange(q.started_job_registry.key, 0, -1, withscores=True))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    worker = build_worker(settings.workers, queues=(LIGHT_QUEUE,), kind="simple", name="beating")
+    try:
+        assert worker.work(burst=True, with_scheduler=False)
+    finally:
+        done.set()
+        watcher.join()
+    assert job.get_status() == "finished"
+    assert scores, "the job was never seen registered"
+    assert max(scores) - time.time() < 70  # never registered for its 300 s limit
+    assert len(set(scores)) >= 3  # renewed while it ran, not set once

@@ -31,9 +31,8 @@ QUEUES: tuple[str, ...] = (LIGHT_QUEUE, EXPORT_QUEUE)
 JOB_TIMEOUT = 3600
 """Seconds one run of an export may take before RQ kills it (a big export can take long)."""
 JOB_TIMEOUTS: dict[str, int] = {LIGHT_QUEUE: 300}
-"""Shorter limits per queue. A light action is a few HTTP calls; its limit also bounds how long a job
-waits when its whole worker is killed (container stopped, OOM), since RQ retries an abandoned
-in-process job only once its limit + 60 s have passed."""
+"""Shorter limits per queue: a light action is a few HTTP calls, and one that hangs holds up the
+light actions behind it."""
 
 
 def job_timeout(queue: str) -> int:

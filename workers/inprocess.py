@@ -24,7 +24,9 @@ these: ``workers.queueing.enqueue``; dependents are checked anyway, in the start
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -45,6 +47,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _deferred: ContextVar[list[Callable[[Pipeline], object]] | None] = ContextVar("cvat_hooks_deferred", default=None)
+
+JOB_BEAT_SECONDS = 15
+"""While a job runs, a thread renews its registration (and the worker's) this often, for this + 60 s.
+RQ's SimpleWorker registers a job for its whole time limit + 60 s instead, so when the whole worker
+is killed (container stopped, node lost) RQ would deem the job abandoned only then; here, about a
+minute and a quarter after the kill."""
 
 BEAT_SECONDS = 5.0
 """Seconds between two worker heartbeats (or ``rq suspend`` checks) outside a job's transactions.
@@ -96,6 +104,8 @@ class BatchedSimpleWorker(SimpleWorker):
             return
         execution, has_dependents = self._start(job, queue)
         pending: list[Callable[[Pipeline], object]] = []
+        beat = _JobBeat(self, job, execution)
+        beat.start()
         try:
             timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
             token = _deferred.set(pending)
@@ -104,6 +114,7 @@ class BatchedSimpleWorker(SimpleWorker):
                     value = job.perform()
             finally:
                 _deferred.reset(token)
+                beat.stop()
             if has_dependents or isinstance(value, Retry):
                 self._send(pending)
                 self._finalize_success(job, queue, execution, value)
@@ -117,7 +128,7 @@ class BatchedSimpleWorker(SimpleWorker):
     def _start(self, job: Job, queue: Queue) -> tuple[Execution, bool]:
         """RQ's ``prepare_execution`` and ``prepare_job_execution`` in one transaction; also whether
         the job has dependents (then its success takes RQ's path, which enqueues them)."""
-        ttl = self.get_heartbeat_ttl(job)
+        ttl = _beat_ttl()  # renewed by _JobBeat while the job runs
         with self.connection.pipeline() as pipe:
             execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
             self.executions[execution.id] = execution
@@ -169,3 +180,32 @@ class BatchedSimpleWorker(SimpleWorker):
                             result)
         job.send_webhooks(JobStatus.FINISHED)
         self.log.debug("Worker %s: %s: Job OK (%s)", self.name, job.origin, job.id)
+
+
+class _JobBeat(threading.Thread):
+    """Renews a running job's registration every :data:`JOB_BEAT_SECONDS` until stopped."""
+
+    def __init__(self, worker: BatchedSimpleWorker, job: Job, execution: Execution) -> None:
+        super().__init__(name=f"beat-{job.id}", daemon=True)
+        self.worker, self.job, self.execution = worker, job, execution
+        self._stopped = threading.Event()
+
+    def run(self) -> None:
+        ttl = _beat_ttl()
+        while not self._stopped.wait(JOB_BEAT_SECONDS):
+            try:
+                with self.worker.connection.pipeline() as pipe:
+                    self.worker.heartbeat(ttl, pipeline=pipe)
+                    self.execution.heartbeat(self.job.started_job_registry, ttl, pipe)
+                    pipe.execute()
+            except Exception as exc:  # Redis away for a moment: the next beat may reach it
+                log.warning("worker %s: could not renew job %s: %s", self.worker.name, self.job.id, exc)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.join()
+
+
+def _beat_ttl() -> int:
+    """Seconds a renewal keeps a running job registered (Redis wants whole seconds)."""
+    return math.ceil(JOB_BEAT_SECONDS) + 60

@@ -20,7 +20,8 @@ What a crashing action takes down (segfault, ``os._exit``, the OOM killer), and 
   If the export child itself dies, it is restarted; its work-horse, in a process group of its own,
   finishes its job (RQ's design), so that job is left to RQ and not retried here;
 - the parent runs no job code; if it is killed with the children (the container), RQ's maintenance
-  in any other worker retries their jobs once RQ deems them abandoned (job timeout + 60 s).
+  in any live worker (or the restarted one) retries their jobs once RQ deems them abandoned: about
+  75 s after the kill for a light action (``workers.inprocess.JOB_BEAT_SECONDS``), 90 s for an export.
 
 A job the light child had taken off its queue but not yet started when it died (a window of one
 round trip, in which no action code runs) is recovered by RQ's intermediate-queue cleanup (a
