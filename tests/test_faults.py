@@ -196,7 +196,7 @@ def assert_exported_once_after_a_kill(stack: Stack, target_dir: Path, error_clas
     before the successful one."""
     log = stack.log()
     [delivery_id] = [d.id for d in log.list(limit=5)]
-    assert wait_for(lambda: log.get(delivery_id).status.value == "succeeded", timeout=40), \
+    assert wait_for(lambda: log.get(delivery_id).status.value == "succeeded", timeout=90), \
         (steps(log.get(delivery_id)), stack.logs())
     delivery = log.get(delivery_id)
     assert steps(delivery) == [("received", None), ("started", None), ("retrying", error_class),
