@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from redis import Redis
     from redis.client import Pipeline
 
+    from receiver.receipts import Batch
+
 log = logging.getLogger(__name__)
 
 COUNTERS_KEY = "cvat-hooks:metrics:counters"
@@ -52,7 +54,7 @@ def _field(name: str, labels: Mapping[str, str]) -> str:
     return name + "|" + "|".join(str(labels.get(label, "")) for label in spec[1])
 
 
-def inc(target: Redis | Pipeline, name: str, amount: int = 1, **labels: str) -> None:
+def inc(target: Redis | Pipeline | Batch, name: str, amount: int = 1, **labels: str) -> None:
     """Count ``amount`` on a counter (on a pipeline: sent with the caller's other writes)."""
     target.hincrby(COUNTERS_KEY, _field(name, labels), amount)
 

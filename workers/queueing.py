@@ -74,6 +74,6 @@ def enqueue(calls: Iterable[ActionCall], connection: Redis, pipeline: Pipeline |
             )
             for call in group
         ]
-        q.enqueue_many(datas, pipeline=pipeline)
+        q.enqueue_many(datas, pipeline=pipeline)  # type: ignore[arg-type]  # a Batch stands in for one
         job_ids += [call.job_id for call in group]
     return job_ids
