@@ -110,3 +110,25 @@ def test_a_running_job_stays_registered_by_short_renewals(redis: Redis, settings
     assert scores, "the job was never seen registered"
     assert max(scores) - time.time() < 70  # never registered for its 300 s limit
     assert len(set(scores)) >= 3  # renewed while it ran, not set once
+
+
+def test_rescue_looks_a_little_ahead_of_now(redis: Redis):
+    """An entry of a job still 'queued' that expires within RESCUE_AHEAD_SECONDS is rescued now: RQ's
+    cleanup, which runs just after with its own clock, would drop it if it expired in between."""
+    import time
+
+    from rq.executions import Execution
+
+    from workers.worker import RESCUE_AHEAD_SECONDS, rescue_unstarted
+
+    q = queue(LIGHT_QUEUE, redis)
+    soon, later = q.enqueue(nap, 0), q.enqueue(nap, 0)
+    for job in (soon, later):
+        redis.lrem(q.key, 1, job.id)  # taken by a worker that died before starting it
+        with redis.pipeline() as pipe:
+            Execution.create(job, ttl=90, pipeline=pipe, worker_name="dead")
+            pipe.execute()
+    [soon_entry] = [e for e in redis.zrange(q.started_job_registry.key, 0, -1) if e.decode().startswith(soon.id)]
+    redis.zadd(q.started_job_registry.key, {soon_entry: time.time() + RESCUE_AHEAD_SECONDS / 2})
+    assert rescue_unstarted(q) == [soon.id]
+    assert (soon.get_status(), later.get_status()) == ("started", "queued")

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+RESCUE_AHEAD_SECONDS = 15
+
+
 def rescue_unstarted(queue_: Queue) -> list[str]:
     """Make RQ's maintenance retry the jobs a dead worker took but never marked started.
 
@@ -41,7 +44,10 @@ def rescue_unstarted(queue_: Queue) -> list[str]:
     """
     registry = StartedJobRegistry(queue=queue_)
     rescued = []
-    for job_id in registry.get_expired_job_ids():
+    # A little ahead of now: RQ's cleanup, just after, reads its own clock, and an entry expiring
+    # in between would be dropped. A live worker's entry is never this close to expiry while its job
+    # is still ``queued`` (it registers for 75 s or more and marks the job started within ms).
+    for job_id in registry.get_expired_job_ids(timestamp=time.time() + RESCUE_AHEAD_SECONDS):
         job = queue_.fetch_job(job_id)
         if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
             continue
