@@ -120,18 +120,20 @@ class Intake:
 
     def _accept(self, event: Event) -> Answer:
         now = time.time()
+        if_duplicate = self._duplicate_writes(event, now)
         if event.is_ping:
-            return self._store(event, [], Previous(None, None, "untracked"), now, Outcome.PING)
-        begun = self.receipts.begin(event, self._duplicate_writes(event, now))
+            return self._store(event, [], Previous(None, None, "untracked"), now, Outcome.PING, if_duplicate)
+        begun = self.receipts.begin(event, if_duplicate)
         if begun.duplicate:
             return self._duplicate(event)
         self.rules.maybe_reload()
         previous = transitions_for(event, begun.seen)
         matches = match(self.rules.current, event, previous, datetime.fromtimestamp(now, UTC))
-        return self._store(event, matches, previous, now, Outcome.QUEUED if matches else Outcome.NO_MATCH)
+        return self._store(event, matches, previous, now, Outcome.QUEUED if matches else Outcome.NO_MATCH,
+                           if_duplicate)
 
     def _store(self, event: Event, matches: list[Match], previous: Previous, now: float,
-               outcome: Outcome) -> Answer:
+               outcome: Outcome, if_duplicate: Batch) -> Answer:
         """Record the delivery and enqueue its jobs in one atomic step, unless it was stored meanwhile."""
         calls = calls_for(event, matches)
         record = delivery_record(event, matches, calls, previous, outcome)
@@ -141,8 +143,7 @@ class Intake:
             self.deliveries.expire(writes, event.delivery_id, NO_MATCH_RETENTION)
         job_ids = enqueue(calls, self.redis, writes, failure_ttl=self.settings.workers.retention_seconds)
         metrics.inc(writes, "cvat_hooks_deliveries_total", event=event.name, outcome=outcome.value)
-        if not self.receipts.commit(event, int(now), self.settings.dedupe_seconds, writes,
-                                    self._duplicate_writes(event, now)):
+        if not self.receipts.commit(event, int(now), self.settings.dedupe_seconds, writes, if_duplicate):
             # Another receiver stored this very event since our first look.
             return self._duplicate(event)
         if outcome is Outcome.PING:
