@@ -12,12 +12,14 @@ incarnation wrote.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +28,16 @@ ROOT = Path(__file__).resolve().parents[1]
 """The repository: children run from here, so ``tests`` and ``bench`` import."""
 
 _OUR_ENV_PREFIXES = ("CVAT_HOOKS_", "CVAT_", "AWS_", "RQ_")
+
+
+def http(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """GET (or POST ``body``) and return the status and the JSON answer, error statuses included."""
+    request = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 15.0, interval: float = 0.02) -> bool:

@@ -33,7 +33,7 @@ import pytest
 from receiver.signature import sign
 from tests.conftest import ROOT, capture, free_port
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer
-from tests.procs import children, clean_env, descendants, wait_for
+from tests.procs import children, clean_env, descendants, http, wait_for
 
 SANDBOX = Path(__file__).with_name("readonly_sandbox.py")
 ENTRYPOINT = ROOT / "deploy" / "docker-entrypoint.sh"
@@ -273,15 +273,6 @@ def service(mode: Mode, tmp_path: Path, cvat_server: CvatTestServer) -> Iterator
         yield running
     finally:
         running.stop()
-
-
-def http(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers=headers or {}, method="POST" if body else "GET")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as answer:
-            return answer.status, json.loads(answer.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
 
 
 def host_uids(pid: int) -> set[int]:
