@@ -42,9 +42,10 @@ SETUPS: tuple[tuple[str, int], ...] = ((SHIPPED, 1), (SHIPPED, 2), ("fork", 1), 
 """(worker class, processes): ``cvat-hooks worker --class ...``, scaled by processes."""
 
 
-def _calls(n: int, *, tag: str, crash: bool = False, attempts: int = 0) -> list[Any]:
-    """``n`` bench actions, one per (fake) delivery, shaped like the receiver's."""
-    from workers.contract import ActionCall
+def _calls(n: int, *, tag: str, crash: bool = False, attempts: int = 0, queue: str | None = None) -> list[Any]:
+    """``n`` bench actions, one per (fake) delivery, shaped like the receiver's (on the light queue
+    unless ``queue`` says otherwise)."""
+    from workers.contract import LIGHT_QUEUE, ActionCall
     from workers.retry import RetryPolicy
 
     calls = []
@@ -55,7 +56,8 @@ def _calls(n: int, *, tag: str, crash: bool = False, attempts: int = 0) -> list[
                  "object": None}
         calls.append(ActionCall(delivery_id=delivery_id, rule_id=f"bench-{tag}", index=0, action=NAME,
                                 params={"crash": True} if crash else {}, event=event,
-                                retry=RetryPolicy(attempts=attempts, backoff=(1,) if attempts else ())))
+                                retry=RetryPolicy(attempts=attempts, backoff=(1,) if attempts else ()),
+                                queue=queue or LIGHT_QUEUE))
     return calls
 
 
@@ -204,17 +206,18 @@ TOOK_DOWN = {SHIPPED: "the light child (its parent restarts it)", "fork": "the w
 """What one crashing action takes down, by class (what the probe then checks)."""
 
 
-def crash_probe(redis: RedisProc, queuer: Queuer, kind: str, work: Path) -> dict[str, Any]:
-    """A crashing action (one retry allowed, after 1 s), then a no-op, on one worker: what survives,
-    whether the next job runs, and how soon the crashed job is retried (it crashes again, then fails)."""
+def crash_probe(redis: RedisProc, queuer: Queuer, kind: str, work: Path, *,
+                crash_queue: str | None = None) -> dict[str, Any]:
+    """A crashing action (one retry allowed, after 1 s; on the light queue unless ``crash_queue``
+    says otherwise), then a light no-op, on one worker: what survives, whether the next job runs,
+    and how soon the crashed job is retried (it crashes again, then fails)."""
     from rq.job import Job
 
-    from workers.contract import LIGHT_QUEUE
     from workers.delivery_log import DeliveryLog
     from workers.queueing import SERIALIZER, queue
 
     redis.flush()
-    crash = _calls(1, tag="crash", crash=True, attempts=1)[0]
+    crash = _calls(1, tag="crash", crash=True, attempts=1, queue=crash_queue)[0]
     after = _calls(1, tag="after-crash")[0]
     deliveries = DeliveryLog(redis.client, retention_seconds=86400)
 
@@ -242,7 +245,7 @@ def crash_probe(redis: RedisProc, queuer: Queuer, kind: str, work: Path) -> dict
         state = action()
         record = deliveries.get(crash.delivery_id)
         steps = [(st["step"], st["t"]) for st in (record.timeline if record else []) if st["step"] != "note"]
-        q = queue(LIGHT_QUEUE, redis.client)
+        q = queue(crash.queue, redis.client)
         wip = redis.client.zrange(q.started_job_registry.key, 0, -1, withscores=True)
         retry_in = None
         for member, score in wip:

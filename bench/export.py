@@ -1,21 +1,21 @@
 """Export: the time an export takes beyond the CVAT server's own, and the worker's memory growth.
 
-The real export action runs in the shipped worker (``cvat-hooks worker``, forking class, one
-process) against the test CVAT server (``python -m tests.cvat_server``), which streams generated
-exports without holding them, and an S3 endpoint served by moto in a process of its own. Only the
-worker's process tree is measured: moto keeps uploaded objects in memory, which says nothing about
+The real export action runs in the shipped worker (``cvat-hooks worker``, its default ``split``
+setup: a parent, a light child, and the exports child that runs the export in-process) against
+the test CVAT server (``python -m tests.cvat_server``), which streams generated exports without
+holding them, and an S3 endpoint served by moto in a process of its own. Only the worker's
+process tree is measured: moto keeps uploaded objects in memory, which says nothing about
 cvat-hooks.
 
 - overhead: a small export (1 MB) that the server takes ``export_seconds`` to prepare; overhead is
   the time from queuing the job to the action's end, minus ``export_seconds``. Split into queue ->
-  action start (fork of the work-horse), the action before the server finishes (login, format
+  action start, the action before the server finishes (login, format
   check; imports), the polling overshoot (``server_seconds`` as the worker saw it, minus the
   server's time) and the rest (download, commit).
 - memory: one 500 MB export to a local path and one to S3. Growth is the peak of the worker tree
   while exporting minus the idle tree just before; shown as RSS (the issue's measure) and PSS,
-  which does not count the pages a forked work-horse shares with its parent twice. A 5 MB export
-  is measured the same way, to separate what any export costs (the work-horse importing cvat-sdk
-  and boto3) from what grows with the file.
+  which does not count the pages the children share with their parent several times. A 5 MB
+  export is measured the same way, to separate what any export costs from what grows with the file.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def moto_server(work: Path) -> Iterator[str]:
 @contextmanager
 def worker(work: Path, redis: RedisProc, cvat_url: str, s3_url: str | None,
            extra_env: dict[str, str] | None = None) -> Iterator[Proc]:
-    """One shipped forking worker, configured for the test CVAT server and moto."""
+    """The shipped worker (``split``), configured for the test CVAT server and moto."""
     from rq import Worker
 
     from tests.cvat_server import DEFAULT_TOKEN
@@ -99,15 +99,15 @@ def worker(work: Path, redis: RedisProc, cvat_url: str, s3_url: str | None,
         env["AWS_ENDPOINT_URL"] = s3_url
     env.update(extra_env or {})
     before = Worker.count(connection=redis.client)
-    proc = procs.start("export-worker", [sys.executable, "-m", "bench.worker", "--class", "fork"], env=env,
+    proc = procs.start("export-worker", [sys.executable, "-m", "bench.worker", "--class", "split"], env=env,
                        log_dir=work / "logs")
     try:
         deadline = time.monotonic() + 60
-        while Worker.count(connection=redis.client) <= before:
+        while Worker.count(connection=redis.client) < before + 2:  # both children
             if not proc.alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"export worker did not start:\n{proc.tail()}")
             time.sleep(0.05)
-        time.sleep(1.0)  # settle: the scheduler process forks off after registration
+        time.sleep(1.0)  # settle: each child's scheduler process forks off after registration
         yield proc
     finally:
         proc.stop()
@@ -148,7 +148,7 @@ def export_once(redis: RedisProc, proc: Proc, sampler: TreeSampler, to: str, *,
         raise RuntimeError(f"export to {to} did not finish within {timeout:g}s:\n{proc.tail()}")
     if action["status"] != "succeeded":
         raise RuntimeError(f"export to {to} {action['status']}: {action.get('error')}\n{proc.tail()}")
-    time.sleep(0.3)  # the work-horse exits after the log says succeeded
+    time.sleep(0.3)  # the worker's own bookkeeping ends after the log says succeeded
     peak, peak_pss = sampler.peak(since), sampler.peak_pss(since)
     result = action.get("result") or {}
     started, finished = _ts(action.get("started_at")), _ts(action.get("finished_at"))

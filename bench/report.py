@@ -102,7 +102,7 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         ov = export["overhead"]["median_overhead_s"]
         out.append(_target("export-overhead", "export <= 0.5 s over the server's own time",
                            f"+{ov:.2f} s over a {export['overhead']['export_seconds']:g} s export", ov <= 0.5,
-                           "1 MB file: polling, login, fork and imports, not transfer"))
+                           "1 MB file: polling, login and format check, not transfer"))
         size = f"{export['size_mb']:g}mb"
         for where in ("local", "s3"):
             r = _get(export, "memory", f"{where}-{size}")
@@ -219,7 +219,7 @@ def sections(doc: dict[str, Any]) -> list[Section]:
         rows = [[name, _f(r["size_mb"], "{}"), _f(r["total_s"], "{:.1f}"), _f(r["mb_per_s"], "{}"),
                  _f(r["rss_idle_mb"], "{}"), _f(r["rss_peak_mb"], "{}"), _f(r["rss_growth_mb"], "{}"),
                  _f(r["pss_growth_mb"], "{}")] for name, r in export["memory"].items()]
-        out.append(("Export memory: worker process tree (fork class) while exporting",
+        out.append(("Export memory: the shipped worker's process tree (split) while exporting",
                     ["export", "MB", "seconds", "MB/s", "RSS idle", "RSS peak", "RSS growth", "PSS growth"],
                     rows))
     targets = doc.get("targets") or []

@@ -15,7 +15,7 @@ from bench.noop_action import NAME, register
 from bench.procs import RedisProc
 from workers import metrics
 from workers.actions import REGISTRY
-from workers.contract import LIGHT_QUEUE
+from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE
 from workers.queueing import SERIALIZER, queue
 from workers.worker import build_worker
 
@@ -58,12 +58,15 @@ def test_batched_worker_keeps_rqs_bookkeeping(redis: Redis, settings, worker_env
     assert worker.successful_job_count == 1
 
 
-def test_split_worker_crash_takes_down_the_light_child_only_and_retries_at_once(tmp_path: Path):
-    """`cvat-hooks worker` (split) running an action that calls os._exit(): the command survives, the
-    next job runs, and the crashed job is recorded and retried now (not after RQ's one-hour
-    abandoned-job timeout), then, crashing again with no retry left, given up."""
+@pytest.mark.parametrize("crash_queue", [LIGHT_QUEUE, EXPORT_QUEUE], ids=["light", "exports"])
+def test_split_worker_crash_takes_down_its_child_only_and_retries_at_once(tmp_path: Path, crash_queue: str):
+    """`cvat-hooks worker` (split) running an action that calls os._exit(), as a light action or as an
+    export (each child runs its jobs in-process): the command survives, the next light job runs, and
+    the crashed job is recorded and retried now (not after RQ's abandoned-job timeout), then,
+    crashing again with no retry left, given up."""
     with RedisProc(tmp_path / "redis") as server:
-        probe = dispatch.crash_probe(server, dispatch.Queuer(server.client), "split", tmp_path)
+        probe = dispatch.crash_probe(server, dispatch.Queuer(server.client), "split", tmp_path,
+                                     crash_queue=crash_queue)
     assert probe["worker_survived"] is True, probe
     assert probe["next_job_ran"] is True, probe
     assert probe["crashed_job_steps"] == ["received", "started", "retrying", "started", "failed"], probe

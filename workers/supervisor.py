@@ -1,31 +1,33 @@
-"""``cvat-hooks worker``'s default setup: light actions in-process, exports forked, under a parent that
-restarts either child when it dies and hands the jobs a dead in-process child had started back to RQ.
+"""``cvat-hooks worker``'s default setup: light actions and exports each in-process in a child of
+their own, under a parent that restarts either child when it dies and hands the jobs it had started
+back to RQ.
 
 Why: RQ's forking worker spends a fork and its monitoring on every job (bench/dispatch.py: 28 ms of
 CPU for a no-op, against 4 ms in-process), which light actions (label checks, notifications, job
-updates: a few HTTP calls) cannot afford; exports, long and memory-hungry, keep a process each.
+updates: a few HTTP calls) cannot afford. An export forked per job costs little time, but the
+work-horse's copy of its parent's pages shows in the memory the worker is charged for (bench/:
++67 MB RSS for any export, 5 MB or 500 MB); in-process, an export costs what it buffers. Exports
+keep a child of their own, so a long one cannot hold up label checks, and one that crashes or is
+killed for its memory takes nothing else with it.
 
 What a crashing action takes down (segfault, ``os._exit``, the OOM killer), and how it is recovered:
 
-- a light action (``cvat-hooks-actions``) runs in the *light* child, one at a time: a crash ends
-  that child and the one action it was running, nothing else (jobs still queued are in Redis). The
-  parent sees it exit at once (``waitpid``), passes the jobs that child had started (its RQ execution
-  index) to RQ's own abandoned-job handling right away (``StartedJobRegistry.cleanup``: our failure
-  callback writes ``AbandonedJobError`` to the delivery log, then RQ retries the job after the
-  rule's retry delay, or moves it to the failed registry), and forks a new light child, which
-  inherits the parent's imports and starts in milliseconds. Before, a crash in a ``simple`` worker
-  ended the whole worker, and RQ retried the job only once it was deemed abandoned: an hour later;
-- an export (``cvat-hooks-exports``) runs in a work-horse forked by the *export* child (RQ's
-  forking worker): a crash takes down that work-horse only, and RQ retries the job (``WorkHorseKilled``).
-  If the export child itself dies, it is restarted; its work-horse, in a process group of its own,
-  finishes its job (RQ's design), so that job is left to RQ and not retried here;
+- an action runs in its queue's child (``light`` for ``cvat-hooks-actions``, ``exports`` for
+  ``cvat-hooks-exports``), one at a time: a crash ends that child and the one action it was running,
+  nothing else (jobs still queued are in Redis; the other child goes on). The parent sees it exit at
+  once (``waitpid``), passes the jobs that child had started (its RQ execution index) to RQ's own
+  abandoned-job handling right away (``StartedJobRegistry.cleanup``: our failure callback writes
+  ``AbandonedJobError`` to the delivery log, then RQ retries the job after the rule's retry delay,
+  or moves it to the failed registry), and forks a new child, which inherits the parent's imports
+  and starts in milliseconds. (RQ alone would retry it only once it deems it abandoned: after the
+  job's time limit, up to an hour);
 - the parent runs no job code; if it is killed with the children (the container), RQ's maintenance
   in any live worker (or the restarted one) retries their jobs once RQ deems them abandoned: about
-  75 s after the kill for a light action (``workers.inprocess.JOB_BEAT_SECONDS``), 90 s for an export.
+  75 s after the kill (``workers.inprocess.JOB_BEAT_SECONDS``).
 
-A job the light child had taken off its queue but not yet started when it died (a window of one
-round trip, in which no action code runs) is recovered by RQ's intermediate-queue cleanup (a
-minute or two) rather than here: the parent cannot tell it from a job another worker just took.
+A job a child had taken off its queue but not yet started when it died (a window of one round trip,
+in which no action code runs) is recovered by RQ's intermediate-queue cleanup (a minute or two)
+rather than here: the parent cannot tell it from a job another worker just took.
 """
 
 from __future__ import annotations
@@ -60,17 +62,18 @@ class Child:
     role: str
     queues: tuple[str, ...]
     kind: str
-    """``simple`` (in-process, :class:`workers.worker.InProcessWorker`) or ``fork``."""
+    """``simple``: in-process (:class:`workers.worker.InProcessWorker`), what :func:`plan` gives; a
+    ``fork`` child (RQ's forking worker) is supervised too, but its jobs are left to RQ."""
     pid: int = 0
     name: str = ""
     started: float = 0.0
 
 
 def plan(queues: Sequence[str]) -> list[Child]:
-    """The children for ``queues``: every queue but exports in-process, exports forked."""
+    """The children for ``queues``: exports in one, every other queue in the other, both in-process."""
     light = tuple(q for q in queues if q != EXPORT_QUEUE)
     heavy = tuple(q for q in queues if q == EXPORT_QUEUE)
-    return ([Child("light", light, "simple")] if light else []) + ([Child("exports", heavy, "fork")] if heavy else [])
+    return ([Child("light", light, "simple")] if light else []) + ([Child("exports", heavy, "simple")] if heavy else [])
 
 
 def recover(redis: Redis, worker_name: str, queues: Sequence[str]) -> list[str]:

@@ -83,8 +83,8 @@ WORKER_CLASSES: dict[str, type[BaseWorker]] = {"fork": ForkWorker, "simple": InP
 """``fork`` runs each job in a child process (a crashing action takes down only that child, and RQ
 retries it); ``simple`` runs jobs in the worker itself (about 7x less CPU per job, but a crash takes
 the worker down: RQ's abandoned-job cleanup then retries the job from another worker, once it deems
-it abandoned). ``cvat-hooks worker``'s default, ``split``, runs both under a supervising parent
-(``workers.supervisor``, which says what a crash takes down there)."""
+it abandoned). ``cvat-hooks worker``'s default, ``split``, runs a ``simple`` worker per queue, each
+in a child of a supervising parent (``workers.supervisor``, which says what a crash takes down)."""
 
 
 def preload() -> None:
