@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,13 @@ from receiver.rules import (
     Check,
     Not,
     Previous,
+    Verdict,
     evaluate,
     lookup,
     previous_from_payload,
     previous_without_state,
 )
-from receiver.rules.conditions import is_missing, same
+from receiver.rules.conditions import compile_condition, is_missing, same, show
 
 PAYLOADS = Path(__file__).resolve().parent / "payloads"
 """Real CVAT deliveries (a copy of ``shared/cvat-payloads``)."""
@@ -151,6 +153,37 @@ def test_reasons_say_why(cond: Check, reason: str) -> None:
     assert evaluate(cond, CTX).reasons == (reason,)
 
 
+MORE_REASON_CASES = [
+    # Reasons are formatted lazily (only when asked for): these pin every operator's wording.
+    ("exists", check("job.stage", "exists", True), ("job.stage exists",)),
+    ("exists-missing", check("job.nothing", "exists", False), ("job.nothing is missing",)),
+    ("not-equals", check("job.stage", "not_equals", "x"), ("job.stage: 'acceptance' != 'x'",)),
+    ("regex-non-text", check("job.frame_count", "regex", "5"), ("job.frame_count: 5 is not text, cannot match /5/",)),
+    ("regex-hit", check("job.stage", "regex", "^acc"), ("job.stage: 'acceptance' matches /^acc/",)),
+    ("cannot-compare", check("job.frame_count", "gt", "4"), ("job.frame_count: cannot compare 5 > '4'",)),
+    ("lte-hit", check("job.frame_count", "lte", 5), ("job.frame_count: 5 <= 5",)),
+    ("all-fail-pass-fail", All((check("job_id", "equals", 2), check("job.stage", "equals", "acceptance"),
+                                check("job.state", "equals", "new"))),
+     ("job_id: 1 != 2", "job.state: 'completed' != 'new'")),
+    ("any-fail-pass-pass", AnyOf((check("job_id", "equals", 2), check("job.stage", "equals", "acceptance"),
+                                  check("job.frame_count", "gt", 1))),
+     ("job.stage == 'acceptance'", "job.frame_count: 5 > 1")),
+    ("any-none", AnyOf((check("job_id", "equals", 2), check("job.nothing", "equals", 1))),
+     ("none of any: job_id: 1 != 2; job.nothing is missing from the event",)),
+    ("not-all", Not(All((check("job_id", "equals", 2), check("job.stage", "equals", "x")))),
+     ("not (job_id: 1 != 2; job.stage: 'acceptance' != 'x')",)),
+    ("no-condition", None, ("no conditions",)),
+]
+
+
+@pytest.mark.parametrize(("cond", "reasons"), [c[1:] for c in MORE_REASON_CASES],
+                         ids=[c[0] for c in MORE_REASON_CASES])
+def test_reasons_of_every_operator_and_group(cond: Any, reasons: tuple[str, ...]) -> None:
+    """Each operator's reason, and what ``all``/``any``/``not`` keep: an ``all`` that fails early still
+    names every failing item, an ``any`` that holds early every holding one."""
+    assert evaluate(cond, CTX).reasons == reasons
+
+
 def test_failed_all_reports_only_the_failing_items() -> None:
     """A failed ``all`` explains itself by the items that failed, not the ones that held."""
     verdict = evaluate(All((check("job_id", "equals", 1), check("job.stage", "equals", "x"))), CTX)
@@ -214,6 +247,38 @@ def test_became_reason_names_old_value_and_source() -> None:
     became = check("job.state", "became", "completed")
     verdict = evaluate(became, event.context(), previous_from_payload(event))
     assert verdict.reasons == ("job.state became 'completed' (was 'new', source: payload)",)
+
+
+SEEN = Previous("job", {"state": "new", "stage": "acceptance", "frame_count": 5}, "last-seen")
+
+TRANSITION_REASON_CASES = [
+    ("changed", check("job.state", "changed", True), SEEN,
+     "job.state changed from 'new' to 'completed' (source: last-seen)"),
+    ("unchanged", check("job.stage", "changed", True), SEEN, "job.stage unchanged ('acceptance') (source: last-seen)"),
+    ("became", check("job.state", "became", "completed"), SEEN,
+     "job.state became 'completed' (was 'new', source: last-seen)"),
+    ("not-became-still", check("job.stage", "became", "acceptance"), SEEN,
+     "job.stage did not become 'acceptance' (still 'acceptance', source: last-seen)"),
+    ("not-became-other", check("job.state", "became", "rejected"), SEEN,
+     "job.state did not become 'rejected' (is 'completed', was 'new', source: last-seen)"),
+    ("was", check("job.state", "was", "new"), SEEN,
+     "job.state was 'new' (was 'new', now 'completed', source: last-seen)"),
+    ("was-not", check("job.stage", "was", "annotation"), SEEN,
+     "job.stage was not 'annotation' (was 'acceptance', now 'acceptance', source: last-seen)"),
+    ("appeared", check("job.assignee", "changed", True), SEEN,
+     "job.assignee changed from missing to null (source: last-seen)"),
+    ("other-resource", check("task.status", "changed", True), SEEN,
+     "task.status: changed only applies to fields of the event's job"),
+    ("no-previous", check("job.state", "changed", True), None, "job.state: previous value unknown (no previous state)"),
+    ("stale", check("job.state", "changed", True), STALE, "job.state: previous value unknown (source: stale)"),
+]
+
+
+@pytest.mark.parametrize(("cond", "previous", "reason"), [c[1:] for c in TRANSITION_REASON_CASES],
+                         ids=[c[0] for c in TRANSITION_REASON_CASES])
+def test_transition_reasons(cond: Check, previous: Previous | None, reason: str) -> None:
+    """Every transition's reason names the old and new values, or why they are not known."""
+    assert evaluate(cond, CTX, previous).reasons == (reason,)
 
 
 def test_unknown_previous_reason_names_source() -> None:
@@ -293,6 +358,57 @@ def test_lookup(path: str, expected: Any) -> None:
     """Dotted paths walk dicts by key and lists by digit; anything else is missing."""
     value = lookup(CTX, path)
     assert ("MISSING" if is_missing(value) else value) == expected
+
+
+class Frozen(Mapping[str, Any]):
+    """A mapping that is not a dict: lookups must not rely on the fast path for plain dicts."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@pytest.mark.parametrize("path", ["job.state", "labels.1.name", "labels.9.name", "labels.x", "job.state.x",
+                                  "job.nothing", "nothing", "job_id", "job.0", "wrapped.job.stage",
+                                  "wrapped.labels.0.name", "wrapped.nothing"])
+def test_lookup_through_any_mapping_and_lists(path: str) -> None:
+    """Paths walk plain dicts, other mappings and lists alike (the fast path for dicts changes nothing)."""
+    ctx = {**CTX, "wrapped": Frozen({"job": Frozen(CTX["job"]), "labels": CTX["labels"]})}
+    plain = lookup(CTX, path.removeprefix("wrapped."))
+    value = lookup(ctx, path)
+    assert (is_missing(value), value if not is_missing(value) else None) == \
+           (is_missing(plain), plain if not is_missing(plain) else None)
+    assert evaluate(check(path, "exists", True), ctx).matched is not is_missing(value)
+
+
+@pytest.mark.parametrize("value", [None, True, False, 0, -7, 2 ** 62, 1.5, float("nan"), "text", [1, "a", None],
+                                   {"b": 1, "a": [True]}, "x" * 100, list(range(40))],
+                         ids=lambda v: type(v).__name__)
+def test_show_writes_values_as_json(value: Any) -> None:
+    """A value in a reason reads as JSON (text as a Python literal), cut at 80 characters."""
+    text = repr(value) if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    assert show(value) == (text if len(text) <= 80 else text[:77] + "...")
+
+
+def test_compiled_condition_agrees_with_evaluate() -> None:
+    """A rule's compiled judge is what :func:`evaluate` runs: same verdict, same reasons once asked for."""
+    cond = All((AnyOf((check("job_id", "equals", 9), Not(check("job.state", "equals", "new")))),
+                check("labels.0.name", "in", ("car",)), check("job.state", "changed", True)))
+    ok, why = compile_condition(cond)(CTX, job_was())
+    assert Verdict(ok, why()) == evaluate(cond, CTX, job_was())
+    assert ok and why() == (
+        "not (job.state: 'completed' != 'new')",
+        "labels.0.name: 'car' in [\"car\"]",
+        "job.state changed from 'new' to 'completed' (source: last-seen)",
+    )
 
 
 @pytest.mark.parametrize(("a", "b", "expected"), [(True, 1, False), (1, 1.0, True), (None, None, True),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -10,12 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from receiver import cvat_events
 from receiver.events import Event, parse_event
 from receiver.rules import (
+    ActionDecl,
+    All,
+    AnyOf,
+    Check,
+    Not,
     Previous,
+    Rule,
     RuleSet,
+    evaluate,
     explain,
     load_rules,
     match,
@@ -301,3 +311,93 @@ def test_event_names_cover_a_real_project_webhook() -> None:
     assert subscribed and all(cvat_events.is_known(name) for name in subscribed)
     assert set(subscribed) == set(cvat_events.PROJECT_EVENTS)
     assert cvat_events.is_known("ping") and not cvat_events.is_known("update:*")
+
+
+# -- match is explain's matches, over generated rules -----------------------------------------------
+
+GEN_PATHS = ["job.state", "job.stage", "job.type", "job.frame_count", "job.assignee", "job.assignee.username",
+             "job_id", "project_id", "task_id", "event", "job.task_name", "job.updated_date", "job.nothing",
+             "job.issues.count", "job.0", "task.name", "task.status", "request.status", "request.operation.format",
+             "webhook.id", "issue.resolved", "nothing.at.all"]
+GEN_VALUES = [None, True, False, 0, 1, 2, 5, 500, 1.0, "completed", "new", "acceptance", "annotation", "rejected",
+              "in progress", "ground_truth", "2026-11-22T00:00:00Z", "", "finished", "x", [1, 2], {"a": 1}]
+GEN_REGEXES = ["^acc", "comp", "", "^$", "[0-9]+", "renamed$"]
+GEN_ON = ["update:job", "update:*", "*", "create:task", "completed:request[export:*]", "ping", "*:task",
+          "update:task", "create:issue", "completed:*"]
+GEN_DO = [("notify", {"url": "http://x/{job_id}", "text": "{job.state} {event} {date}"}),
+          ("export", {"to": "exports/{task_id}/{job.task_name}.zip", "format": "CVAT"}),
+          ("update_job", {}), ("check_labels", {"require": ["car", "{job.nope}"]}), ("unknown", {})]
+GEN_CAPTURES = ["update_job_completed", "update_job_only_updated_date", "create_task", "create_issue", "ping",
+                "completed_request_export_annotations", "completed_request_create_task"]
+
+paths, values = st.sampled_from(GEN_PATHS), st.sampled_from(GEN_VALUES)
+gen_checks = st.one_of(
+    st.builds(Check, paths, st.sampled_from(["equals", "not_equals", "gt", "gte", "lt", "lte", "became", "was"]),
+              values),
+    st.builds(lambda p, op, vs: Check(p, op, tuple(vs)), paths, st.sampled_from(["in", "not_in"]),
+              st.lists(values, max_size=3)),
+    st.builds(lambda p, r: Check(p, "regex", r, re.compile(r)), paths, st.sampled_from(GEN_REGEXES)),
+    st.builds(Check, paths, st.sampled_from(["exists", "changed"]), st.booleans()),
+)
+gen_conditions = st.recursive(gen_checks, lambda inner: st.one_of(
+    st.builds(All, st.lists(inner, max_size=3).map(tuple)),
+    st.builds(AnyOf, st.lists(inner, max_size=3).map(tuple)),
+    st.builds(Not, inner),
+), max_leaves=8)
+gen_rules = st.builds(
+    lambda i, on, cond, do: Rule(f"r{i}", tuple(on), cond,
+                                 tuple(ActionDecl(n, name, params) for n, (name, params) in enumerate(do))),
+    st.integers(0, 99), st.lists(st.sampled_from(GEN_ON), min_size=1, max_size=2, unique=True),
+    st.none() | gen_conditions, st.lists(st.sampled_from(GEN_DO), max_size=3))
+gen_job_fields = st.fixed_dictionaries({}, optional={
+    "state": st.sampled_from(["new", "in progress", "completed", "rejected"]),
+    "stage": st.sampled_from(["annotation", "validation", "acceptance"]),
+    "type": st.sampled_from(["annotation", "ground_truth"]),
+    "frame_count": st.sampled_from([5, 500, "5"]),
+    "assignee": st.sampled_from([None, {"username": "alice"}]),
+})
+
+
+@st.composite
+def gen_previous(draw: st.DrawFn, event: Event) -> Previous | None:
+    """Every kind of previous state the receiver can hand to matching."""
+    kind = draw(st.sampled_from(["none", "payload", "created", "stale", "no-resource", "last-seen"]))
+    if kind == "none":
+        return None
+    if kind == "payload":
+        return previous_from_payload(event)
+    if kind == "last-seen":
+        return Previous(event.resource, draw(gen_job_fields), "last-seen")
+    resource = None if kind == "no-resource" else event.resource
+    return Previous(resource, {} if kind == "created" else None, kind)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(rule_list=st.lists(gen_rules, min_size=1, max_size=6), capture=st.sampled_from(GEN_CAPTURES),
+       strip=st.booleans(), job=gen_job_fields, data=st.data())
+def test_match_is_what_explain_reports(rule_list: list[Rule], capture: str, strip: bool, job: dict[str, Any],
+                                       data: st.DataObject) -> None:
+    """``match`` (no reasons for rules that do not fire, rules filtered by event name) gives exactly
+    the matches ``explain`` reports, reasons and rendered actions included, and each explanation's
+    reasons are its condition's :func:`evaluate` reasons after the ``on`` line."""
+    event = real_event(capture, strip_previous=strip, **job)
+    previous = data.draw(gen_previous(event))
+    ruleset = RuleSet(1, tuple(rule_list), "generated")
+    explained = explain(ruleset, event, previous, NOW, actions=ACTIONS)
+    assert match(ruleset, event, previous, NOW, actions=ACTIONS) == [e.match for e in explained if e.match]
+    for rule, verdict in zip(ruleset.rules, explained, strict=True):
+        if rule.matching_pattern(event.name) is not None:
+            expected = evaluate(rule.condition, event.context(), previous)
+            assert (verdict.matched, verdict.reasons[1:]) == (expected.matched, expected.reasons)
+
+
+def test_rules_for_is_remembered_per_event_name() -> None:
+    """``RuleSet.rules_for`` lists the rules whose ``on`` covers a name, with the pattern, and reuses it."""
+    ruleset = rules(MULTI)
+    found = ruleset.rules_for("update:job")
+    assert [(r.id, p) for r, p in found] == [("first", "update:*"), ("last", "*")]
+    assert ruleset.rules_for("update:job") is found
+    assert [r.id for r, _ in ruleset.rules_for("ping")] == ["pinged", "last"]
+    assert [r.id for r, _ in ruleset.rules_for("made:up")] == ["last"]
+    assert ruleset == rules(MULTI), "the memo is not part of the rule set's value"

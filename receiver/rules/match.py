@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import workers.actions
 from receiver.events import Event
-from receiver.rules.conditions import evaluate
+from receiver.rules.conditions import Reasons
 from receiver.rules.model import Previous, Rule, RuleSet
 from receiver.rules.templating import RenderError, render_params, template_variables
 from workers.retry import RetryPolicy
@@ -82,6 +82,11 @@ def _plan(rule: Rule, variables: Mapping[str, Any], registry: Mapping[str, Actio
     return Match(rule.id, reasons, tuple(planned), tuple(errors))
 
 
+def _reasons(event_name: str, pattern: str, why: Reasons) -> tuple[str, ...]:
+    """A rule's reasons: the ``on`` pattern that selected the event, then its condition's."""
+    return (f"event {event_name} matches on {pattern!r}", *why())
+
+
 def explain(ruleset: RuleSet, event: Event, previous: Previous | None, now: datetime, *,
             actions: Mapping[str, ActionInfo] | None = None) -> list[Explanation]:
     """For every rule in order: did it match this event, and why (or why not).
@@ -98,10 +103,9 @@ def explain(ruleset: RuleSet, event: Event, previous: Previous | None, now: date
         if pattern is None:
             out.append(Explanation(rule.id, False, (f"event {event.name} not in on ({', '.join(rule.on)})",)))
             continue
-        on_reason = f"event {event.name} matches on {pattern!r}"
-        verdict = evaluate(rule.condition, ctx, previous)
-        reasons = (on_reason, *verdict.reasons)
-        if not verdict.matched:
+        ok, why = rule.judge(ctx, previous)
+        reasons = _reasons(event.name, pattern, why)
+        if not ok:
             out.append(Explanation(rule.id, False, reasons))
             continue
         if variables is None:
@@ -112,5 +116,20 @@ def explain(ruleset: RuleSet, event: Event, previous: Previous | None, now: date
 
 def match(ruleset: RuleSet, event: Event, previous: Previous | None, now: datetime, *,
           actions: Mapping[str, ActionInfo] | None = None) -> list[Match]:
-    """The rules an event fires, in file order, with their actions rendered (see :func:`explain`)."""
-    return [e.match for e in explain(ruleset, event, previous, now, actions=actions) if e.match is not None]
+    """The rules an event fires, in file order, with their actions rendered: the matches of :func:`explain`.
+
+    The receiver's hot path, so it does only the work whose result it returns: rules whose ``on``
+    cannot cover the event are skipped, and reasons are formatted only for the rules that fire.
+    """
+    registry: Mapping[str, ActionInfo] = workers.actions.REGISTRY if actions is None else actions
+    ctx = event.context()
+    variables: dict[str, Any] | None = None
+    out = []
+    for rule, pattern in ruleset.rules_for(event.name):
+        ok, why = rule.judge(ctx, previous)
+        if not ok:
+            continue
+        if variables is None:
+            variables = template_variables(event, now=now)
+        out.append(_plan(rule, variables, registry, _reasons(event.name, pattern, why)))
+    return out

@@ -10,16 +10,23 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from receiver.cvat_events import PING, expand, matches
 from workers.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from receiver.rules.conditions import Judge
 
 SCALAR_OPERATORS = ("equals", "not_equals", "in", "not_in", "regex", "exists", "gt", "gte", "lt", "lte")
 """Operators that look at the field's current value only."""
 TRANSITION_OPERATORS = ("changed", "became", "was")
 """Operators that compare the field's current value with its previous one (see :class:`Previous`)."""
 OPERATORS = SCALAR_OPERATORS + TRANSITION_OPERATORS
+
+_RULES_FOR_NAMES = 512
+"""Event names whose rules :meth:`RuleSet.rules_for` remembers: CVAT has about 50."""
 
 PREVIOUS_SOURCES = ("payload", "last-seen", "created", "stale", "unknown")
 """The usual values of :attr:`Previous.source`."""
@@ -106,6 +113,16 @@ class Rule:
         """The first ``on`` pattern that covers an event name, or ``None``."""
         return next((p for p in self.on if matches(p, event_name)), None)
 
+    @cached_property
+    def judge(self) -> Judge:
+        """The rule's condition compiled once, on first use, then kept with the (immutable) rule.
+
+        Imported here rather than at the top: :mod:`~receiver.rules.conditions` imports this module.
+        """
+        from receiver.rules.conditions import compile_condition
+
+        return compile_condition(self.condition)
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -160,6 +177,26 @@ class RuleSet:
                 names.update(expand(pattern))
         names.discard(PING)
         return names
+
+    def rules_for(self, event_name: str) -> tuple[tuple[Rule, str], ...]:
+        """The rules whose ``on`` covers an event name, in file order, each with its first such pattern.
+
+        Remembered per name (the rule set never changes), so an event is not matched against every
+        pattern of every rule each time. Only the first :data:`_RULES_FOR_NAMES` names are kept, in
+        case a sender makes up endless event names.
+        """
+        found = self._rules_for.get(event_name)
+        if found is None:
+            found = tuple((rule, pattern) for rule in self.rules
+                          if (pattern := rule.matching_pattern(event_name)) is not None)
+            if len(self._rules_for) < _RULES_FOR_NAMES:
+                self._rules_for[event_name] = found
+        return found
+
+    @cached_property
+    def _rules_for(self) -> dict[str, tuple[tuple[Rule, str], ...]]:
+        """The memo of :meth:`rules_for`; not a field, so equality, ``repr`` and the constructor ignore it."""
+        return {}
 
     def get(self, rule_id: str) -> Rule | None:
         """The rule with this id, if any."""
