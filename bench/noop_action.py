@@ -1,7 +1,8 @@
 """Bench-only actions, registered in the bench process and in bench workers (``workers/`` untouched).
 
 ``bench_noop`` records when it started (in Redis, for event-to-action-start latency) and returns;
-with ``crash: true`` it kills its own process instead, to show what a crashing action takes down.
+with ``crash: true`` it kills its own process instead, to show what a crashing action takes down;
+with ``sleep: <seconds>`` it takes that long (an action caught while it runs).
 Registered by :func:`register`, which ``bench.worker`` calls when ``CVAT_HOOKS_BENCH_ACTIONS=1``.
 """
 
@@ -26,8 +27,8 @@ def register() -> None:
 
 
 def validate(params: Mapping[str, Any]) -> list[str]:
-    """Only ``crash`` (a bool) is accepted."""
-    unknown = sorted(set(params) - {"crash"})
+    """Only ``crash`` (a bool) and ``sleep`` (seconds) are accepted."""
+    unknown = sorted(set(params) - {"crash", "sleep"})
     return [f"unknown parameter {name!r}" for name in unknown]
 
 
@@ -37,4 +38,5 @@ def run(ctx: Any) -> dict[str, Any]:
     if ctx.params.get("crash"):
         os._exit(70)  # what a segfault or the OOM killer does: no exception, no cleanup
     ctx.redis.hset(STARTS_KEY, ctx.call.job_id, repr(started))
+    time.sleep(float(ctx.params.get("sleep", 0)))
     return {"noop": True}

@@ -74,6 +74,49 @@ def test_split_worker_crash_takes_down_its_child_only_and_retries_at_once(tmp_pa
     assert probe["crashed_job_rq_status"] == "failed"
 
 
+@pytest.mark.parametrize("kind", ["simple", "fork"])
+def test_a_running_action_reads_started_then_its_end(redis: Redis, settings, worker_env, monkeypatch, kind: str):
+    """The delivery log says ``started`` while an attempt runs, whether its start rode in the
+    in-process worker's transaction (``simple``) or was written by the action job itself (a fork's
+    work-horse), then its end alone: one ``started`` and one ``succeeded`` step, nothing left over."""
+    import dataclasses
+    import threading
+    import time
+
+    from workers.delivery_log import STARTED_PREFIX, DeliveryLog, record_key
+
+    monkeypatch.setitem(REGISTRY, NAME, None)
+    register()
+    call = dataclasses.replace(dispatch._calls(1, tag=f"running-{kind}")[0], params={"sleep": 1.5})
+    dispatch.Queuer(redis).queue([call])
+    deliveries = DeliveryLog(redis, retention_seconds=86400)
+    seen: dict = {}
+
+    def watch() -> None:  # the worker wants the main thread (signals)
+        nonlocal seen
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and seen.get("status") != "started":
+            record = deliveries.get(call.delivery_id)
+            seen = record.actions.get(call.job_id, {}) if record else {}
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    worker = build_worker(settings.workers, queues=(LIGHT_QUEUE,), kind=kind, name=f"running-{kind}")
+    try:
+        assert worker.work(burst=True, with_scheduler=False)
+    finally:
+        watcher.join()
+    assert seen.get("status") == "started" and seen.get("attempts") == 1 and seen.get("started_at"), seen
+    record = deliveries.get(call.delivery_id)
+    assert record is not None
+    action = record.actions[call.job_id]
+    assert action["status"] == "succeeded" and action["attempts"] == 1, action
+    assert action["started_at"] == seen["started_at"] and action["result"] == {"noop": True}
+    assert [s["step"] for s in record.timeline if s.get("job_id") == call.job_id] == ["started", "succeeded"]
+    assert not redis.hexists(record_key(call.delivery_id), STARTED_PREFIX + call.job_id)
+
+
 def nap(seconds: float) -> None:
     """A job that runs for a while (time.sleep itself refuses RQ's empty keyword arguments)."""
     import time

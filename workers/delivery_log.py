@@ -5,7 +5,8 @@ workers (one entry per step, written *before* an error is re-raised so a crash c
 Read by ``cvat-hooks deliveries`` and the admin API. Every record expires after the retention.
 
 Keys (``P`` = ``cvat-hooks``):
-- ``P:delivery:<id>``: hash; ``record`` = the receipt JSON, ``action:<job_id>`` = one action's state;
+- ``P:delivery:<id>``: hash; ``record`` = the receipt JSON, ``action:<job_id>`` = one action's state,
+  ``started:<job_id>`` = the attempt of it that is running, if one is (see :func:`running`);
 - ``P:delivery:<id>:timeline``: list of JSON steps, oldest first;
 - ``P:deliveries``: sorted set of delivery ids by receipt time, for listing.
 """
@@ -35,6 +36,11 @@ INDEX_KEY = f"{PREFIX}:deliveries"
 DUPLICATES_FIELD = "duplicates"
 LAST_DUPLICATE_FIELD = "last_duplicate_at"
 """Fields of the record's hash beside ``record``, merged into it when read (see ``_build``)."""
+
+
+STARTED_PREFIX = "started:"
+"""Field prefix of a running attempt: written blind when it starts (no read of the action's state
+first, so the start can ride in the worker's own transaction), removed by the write of its end."""
 
 
 def record_key(delivery_id: str) -> str:
@@ -210,8 +216,8 @@ class DeliveryLog:
                        step: dict[str, Any]) -> None:
         """Read an action's state, apply ``changes`` and add ``step``: two round trips (see :class:`Attempt`
         for the worker's hot path, which reads once per attempt)."""
-        raw = self.redis.hget(record_key(delivery_id), f"action:{job_id}")
-        state = json.loads(raw) if raw else {"job_id": job_id}
+        raw, started = self.redis.hmget(record_key(delivery_id), [f"action:{job_id}", STARTED_PREFIX + job_id])
+        state = running(json.loads(raw) if raw else {"job_id": job_id}, started)
         state.update(changes)
         pipe = self.redis.pipeline(transaction=True)
         self._queue_action_write(pipe, delivery_id, job_id, state, step)
@@ -219,15 +225,21 @@ class DeliveryLog:
 
     def _queue_action_write(self, pipe: Pipeline, delivery_id: str, job_id: str, state: dict[str, Any],
                             step: dict[str, Any]) -> int:
-        """Queue on ``pipe`` the writes of one step of an action: its whole state and a timeline entry,
-        both kept for the retention from now. Returns how many commands were queued."""
+        """Queue on ``pipe`` the writes of one step of an action: its whole state (which ends any
+        running attempt's own field) and a timeline entry, both kept for the retention from now.
+        Returns how many commands were queued."""
         key = record_key(delivery_id)
-        step = {"t": iso(now()), "job_id": job_id, **step}
         pipe.hset(key, f"action:{job_id}", json.dumps(self.redact.data(state)))
+        pipe.hdel(key, STARTED_PREFIX + job_id)
+        return 2 + self._queue_step(pipe, delivery_id, job_id, step)
+
+    def _queue_step(self, pipe: Pipeline, delivery_id: str, job_id: str, step: dict[str, Any]) -> int:
+        """Queue a timeline entry of ``job_id`` and keep the record for the retention from now."""
+        step = {"t": iso(now()), "job_id": job_id, **step}
         pipe.rpush(timeline_key(delivery_id), json.dumps(self.redact.data(step)))
-        pipe.expire(key, self.retention)
+        pipe.expire(record_key(delivery_id), self.retention)
         pipe.expire(timeline_key(delivery_id), self.retention)
-        return 4
+        return 3
 
     def attempt(self, delivery_id: str, job_id: str, attempt: int) -> Attempt:
         """The recorder of one attempt of an action, as its worker runs it (see :class:`Attempt`)."""
@@ -239,12 +251,6 @@ class DeliveryLog:
                             {**action, "status": ActionStatus.QUEUED.value, "attempts": 0,
                              "queued_at": iso(now()), "result": None, "error": None},
                             {"step": "queued", "message": reason})
-
-    def action_started(self, delivery_id: str, job_id: str, attempt: int) -> float:
-        """Record the start of an attempt; returns the start time for the duration."""
-        start = now()
-        self._update_action(delivery_id, job_id, *_started(attempt, start))
-        return start
 
     def action_note(self, delivery_id: str, job_id: str, message: str, **data: Any) -> None:
         """A step inside an attempt (``export started``, ``downloaded 12 MB``...)."""
@@ -284,7 +290,8 @@ class DeliveryLog:
         raw = decoded.pop("record", None)
         if raw is None:
             return None
-        actions = {k.split(":", 1)[1]: json.loads(v) for k, v in decoded.items() if k.startswith("action:")}
+        actions = {k.split(":", 1)[1]: running(json.loads(v), decoded.get(STARTED_PREFIX + k.split(":", 1)[1]))
+                   for k, v in decoded.items() if k.startswith("action:")}
         record = json.loads(raw)
         if DUPLICATES_FIELD in decoded:
             record[DUPLICATES_FIELD] = int(decoded[DUPLICATES_FIELD])
@@ -333,6 +340,11 @@ class DeliveryLog:
         return found
 
 
+def running(state: dict[str, Any], started: bytes | str | None) -> dict[str, Any]:
+    """An action's state, with the attempt that is running, if one is (its ``started:`` field)."""
+    return {**state, **json.loads(started)} if started else state
+
+
 def _started(attempt: int, start: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """(state changes, timeline step) of an attempt that starts."""
     return ({"status": ActionStatus.STARTED.value, "attempts": attempt, "started_at": iso(start)},
@@ -344,8 +356,8 @@ def _succeeded(attempt: int, started: float, result: dict[str, Any],
     """(state changes, timeline step) of an attempt that succeeded or skipped."""
     duration = round(now() - started, 3)
     status = ActionStatus.SKIPPED if skipped else ActionStatus.SUCCEEDED
-    return ({"status": status.value, "result": result, "error": None, "finished_at": iso(now()),
-             "duration": duration},
+    return ({"status": status.value, "attempts": attempt, "result": result, "error": None,
+             "finished_at": iso(now()), "duration": duration},
             {"step": status.value, "attempt": attempt, "duration": duration,
              "message": f"attempt {attempt} {status.value} in {duration:.3f}s", "result": result})
 
@@ -357,7 +369,7 @@ def _failed(attempt: int, started: float | None, error_class: str, message: str,
     gave_up = next_retry_at is None
     status = ActionStatus.FAILED if gave_up else ActionStatus.RETRYING
     error = {"class": error_class, "message": message, "kind": kind, "attempt": attempt}
-    changes: dict[str, Any] = {"status": status.value, "error": error, "duration": duration,
+    changes: dict[str, Any] = {"status": status.value, "attempts": attempt, "error": error, "duration": duration,
                                "next_retry_at": iso(next_retry_at)}
     if result is not None:
         changes["result"] = result
@@ -376,14 +388,16 @@ Extra = Callable[["Pipeline"], object]
 
 
 class Attempt:
-    """One attempt of one action, recorded by the worker running it, in three round trips (two when
-    the worker takes the end into its own success transaction: ``defer``).
+    """One attempt of one action, recorded by the worker running it, in two round trips (none of its
+    own when the in-process worker takes the start and the end into its own transactions:
+    ``workers.inprocess``).
 
-    The action's state is read once, when the attempt starts; the end is written from that copy,
-    in one transaction that also carries whatever the caller adds (``also``: the metrics). That is
-    safe because while an attempt runs its worker is the only writer of that action's state (a
-    replay is a job of its own; the receiver only touches the record's other fields). Before, each
-    step read the state again and metrics took a round trip of their own (bench/: 6 -> 3).
+    The start is written blind (its own ``started:`` field and a timeline step) with a read of the
+    action's state in the same transaction; the end is written from that copy, in one transaction
+    that also carries whatever the caller adds (``also``: the metrics). That is safe because while
+    an attempt runs its worker is the only writer of that action's state (a replay is a job of its
+    own; the receiver only touches the record's other fields). Before, each step read the state
+    again and metrics took a round trip of their own (bench/: 6 -> 2).
     """
 
     def __init__(self, deliveries: DeliveryLog, delivery_id: str, job_id: str, number: int) -> None:
@@ -395,13 +409,32 @@ class Attempt:
         self._state: dict[str, Any] = {"job_id": job_id}
 
     def start(self) -> float:
-        """Record the start (the state read, then written); returns the start time."""
-        self.started = now()
-        raw = self.deliveries.redis.hget(record_key(self.delivery_id), f"action:{self.job_id}")
-        if raw:
-            self._state = json.loads(raw)
-        self._commit(self._writes(*_started(self.number, self.started)))
+        """Record the start, in one transaction; returns the start time."""
+        with self.deliveries.redis.pipeline(transaction=True) as pipe:
+            read = self.queue_start(pipe)
+            results = pipe.execute()
+        read(results)
         return self.started
+
+    def queue_start(self, pipe: Pipeline) -> Callable[[list[Any]], None]:
+        """Queue the start on ``pipe`` (a transaction sent by the caller); returns what to call with
+        that transaction's results, which reads the action's state from them (or raises its error)."""
+        self.started = now()
+        key = record_key(self.delivery_id)
+        first = len(pipe)
+        pipe.hget(key, f"action:{self.job_id}")
+        changes, step = _started(self.number, self.started)
+        pipe.hset(key, STARTED_PREFIX + self.job_id, json.dumps(changes))
+        count = 2 + self.deliveries._queue_step(pipe, self.delivery_id, self.job_id, step)
+
+        def read(results: list[Any]) -> None:
+            for result in results[first:first + count]:
+                if isinstance(result, Exception):
+                    raise result
+            raw = results[first]
+            self._state = {**(json.loads(raw) if raw else self._state), **changes}
+
+        return read
 
     def note(self, message: str, **data: Any) -> None:
         """A step inside the attempt (the timeline only)."""

@@ -11,7 +11,8 @@ and a read of the job's dependents before the success transaction.
 
 - start: one transaction registers the execution (StartedJobRegistry), marks the job started,
   takes it off the intermediate queue and sets the worker busy (no window in which a job is
-  registered but still ``queued``: see ``workers.worker.rescue_unstarted``);
+  registered but still ``queued``: see ``workers.worker.rescue_unstarted``), with whatever the
+  worker's :attr:`~BatchedSimpleWorker.start_hook` adds (the delivery log's start of the attempt);
 - success: one transaction saves the result, the finished registry, the worker's counters, drops
   the execution and sets the worker idle, with a heartbeat;
 - heartbeats and ``rq suspend`` checks outside those at most every :data:`BEAT_SECONDS`.
@@ -47,6 +48,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _deferred: ContextVar[list[Callable[[Pipeline], object]] | None] = ContextVar("cvat_hooks_deferred", default=None)
+_begun: ContextVar[object | None] = ContextVar("cvat_hooks_begun", default=None)
+
+StartHook = Callable[["Job", "Pipeline"], "Callable[[list[Any]], object] | None"]
+"""Queues a job's own start writes on the worker's start transaction; returns what to call with
+that transaction's results (None: nothing for this job). What that returns is the job's to take
+(:func:`begun`)."""
 
 JOB_BEAT_SECONDS = 15
 """While a job runs, a thread renews its registration (and the worker's) this often, for this + 60 s.
@@ -70,9 +77,16 @@ def defer(writes: Callable[[Pipeline], object]) -> bool:
     return True
 
 
+def begun() -> object | None:
+    """What the worker's start hook made of the running job's start (None: no batching worker, or
+    the hook failed; the job then records its start itself)."""
+    return _begun.get()
+
+
 class BatchedSimpleWorker(SimpleWorker):
     """RQ's SimpleWorker with a job's start and its success each written in one transaction."""
 
+    start_hook: StartHook | None = None
     _beaten_at = float("-inf")
     _suspension_checked_at = float("-inf")
 
@@ -102,18 +116,19 @@ class BatchedSimpleWorker(SimpleWorker):
         if job.success_callback is not None or job.repeats_left or job.has_rate_limit:
             super().execute_job(job, queue)
             return
-        execution, has_dependents = self._start(job, queue)
+        execution, has_dependents, begun_ = self._start(job, queue)
         pending: list[Callable[[Pipeline], object]] = []
         beat = _JobBeat(self, job, execution)
         beat.start()
         try:
             timeout = job.timeout or self.queue_class.DEFAULT_TIMEOUT
-            token = _deferred.set(pending)
+            token, token_begun = _deferred.set(pending), _begun.set(begun_)
             try:
                 with self.death_penalty_class(timeout, JobTimeoutException, job_id=job.id):
                     value = job.perform()
             finally:
                 _deferred.reset(token)
+                _begun.reset(token_begun)
                 beat.stop()
             if has_dependents or isinstance(value, Retry):
                 self._send(pending)
@@ -125,24 +140,45 @@ class BatchedSimpleWorker(SimpleWorker):
             self._finalize_failure(job, queue, execution, sys.exc_info())
             self.set_state(WorkerStatus.IDLE)
 
-    def _start(self, job: Job, queue: Queue) -> tuple[Execution, bool]:
-        """RQ's ``prepare_execution`` and ``prepare_job_execution`` in one transaction; also whether
-        the job has dependents (then its success takes RQ's path, which enqueues them)."""
+    def _start(self, job: Job, queue: Queue) -> tuple[Execution, bool, object | None]:
+        """RQ's ``prepare_execution`` and ``prepare_job_execution`` in one transaction, with the start
+        hook's writes; also whether the job has dependents (then its success takes RQ's path, which
+        enqueues them), and what the hook made of its results."""
         ttl = _beat_ttl()  # renewed by _JobBeat while the job runs
         with self.connection.pipeline() as pipe:
+            finish = self._hook(job, pipe)
+            hooked = len(pipe)
             execution = Execution.create(job, ttl, pipeline=pipe, worker_name=self.name)
             self.executions[execution.id] = execution
             self.set_state(WorkerStatus.BUSY, pipeline=pipe)
             self.heartbeat(ttl, pipeline=pipe)
-            job.heartbeat(now(), ttl, pipeline=pipe)
-            job.prepare_for_execution(self.name, pipeline=pipe)
+            job.prepare_for_execution(self.name, pipeline=pipe)  # sets last_heartbeat (RQ: a job.heartbeat too)
             pipe.persist(job.key)
             if len(self.queues) == 1:  # RQ dequeued it through its intermediate queue (LMOVE)
                 pipe.lrem(queue.intermediate_queue_key, 1, job.id)
             pipe.exists(job.dependents_key)
-            *_, dependents = pipe.execute()
+            results = pipe.execute(raise_on_error=False)
+        for result in results[hooked:]:  # RQ's own: as RQ would, raise (the hook's are the hook's)
+            if isinstance(result, Exception):
+                raise result
+        began: object | None = None
+        if finish is not None:
+            try:
+                began = finish(results)
+            except Exception as exc:  # the job records its start itself
+                log.warning("worker %s: job %s: its start writes failed: %s", self.name, job.id, exc)
         self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")
-        return execution, bool(dependents)
+        return execution, bool(results[-1]), began
+
+    def _hook(self, job: Job, pipe: Pipeline) -> Callable[[list[Any]], object] | None:
+        """The start hook's writes queued on ``pipe``, or None (no hook, or it failed: logged)."""
+        if self.start_hook is None:
+            return None
+        try:
+            return self.start_hook(job, pipe)
+        except Exception as exc:
+            log.warning("worker %s: job %s: could not prepare its start writes: %s", self.name, job.id, exc)
+            return None
 
     def _send(self, pending: list[Callable[[Pipeline], object]]) -> None:
         """Send deferred writes in a transaction of their own (before RQ's own success path)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import TYPE_CHECKING, Any
@@ -20,11 +21,11 @@ from rq.job import Job
 from workers import metrics
 from workers.actions import runner
 from workers.context import ActionContext
-from workers.contract import ActionCall
+from workers.contract import JOB_FUNCTION, ActionCall
 from workers.delivery_log import Attempt, DeliveryLog
 from workers.errors import ErrorKind, PermanentError, UnknownAction, classify
 from workers.gateway import CvatGateway
-from workers.inprocess import defer
+from workers.inprocess import begun, defer
 from workers.redaction import Redactor
 from workers.redis_conn import connect
 from workers.settings import WorkerSettings
@@ -74,15 +75,18 @@ def attempt_of(job: Job | None, call: ActionCall) -> int:
 def run_action(data: dict[str, Any]) -> dict[str, Any]:
     """Run one action (the RQ job function named in ``workers.contract.JOB_FUNCTION``).
 
-    Three Redis round trips of its own (bench/dispatch.py): the action's state read and the start
-    written, then the end and the metrics in one transaction (``workers.delivery_log.Attempt``),
-    which the in-process worker sends with its own success transaction (``workers.inprocess.defer``).
+    Two Redis round trips of its own (bench/dispatch.py): the start written with a read of the
+    action's state, then the end and the metrics, each in one transaction
+    (``workers.delivery_log.Attempt``). The in-process worker sends both with its own transactions
+    (:func:`begin_attempt`, ``workers.inprocess.defer``).
     """
     call = ActionCall.from_json(data)
     rt = runtime()
     job = get_current_job()
-    attempt = rt.deliveries.attempt(call.delivery_id, call.job_id, attempt_of(job, call))
-    attempt.start()
+    attempt = begun()
+    if not isinstance(attempt, Attempt) or attempt.job_id != call.job_id:  # not started by the worker
+        attempt = rt.deliveries.attempt(call.delivery_id, call.job_id, attempt_of(job, call))
+        attempt.start()
     ctx = ActionContext(call=call, settings=rt.settings, redis=rt.redis, gateway_factory=rt.gateway,
                         note=attempt.note)
     try:
@@ -109,6 +113,23 @@ def run_action(data: dict[str, Any]) -> dict[str, Any]:
     log.info("delivery %s: %s of rule %s %s (attempt %d)", call.delivery_id, call.action, call.rule_id,
              outcome, attempt.number)
     return result
+
+
+def begin_attempt(job: Job, pipe: Pipeline) -> Callable[[list[Any]], Attempt] | None:
+    """The in-process worker's start hook (``workers.inprocess.StartHook``): the start of an action
+    job's attempt queued on the worker's start transaction, so it costs no round trip of its own.
+    None for any other job (the periodic reconcile)."""
+    if job.func_name != JOB_FUNCTION:
+        return None
+    call = ActionCall.from_json(job.args[0])
+    attempt = runtime().deliveries.attempt(call.delivery_id, call.job_id, attempt_of(job, call))
+    read = attempt.queue_start(pipe)
+
+    def finish(results: list[Any]) -> Attempt:
+        read(results)
+        return attempt
+
+    return finish
 
 
 def unmet_job_requirement(ctx: ActionContext) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ from rq.worker import BaseWorker
 
 from workers.contract import QUEUES
 from workers.inprocess import BatchedSimpleWorker
-from workers.jobs import on_work_horse_killed
+from workers.jobs import begin_attempt, on_work_horse_killed
 from workers.queueing import SERIALIZER, queue
 from workers.redis_conn import connect
 from workers.settings import WorkerSettings
@@ -76,7 +76,10 @@ class ForkWorker(_Rescuing, Worker):
 
 
 class InProcessWorker(_Rescuing, BatchedSimpleWorker):
-    """RQ's SimpleWorker, its bookkeeping batched (``workers.inprocess``), with :func:`rescue_unstarted`."""
+    """RQ's SimpleWorker, its bookkeeping batched (``workers.inprocess``), with :func:`rescue_unstarted`;
+    an action's start in the delivery log rides in the worker's start transaction."""
+
+    start_hook = staticmethod(begin_attempt)
 
 
 WORKER_CLASSES: dict[str, type[BaseWorker]] = {"fork": ForkWorker, "simple": InProcessWorker}
