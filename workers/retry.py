@@ -39,12 +39,16 @@ class RetryPolicy:
         object.__setattr__(self, "backoff", tuple(self.backoff))
 
     def delays(self, rng: random.Random | None = None) -> list[int]:
-        """The delay before each retry, in whole seconds (RQ's unit), jitter applied."""
-        rng = rng or random.Random()
+        """The delay before each retry, in whole seconds (RQ's unit), jitter applied.
+
+        Without ``rng``, the jitter comes from the ``random`` module's own generator, which Python
+        reseeds in every forked process; a new ``random.Random()`` per call seeded itself from
+        ``os.urandom`` each time, which showed in the receiver's time per delivery."""
+        uniform = rng.uniform if rng is not None else random.uniform
         base: Sequence[float] = list(self.backoff[: self.attempts])
         if self.attempts > len(self.backoff):
             base = list(base) + [self.backoff[-1]] * (self.attempts - len(self.backoff))
-        return [max(0, round(d * (1 + rng.uniform(-self.jitter, self.jitter)))) for d in base]
+        return [max(0, round(d * (1 + uniform(-self.jitter, self.jitter)))) for d in base]
 
     def to_json(self) -> dict[str, object]:
         """The JSON form carried in a job's arguments."""
