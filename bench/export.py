@@ -9,9 +9,9 @@ cvat-hooks.
 
 - overhead: a small export (1 MB) that the server takes ``export_seconds`` to prepare; overhead is
   the time from queuing the job to the action's end, minus ``export_seconds``. Split into queue ->
-  action start, the action before the server finishes (login, format
-  check; imports), the polling overshoot (``server_seconds`` as the worker saw it, minus the
-  server's time) and the rest (download, commit).
+  action start, the action before the server finishes (login, format check), the polling
+  overshoot (``server_seconds`` as the worker saw it, minus the server's time) and the rest
+  (download, commit).
 - memory: one 500 MB export to a local path and one to S3. Growth is the peak of the worker tree
   while exporting minus the idle tree just before; shown as RSS (the issue's measure) and PSS,
   which does not count the pages the children share with their parent several times. A 5 MB

@@ -19,8 +19,8 @@ What a crashing action takes down (segfault, ``os._exit``, the OOM killer), and 
   abandoned-job handling right away (``StartedJobRegistry.cleanup``: our failure callback writes
   ``AbandonedJobError`` to the delivery log, then RQ retries the job after the rule's retry delay,
   or moves it to the failed registry), and forks a new child, which inherits the parent's imports
-  and starts in milliseconds. (RQ alone would retry it only once it deems it abandoned: after the
-  job's time limit, up to an hour);
+  and starts in milliseconds. (RQ alone would retry it only once it deems it abandoned, when the
+  job's registration runs out: up to 75 s later);
 - the parent runs no job code; if it is killed with the children (the container), RQ's maintenance
   in any live worker (or the restarted one) retries their jobs once RQ deems them abandoned: about
   75 s after the kill (``workers.inprocess.JOB_BEAT_SECONDS``).
