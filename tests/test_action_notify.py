@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 from redis import Redis
 
+from tests.conftest import free_port
 from tests.fake_gateway import job_event, make_context
 from workers.actions import notify, validate_params
 from workers.actions.notify import host_allowed, redact_url
@@ -203,9 +203,7 @@ def test_statuses_are_classified(status: int, error: type[Exception], hook: Hook
 
 def test_unreachable_host_is_transient_and_quiet(redis: Redis) -> None:
     """A refused connection is retried, and its error shows no secret."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens on it once its socket is closed
     with pytest.raises(TransientError, match="no answer") as caught:
         send({"url": f"http://127.0.0.1:{port}{SECRET_PATH}?sig=querysecret", "text": "hi"}, redis)
     assert_no_secret(str(caught.value))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests import cvat_fixtures
+from tests.conftest import free_port
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, export_digest
 from tests.cvat_server.exports import export_rq_id
 from workers.cvat_client import CvatClient, make_gateway
@@ -300,9 +300,7 @@ def test_dropped_connection_on_a_patch_is_transient(cvat_gateway: CvatClient, cv
 
 def test_refused_connection_is_transient():
     """Nobody listening on the port is a TransientError."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens on it once its socket is closed
     gateway = CvatClient(CvatSettings(url=f"http://127.0.0.1:{port}", access_token=DEFAULT_TOKEN))
     with gateway, pytest.raises(TransientError, match="could not connect"):
         gateway.get_resource(Resource.TASK, 2)

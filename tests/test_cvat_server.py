@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 import urllib3
 
 from tests import cvat_fixtures
+from tests.conftest import free_port
 from tests.cvat_server import (
     DEFAULT_TOKEN,
     CvatTestServer,
@@ -298,9 +298,7 @@ def test_organization_webhook_receives_its_organizations_events(cvat_server: Cva
 
 def test_unreachable_target_is_recorded_as_502(cvat_server: CvatTestServer):
     """A target nobody listens on gives a delivery with status 502, as CVAT records it."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens on it once its socket is closed
     cvat_server.add_webhook(f"http://127.0.0.1:{port}/hook")
     (delivery,) = cvat_server.emit("update:job", 1)
     assert delivery["status_code"] == 502

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]
 
+from tests.conftest import free_port
 from tests.moto_s3 import bucket, s3_endpoint, use_endpoint
 from workers.errors import ErrorKind, PermanentError, classify
 from workers.settings import WorkerSettings
@@ -292,11 +293,7 @@ def test_s3_without_credentials_fails_permanently(s3_storage: Storage,
 def test_s3_unreachable_endpoint_is_transient(cfg: WorkerSettings, monkeypatch: pytest.MonkeyPatch,
                                               tmp_path: Path) -> None:
     """A connection refused by the endpoint is worth a retry."""
-    import socket
-
-    with socket.socket() as sock:  # a port nobody listens on once closed
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens on it once its socket is closed
     use_endpoint(monkeypatch, f"http://127.0.0.1:{port}", tmp_path)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with Storage(cfg) as storage, pytest.raises(Exception) as caught:  # noqa: B017 - classify decides
@@ -328,12 +325,8 @@ def test_s3_client_is_made_again_when_the_aws_environment_changes(s3_env: str, c
 
 def test_warm_up_makes_the_shared_client_without_a_request(cfg: WorkerSettings, monkeypatch: pytest.MonkeyPatch,
                                                            tmp_path: Path) -> None:
-    """A forking worker's parent can make the client its work-horses inherit while S3 is unreachable."""
-    import socket
-
-    with socket.socket() as sock:  # a port nobody listens on once closed
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    """A worker's parent can make the client its children inherit while S3 is unreachable."""
+    port = free_port()  # nobody listens on it once its socket is closed
     use_endpoint(monkeypatch, f"http://127.0.0.1:{port}", tmp_path)
     warm_up()
     with Storage(cfg) as storage:
