@@ -290,8 +290,11 @@ class DeliveryLog:
         raw = decoded.pop("record", None)
         if raw is None:
             return None
-        actions = {k.split(":", 1)[1]: running(json.loads(v), decoded.get(STARTED_PREFIX + k.split(":", 1)[1]))
-                   for k, v in decoded.items() if k.startswith("action:")}
+        actions = {}
+        for key, value in decoded.items():
+            if key.startswith("action:"):
+                job_id = key.removeprefix("action:")
+                actions[job_id] = running(json.loads(value), decoded.get(STARTED_PREFIX + job_id))
         record = json.loads(raw)
         if DUPLICATES_FIELD in decoded:
             record[DUPLICATES_FIELD] = int(decoded[DUPLICATES_FIELD])
@@ -416,9 +419,10 @@ class Attempt:
         read(results)
         return self.started
 
-    def queue_start(self, pipe: Pipeline) -> Callable[[list[Any]], None]:
+    def queue_start(self, pipe: Pipeline) -> Callable[[list[Any]], Attempt]:
         """Queue the start on ``pipe`` (a transaction sent by the caller); returns what to call with
-        that transaction's results, which reads the action's state from them (or raises its error)."""
+        that transaction's results, which reads the action's state from them (or raises its error)
+        and gives this attempt back."""
         self.started = now()
         key = record_key(self.delivery_id)
         first = len(pipe)
@@ -427,12 +431,13 @@ class Attempt:
         pipe.hset(key, STARTED_PREFIX + self.job_id, json.dumps(changes))
         count = 2 + self.deliveries._queue_step(pipe, self.delivery_id, self.job_id, step)
 
-        def read(results: list[Any]) -> None:
+        def read(results: list[Any]) -> Attempt:
             for result in results[first:first + count]:
                 if isinstance(result, Exception):
                     raise result
             raw = results[first]
             self._state = {**(json.loads(raw) if raw else self._state), **changes}
+            return self
 
         return read
 

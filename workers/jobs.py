@@ -122,14 +122,7 @@ def begin_attempt(job: Job, pipe: Pipeline) -> Callable[[list[Any]], Attempt] | 
     if job.func_name != JOB_FUNCTION:
         return None
     call = ActionCall.from_json(job.args[0])
-    attempt = runtime().deliveries.attempt(call.delivery_id, call.job_id, attempt_of(job, call))
-    read = attempt.queue_start(pipe)
-
-    def finish(results: list[Any]) -> Attempt:
-        read(results)
-        return attempt
-
-    return finish
+    return runtime().deliveries.attempt(call.delivery_id, call.job_id, attempt_of(job, call)).queue_start(pipe)
 
 
 def unmet_job_requirement(ctx: ActionContext) -> dict[str, Any] | None:

@@ -57,13 +57,11 @@ e.g. Redis unreachable), so the parent does not fork as fast as it can."""
 
 @dataclass
 class Child:
-    """One worker process of the setup: which queues it serves, how, and its current incarnation."""
+    """One worker process of the setup (an in-process :class:`workers.worker.InProcessWorker`): which
+    queues it serves, and its current incarnation."""
 
     role: str
     queues: tuple[str, ...]
-    kind: str
-    """``simple``: in-process (:class:`workers.worker.InProcessWorker`), what :func:`plan` gives; a
-    ``fork`` child (RQ's forking worker) is supervised too, but its jobs are left to RQ."""
     pid: int = 0
     name: str = ""
     started: float = 0.0
@@ -73,7 +71,7 @@ def plan(queues: Sequence[str]) -> list[Child]:
     """The children for ``queues``: exports in one, every other queue in the other, both in-process."""
     light = tuple(q for q in queues if q != EXPORT_QUEUE)
     heavy = tuple(q for q in queues if q == EXPORT_QUEUE)
-    return ([Child("light", light, "simple")] if light else []) + ([Child("exports", heavy, "simple")] if heavy else [])
+    return ([Child("light", light)] if light else []) + ([Child("exports", heavy)] if heavy else [])
 
 
 def recover(redis: Redis, worker_name: str, queues: Sequence[str]) -> list[str]:
@@ -200,10 +198,10 @@ class Supervisor:
 
     def _bury(self, child: Child, pid: int, code: int) -> None:
         """After a child ended: stop what it left in its process group (RQ's scheduler process, which
-        holds the scheduler lock the next child needs), and if it ran jobs in-process, hand the ones
-        it had started to RQ's retry (first: a retry must not wait for the rest). Never raises: the
-        parent must go on supervising."""
-        if child.kind == "simple" and code != 0:
+        holds the scheduler lock the next child needs), and if it failed, hand the jobs it had
+        started (in-process: certainly not running any more) to RQ's retry (first: a retry must not
+        wait for the rest). Never raises: the parent must go on supervising."""
+        if code != 0:
             try:
                 recover(self.redis, child.name, child.queues)
             except Exception as exc:
@@ -237,7 +235,7 @@ def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] 
     worker.preload()  # once, here: every child (and every restarted one) starts with it
 
     def run_child(child: Child) -> int:
-        worker.run(settings, burst=burst, queues=child.queues, kind=child.kind, name=child.name)
+        worker.run(settings, burst=burst, queues=child.queues, kind="simple", name=child.name)
         return 0
 
     supervisor = Supervisor(settings, plan(queues), burst=burst, run_child=run_child)
