@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-
 from flask import Blueprint, current_app, jsonify, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
+from receiver.deadlines import BodyDeadlines
 from receiver.dispatch import Intake
 from receiver.signature import HEADER
 from workers import metrics
 from workers.contract import QUEUES
 
 bp = Blueprint("cvat_hooks", __name__)
+BODY_DEADLINES = BodyDeadlines()
 
 
 def intake() -> Intake:
@@ -40,36 +39,20 @@ def webhook():  # type: ignore[no-untyped-def]
 
 
 def read_body(seconds: float) -> bytes | None:
-    """The raw body, or ``None`` if the client did not send all of it within ``seconds``.
-
-    gunicorn's gthread worker waits at most 5 s for a request's first byte, but once it reads a
-    request, a client trickling its body holds that thread as long as it likes: ``--timeout`` only
-    watches the worker process, which stays responsive. So at the deadline the socket's reading side
-    is shut down: the blocked read returns what it has at once, and the client still gets its 408.
-    """
+    """The raw body, or ``None`` if the client did not send all of it within ``seconds``
+    (``receiver.deadlines`` says why gunicorn alone does not bound that)."""
     sock = request.environ.get("gunicorn.socket")
-    timer = None
-    if sock is not None:  # under gunicorn (not the test client or werkzeug's server)
-        timer = threading.Timer(seconds, _stop_reading, args=(sock,))
-        timer.daemon = True
-        timer.start()
     try:
-        body = request.get_data(cache=False)
+        if sock is None:  # the test client or werkzeug's server: nothing to cut off
+            body = request.get_data(cache=False)
+        else:
+            with BODY_DEADLINES.reading(sock, seconds):
+                body = request.get_data(cache=False)
     except (OSError, ClientDisconnected):  # gunicorn's NoMoreData (a chunked body cut short) is an OSError
         return None
-    finally:
-        if timer is not None:
-            timer.cancel()
     if request.content_length is not None and len(body) < request.content_length:
         return None  # cut off before its Content-Length arrived
     return body
-
-
-def _stop_reading(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RD)
-    except OSError:
-        pass  # already closed: nothing to cut off
 
 
 @bp.get("/healthz")
