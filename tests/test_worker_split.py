@@ -158,6 +158,28 @@ def test_a_running_job_stays_registered_by_short_renewals(redis: Redis, settings
     assert len(set(scores)) >= 3  # renewed while it ran, not set once
 
 
+def renewal_threads() -> list[int]:
+    """A job that says which renewal threads its worker process has."""
+    import threading
+
+    return [t.ident or 0 for t in threading.enumerate() if t.name.startswith("renewals-")]
+
+
+def test_one_renewal_thread_serves_every_job_of_a_worker(redis: Redis, settings):
+    """Jobs share the worker's renewal thread (a thread per job cost a tenth of a no-op job's CPU),
+    and it ends with the worker."""
+    import threading
+
+    q = queue(LIGHT_QUEUE, redis)
+    jobs = [q.enqueue(renewal_threads) for _ in range(3)]
+    worker = build_worker(settings.workers, queues=(LIGHT_QUEUE,), kind="simple", name="renewing")
+    assert worker.work(burst=True, with_scheduler=False)
+    seen = [job.latest_result().return_value for job in jobs]
+    assert all(len(threads) == 1 for threads in seen), seen
+    assert len({threads[0] for threads in seen}) == 1, seen
+    assert not [t for t in threading.enumerate() if t.name == "renewals-renewing"]
+
+
 def test_rescue_looks_a_little_ahead_of_now(redis: Redis):
     """An entry of a job still 'queued' that expires within RESCUE_AHEAD_SECONDS is rescued now: RQ's
     cleanup, which runs just after with its own clock, would drop it if it expired in between."""
