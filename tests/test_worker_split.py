@@ -180,6 +180,46 @@ def test_one_renewal_thread_serves_every_job_of_a_worker(redis: Redis, settings)
     assert not [t for t in threading.enumerate() if t.name == "renewals-renewing"]
 
 
+def test_recycling_limits_say_why():
+    from workers.settings import Recycle
+
+    assert Recycle(max_rss_mb=100, max_jobs=0).due(10**6, 99 * 2**20) is None
+    assert "CVAT_HOOKS_WORKER_MAX_RSS_MB=100" in (Recycle(max_rss_mb=100).due(1, 101 * 2**20) or "")
+    assert "CVAT_HOOKS_WORKER_MAX_JOBS=3" in (Recycle(max_rss_mb=0, max_jobs=3).due(3, 10**12) or "")
+    assert Recycle(max_rss_mb=0, max_jobs=0).due(10**6, 10**12) is None
+
+
+@pytest.mark.parametrize("limit", [{"CVAT_HOOKS_WORKER_MAX_JOBS": "2"}, {"CVAT_HOOKS_WORKER_MAX_RSS_MB": "1"}],
+                         ids=["jobs", "rss"])
+def test_split_worker_replaces_a_child_at_its_recycling_limits(tmp_path: Path, limit: dict[str, str]):
+    """`cvat-hooks worker` (split, burst) with a child limited to 2 jobs, or to 1 MB (every job is
+    over it): each child ends after its limit and a fresh process takes the next jobs, none is lost
+    or run twice, and a recycle is not taken for a crash (no job handed to RQ's abandoned-job retry)."""
+    import os
+    import subprocess
+    import sys
+
+    from bench.noop_action import ENV, STARTS_KEY
+
+    jobs = 5
+    with RedisProc(tmp_path / "redis") as server:
+        calls = dispatch._calls(jobs, tag="recycle")
+        dispatch.Queuer(server.client).queue(calls)
+        env = {**os.environ, "CVAT_HOOKS_REDIS_URL": server.url, "CVAT_HOOKS_DATA_DIR": str(tmp_path / "data"),
+               ENV: "1", **limit}
+        done = subprocess.run([sys.executable, "-m", "bench.worker", "--burst", "--queue", LIGHT_QUEUE],
+                              env=env, capture_output=True, text=True, timeout=120)
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, log
+        started = server.client.hgetall(STARTS_KEY)
+        statuses = [Job.fetch(c.job_id, connection=server.client, serializer=SERIALIZER).get_status()
+                    for c in calls]
+    assert len(started) == jobs and statuses == ["finished"] * jobs, (started, statuses, log)
+    fresh = log.count("stopped at its recycling limits; starting a fresh one")
+    assert fresh == (2 if "CVAT_HOOKS_WORKER_MAX_JOBS" in limit else jobs), log
+    assert "handed to RQ's retry" not in log and "died (exit" not in log, log
+
+
 def test_rescue_looks_a_little_ahead_of_now(redis: Redis):
     """An entry of a job still 'queued' that expires within RESCUE_AHEAD_SECONDS is rescued now: RQ's
     cleanup, which runs just after with its own clock, would drop it if it expired in between."""

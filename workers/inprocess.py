@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -36,6 +37,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from rq import SimpleWorker
+from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import JobStatus, Retry
 from rq.timeouts import JobTimeoutException
@@ -46,6 +48,8 @@ if TYPE_CHECKING:
     from redis.client import Pipeline
     from rq.job import Job
     from rq.queue import Queue
+
+    from workers.settings import Recycle
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,11 @@ class BatchedSimpleWorker(SimpleWorker):
     """RQ's SimpleWorker with a job's start and its success each written in one transaction."""
 
     start_hook: StartHook | None = None
+    recycle: Recycle | None = None
+    """Limits after which the worker stops after a job, for its supervisor to replace it."""
+    recycled: str | None = None
+    """Why it stopped for that, once it has."""
+    jobs_done = 0
     _beaten_at = float("-inf")
     _suspension_checked_at = float("-inf")
 
@@ -125,6 +134,17 @@ class BatchedSimpleWorker(SimpleWorker):
         super().check_for_suspension(burst)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run ``job`` here; then, if :attr:`recycle`'s limits are reached, stop (RQ's own stop
+        exception: its loop ends as on a warm shutdown, with its teardown)."""
+        self._execute(job, queue)
+        self.jobs_done += 1
+        if self.recycle is not None:
+            self.recycled = self.recycle.due(self.jobs_done, rss_bytes())
+            if self.recycled:
+                self.log.info("Worker %s: recycling: %s", self.name, self.recycled)
+                raise StopRequested()
+
+    def _execute(self, job: Job, queue: Queue) -> None:
         """Run ``job`` here; RQ's own path for anything but a plain job that succeeds."""
         if job.success_callback is not None or job.repeats_left or job.has_rate_limit:
             super().execute_job(job, queue)
@@ -282,6 +302,20 @@ class Renewals:
                         pipe.execute()
                 except Exception as exc:  # Redis away for a moment: the next beat may reach it
                     log.warning("worker %s: could not renew job %s: %s", self._worker.name, job.id, exc)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux), or its peak where /proc is missing."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * PAGE_SIZE
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _beat_ttl() -> int:

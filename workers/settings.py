@@ -15,6 +15,10 @@ from pathlib import Path
 DEFAULT_DATA_DIR = "var"
 DEFAULT_RETENTION_DAYS = 30
 """Days a delivery record is kept."""
+DEFAULT_MAX_RSS_MB = 512
+"""A child of the split worker starts at about 70 MB of RSS, most of it pages shared with its
+parent, which preloaded cvat-sdk and boto3; an export adds a few MB (bench/). A child past 512 MB
+holds memory some action left behind. The Kubernetes manifest limits the whole worker to 1 GiB."""
 
 
 def _bool(value: str | None, default: bool) -> bool:
@@ -52,6 +56,27 @@ class CvatSettings:
 
 
 @dataclass(frozen=True)
+class Recycle:
+    """Limits after which an in-process worker ends after its current job, to be replaced by a fresh
+    process. Memory an action leaves behind (a leak in an export library, or pages Python's allocator
+    keeps after a large export) would otherwise stay with the long-lived child that runs every action
+    of its queue; the forking worker got that for free from a new work-horse per job."""
+
+    max_rss_mb: int = DEFAULT_MAX_RSS_MB
+    """Resident memory after a job above which the process is replaced (0: never)."""
+    max_jobs: int = 0
+    """Jobs after which the process is replaced (0: never)."""
+
+    def due(self, jobs_done: int, rss_bytes: int) -> str | None:
+        """Why the process should be replaced now, or ``None``."""
+        if self.max_rss_mb and rss_bytes > self.max_rss_mb * 1024 * 1024:
+            return f"RSS {rss_bytes / 1024 / 1024:.0f} MB over CVAT_HOOKS_WORKER_MAX_RSS_MB={self.max_rss_mb}"
+        if self.max_jobs and jobs_done >= self.max_jobs:
+            return f"{jobs_done} jobs done (CVAT_HOOKS_WORKER_MAX_JOBS={self.max_jobs})"
+        return None
+
+
+@dataclass(frozen=True)
 class WorkerSettings:
     """Everything a worker process needs to know."""
 
@@ -71,6 +96,8 @@ class WorkerSettings:
     workers that died (once RQ deems them abandoned) and taking over the scheduler (delayed retries)
     from a dead worker's. RQ's default of 10 minutes left delayed retries stalled that long after a
     worker was killed and restarted (issue 6)."""
+    recycle: Recycle = field(default_factory=lambda: Recycle())
+    """When a child of the default ``split`` worker is replaced by a fresh one (``workers.supervisor``)."""
 
     @property
     def retention_seconds(self) -> int:
@@ -101,4 +128,6 @@ class WorkerSettings:
             notify_allowed_hosts=_list(env.get("CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS")),
             notify_timeout=float(env.get("CVAT_HOOKS_NOTIFY_TIMEOUT") or 10),
             maintenance_seconds=int(env.get("CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS") or 30),
+            recycle=Recycle(max_rss_mb=int(env.get("CVAT_HOOKS_WORKER_MAX_RSS_MB") or DEFAULT_MAX_RSS_MB),
+                            max_jobs=int(env.get("CVAT_HOOKS_WORKER_MAX_JOBS") or 0)),
         )

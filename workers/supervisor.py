@@ -25,6 +25,10 @@ What a crashing action takes down (segfault, ``os._exit``, the OOM killer), and 
   in any live worker (or the restarted one) retries their jobs once RQ deems them abandoned: about
   75 s after the kill (``workers.inprocess.JOB_BEAT_SECONDS``).
 
+A child also ends on its own, after the action that brings it to its recycling limits (memory, or a
+number of jobs: ``WorkerSettings.recycle``), with exit code :data:`RECYCLED`; the parent starts a
+fresh one at once, and no job is handed anywhere, since none was running.
+
 A job a child had taken off its queue but not yet started when it died (a window of one round trip,
 in which no action code runs) is recovered by RQ's intermediate-queue cleanup (a minute or two)
 rather than here: the parent cannot tell it from a job another worker just took.
@@ -49,6 +53,10 @@ if TYPE_CHECKING:
     from redis import Redis
 
 log = logging.getLogger(__name__)
+
+RECYCLED = 75
+"""A child's exit code when it stopped at its recycling limits (``WorkerSettings.recycle``) to be
+replaced at once; EX_TEMPFAIL, which nothing else in a child returns."""
 
 RESTART_PAUSE = 1.0
 """Seconds to wait before restarting a child that died within that long of its start (a crash loop,
@@ -186,12 +194,16 @@ class Supervisor:
             child, found.pid = found, 0
             code = os.waitstatus_to_exitcode(status)
             self._bury(child, pid, code)
-            if self.stopping or self.burst:  # a burst is one pass: what a crash left is retried by RQ
-                failed = failed or code != 0
+            if self.stopping or (self.burst and code != RECYCLED):  # a burst is one pass: what a crash
+                failed = failed or code not in (0, RECYCLED)                 # left is retried by RQ
                 continue
-            log.error("worker %s (%s) died (exit %s); restarting it", child.name, child.role, code)
-            if time.monotonic() - child.started < RESTART_PAUSE:
-                time.sleep(RESTART_PAUSE)
+            if code == RECYCLED:
+                log.info("worker %s (%s) stopped at its recycling limits; starting a fresh one", child.name,
+                         child.role)
+            else:
+                log.error("worker %s (%s) died (exit %s); restarting it", child.name, child.role, code)
+                if time.monotonic() - child.started < RESTART_PAUSE:
+                    time.sleep(RESTART_PAUSE)
             if not self.stopping:
                 self.spawn(child)
         return 1 if failed else 0
@@ -201,7 +213,7 @@ class Supervisor:
         holds the scheduler lock the next child needs), and if it failed, hand the jobs it had
         started (in-process: certainly not running any more) to RQ's retry (first: a retry must not
         wait for the rest). Never raises: the parent must go on supervising."""
-        if code != 0:
+        if code not in (0, RECYCLED):
             try:
                 recover(self.redis, child.name, child.queues)
             except Exception as exc:
@@ -235,7 +247,10 @@ def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] 
     worker.preload()  # once, here: every child (and every restarted one) starts with it
 
     def run_child(child: Child) -> int:
-        worker.run(settings, burst=burst, queues=child.queues, kind="simple", name=child.name)
+        try:
+            worker.run(settings, burst=burst, queues=child.queues, kind="simple", name=child.name, recycle=True)
+        except worker.Recycled:
+            return RECYCLED
         return 0
 
     supervisor = Supervisor(settings, plan(queues), burst=burst, run_child=run_child)

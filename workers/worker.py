@@ -20,7 +20,7 @@ from workers.inprocess import BatchedSimpleWorker
 from workers.jobs import begin_attempt, on_work_horse_killed
 from workers.queueing import SERIALIZER, queue
 from workers.redis_conn import connect
-from workers.settings import WorkerSettings
+from workers.settings import Recycle, WorkerSettings
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -114,28 +114,39 @@ def preload() -> None:
 
 
 def build_worker(settings: WorkerSettings, *, queues: Sequence[str] = QUEUES, kind: str = "fork",
-                 name: str | None = None) -> BaseWorker:
-    """A worker serving ``queues`` in order (light actions before exports)."""
+                 name: str | None = None, recycle: Recycle | None = None) -> BaseWorker:
+    """A worker serving ``queues`` in order (light actions before exports); an in-process one stops
+    at ``recycle``'s limits."""
     redis = connect(settings.redis_url)
     cls = WORKER_CLASSES[kind]
     # An idle worker runs maintenance only when its blocking dequeue returns, after worker_ttl - 15
     # seconds: the TTL is derived from the interval so that happens on time (RQ: 405 s and 10 min).
-    return cls([queue(q, redis) for q in queues], connection=redis, serializer=SERIALIZER, name=name,
-               work_horse_killed_handler=on_work_horse_killed,
-               maintenance_interval=settings.maintenance_seconds, worker_ttl=settings.maintenance_seconds + 15)
+    worker = cls([queue(q, redis) for q in queues], connection=redis, serializer=SERIALIZER, name=name,
+                 work_horse_killed_handler=on_work_horse_killed,
+                 maintenance_interval=settings.maintenance_seconds, worker_ttl=settings.maintenance_seconds + 15)
+    if isinstance(worker, InProcessWorker):
+        worker.recycle = recycle
+    return worker
+
+
+class Recycled(Exception):
+    """The worker stopped to be replaced by a fresh process (``WorkerSettings.recycle``)."""
 
 
 def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] = QUEUES, kind: str = "fork",
-        name: str | None = None, at_start: Callable[[Redis], object] | None = None) -> bool:
+        name: str | None = None, at_start: Callable[[Redis], object] | None = None, recycle: bool = False) -> bool:
     """Work until stopped (or, with ``burst``, until the queues are empty).
 
     ``at_start`` is called with the worker's Redis before it works, unless ``burst``: the command
     line schedules the periodic reconcile there (``receiver.reconcile.schedule_periodic``), so a
-    one-off burst worker leaves no periodic job behind.
+    one-off burst worker leaves no periodic job behind. With ``recycle`` (an in-process worker under
+    ``workers.supervisor``, which starts a fresh one), it raises :class:`Recycled` once it has
+    stopped at ``settings.recycle``'s limits.
     """
     if kind == "fork":
         preload()
-    worker = build_worker(settings, queues=queues, kind=kind, name=name)
+    limits = settings.recycle if recycle else None
+    worker = build_worker(settings, queues=queues, kind=kind, name=name, recycle=limits)
     restarts = 0  # a successor's name says whose it is (``workers.supervisor.recover`` finds its jobs)
     if at_start is not None and not burst:
         at_start(worker.connection)
@@ -149,6 +160,8 @@ def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] 
             worked, why = False, f"{type(exc).__name__}: {exc}"
         else:
             why = "an unexpected error (see above)"
+        if getattr(worker, "recycled", None):
+            raise Recycled(worker.recycled)  # type: ignore[attr-defined]
         if burst or getattr(worker, "_shutdown_requested_date", True) is not None:
             return worked  # done, or asked to stop (SIGTERM, SIGINT)
         # RQ's loop quits on an unexpected error, e.g. Redis going away while a work-horse runs (its
@@ -157,4 +170,5 @@ def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] 
         log.error("worker %s: stopped on %s; starting a new worker in 1 s", worker.name, why)
         time.sleep(1)
         restarts += 1
-        worker = build_worker(settings, queues=queues, kind=kind, name=f"{name}.{restarts}" if name else None)
+        worker = build_worker(settings, queues=queues, kind=kind, name=f"{name}.{restarts}" if name else None,
+                              recycle=limits)
