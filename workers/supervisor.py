@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 RECYCLED = 75
 """A child's exit code when it stopped at its recycling limits (``WorkerSettings.recycle``) to be
-replaced at once; EX_TEMPFAIL, which nothing else in a child returns."""
+replaced at once (EX_TEMPFAIL, which cvat-hooks uses for nothing else)."""
 
 RESTART_PAUSE = 1.0
 """Seconds to wait before restarting a child that died within that long of its start (a crash loop,
@@ -194,8 +194,9 @@ class Supervisor:
             child, found.pid = found, 0
             code = os.waitstatus_to_exitcode(status)
             self._bury(child, pid, code)
-            if self.stopping or (self.burst and code != RECYCLED):  # a burst is one pass: what a crash
-                failed = failed or code not in (0, RECYCLED)                 # left is retried by RQ
+            # A burst is one pass (what a crash left is retried by RQ), but a recycled child's queue is not done.
+            if self.stopping or (self.burst and code != RECYCLED):
+                failed = failed or code not in (0, RECYCLED)
                 continue
             if code == RECYCLED:
                 log.info("worker %s (%s) stopped at its recycling limits; starting a fresh one", child.name,
