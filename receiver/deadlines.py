@@ -15,12 +15,15 @@ A deadline is therefore enforced up to one tick late.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
 
 TICK_SECONDS = 0.25
 """How often the watchdog looks for expired reads."""
@@ -60,12 +63,18 @@ class BodyDeadlines:
     def _watch(self) -> None:
         while True:
             time.sleep(self._tick)
-            now = time.monotonic()
-            with self._lock:
-                expired = [(ticket, sock) for ticket, (deadline, sock) in self._reads.items() if deadline <= now]
-                for ticket, sock in expired:
-                    del self._reads[ticket]
-                    _stop_reading(sock)
+            try:
+                self._cut_expired()
+            except Exception:  # the watchdog must outlive any surprise, or slow bodies hold threads again
+                log.exception("body deadlines: could not cut off expired reads")
+
+    def _cut_expired(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            expired = [(ticket, sock) for ticket, (deadline, sock) in self._reads.items() if deadline <= now]
+            for ticket, sock in expired:
+                del self._reads[ticket]
+                _stop_reading(sock)
 
 
 def _stop_reading(sock: socket.socket) -> None:
