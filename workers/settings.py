@@ -16,7 +16,7 @@ DEFAULT_DATA_DIR = "var"
 DEFAULT_RETENTION_DAYS = 30
 """Days a delivery record is kept."""
 DEFAULT_MAX_RSS_MB = 512
-"""A child of the split worker starts at about 70 MB of RSS, most of it pages shared with its
+"""A child of the split worker starts at about 60-70 MB of RSS, most of it pages shared with its
 parent, which preloaded cvat-sdk and boto3; an export adds a few MB (bench/). A child past 512 MB
 holds memory some action left behind. The Kubernetes manifest limits the whole worker to 1 GiB."""
 

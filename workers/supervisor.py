@@ -27,7 +27,8 @@ What a crashing action takes down (segfault, ``os._exit``, the OOM killer), and 
 
 A child also ends on its own, after the action that brings it to its recycling limits (memory, or a
 number of jobs: ``WorkerSettings.recycle``), with exit code :data:`RECYCLED`; the parent starts a
-fresh one at once, and no job is handed anywhere, since none was running.
+fresh one at once. It still looks for jobs to hand over, and finds none, since none was running
+(unless an action itself exited with that code).
 
 A job a child had taken off its queue but not yet started when it died (a window of one round trip,
 in which no action code runs) is recovered by RQ's intermediate-queue cleanup (a minute or two)
@@ -211,10 +212,10 @@ class Supervisor:
 
     def _bury(self, child: Child, pid: int, code: int) -> None:
         """After a child ended: stop what it left in its process group (RQ's scheduler process, which
-        holds the scheduler lock the next child needs), and if it failed, hand the jobs it had
+        holds the scheduler lock the next child needs), and unless it exited 0, hand the jobs it had
         started (in-process: certainly not running any more) to RQ's retry (first: a retry must not
         wait for the rest). Never raises: the parent must go on supervising."""
-        if code not in (0, RECYCLED):
+        if code != 0:  # after a real recycle this finds nothing; an action's own exit 75 is still caught
             try:
                 recover(self.redis, child.name, child.queues)
             except Exception as exc:
