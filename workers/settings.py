@@ -96,7 +96,7 @@ class WorkerSettings:
     workers that died (once RQ deems them abandoned) and taking over the scheduler (delayed retries)
     from a dead worker's. RQ's default of 10 minutes left delayed retries stalled that long after a
     worker was killed and restarted (issue 6)."""
-    recycle: Recycle = field(default_factory=lambda: Recycle())
+    recycle: Recycle = field(default_factory=Recycle)
     """When a child of the default ``split`` worker is replaced by a fresh one (``workers.supervisor``)."""
 
     @property

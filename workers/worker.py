@@ -160,8 +160,8 @@ def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] 
             worked, why = False, f"{type(exc).__name__}: {exc}"
         else:
             why = "an unexpected error (see above)"
-        if getattr(worker, "recycled", None):
-            raise Recycled(worker.recycled)  # type: ignore[attr-defined]
+        if recycled := getattr(worker, "recycled", None):
+            raise Recycled(recycled)
         if burst or getattr(worker, "_shutdown_requested_date", True) is not None:
             return worked  # done, or asked to stop (SIGTERM, SIGINT)
         # RQ's loop quits on an unexpected error, e.g. Redis going away while a work-horse runs (its
