@@ -211,7 +211,7 @@ def crash_probe(redis: RedisProc, queuer: Queuer, kind: str, work: Path, *,
     """A crashing action (one retry allowed, after 1 s; on the light queue unless ``crash_queue``
     says otherwise), then a light no-op, on one worker: what survives, whether the next job runs,
     and how soon the crashed job is retried (it crashes again, then fails)."""
-    from rq.job import Job
+    from rq.job import Job, JobStatus
 
     from workers.delivery_log import DeliveryLog
     from workers.queueing import SERIALIZER, queue
@@ -225,6 +225,9 @@ def crash_probe(redis: RedisProc, queuer: Queuer, kind: str, work: Path, *,
         record = deliveries.get(crash.delivery_id)
         return record.actions.get(crash.job_id, {}) if record else {}
 
+    def rq_status() -> JobStatus | None:
+        return Job.fetch(crash.job_id, connection=redis.client, serializer=SERIALIZER).get_status()
+
     with workers(redis, kind, 1, work) as (proc,):
         t0 = time.time()
         queuer.queue([crash])
@@ -234,14 +237,16 @@ def crash_probe(redis: RedisProc, queuer: Queuer, kind: str, work: Path, *,
             if not proc.alive():
                 time.sleep(0.5)  # give it time to write anything it writes on the way down
                 break
-            if redis.client.hexists(STARTS_KEY, after.job_id) and action().get("status") == "failed":
+            # RQ's abandoned-job cleanup runs our failure callback (the log's "failed") before it
+            # commits the job's own status: wait for both, or the probe reads RQ mid-way.
+            if redis.client.hexists(STARTS_KEY, after.job_id) and action().get("status") == "failed" \
+                    and rq_status() != JobStatus.STARTED:
                 break
             time.sleep(0.05)
         alive = proc.alive()
         exit_code = proc.popen.returncode
         next_ran = bool(redis.client.hexists(STARTS_KEY, after.job_id))
-        job = Job.fetch(crash.job_id, connection=redis.client, serializer=SERIALIZER)
-        status = job.get_status()
+        status = rq_status()
         state = action()
         record = deliveries.get(crash.delivery_id)
         steps = [(st["step"], st["t"]) for st in (record.timeline if record else []) if st["step"] != "note"]
