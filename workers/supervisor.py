@@ -250,7 +250,8 @@ def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] 
 
     def run_child(child: Child) -> int:
         try:
-            worker.run(settings, burst=burst, queues=child.queues, kind="simple", name=child.name, recycle=True)
+            worker.run(settings, burst=burst, queues=child.queues, kind="simple", name=child.name,
+                       recycle=settings.recycle)
         except worker.Recycled:
             return RECYCLED
         return 0

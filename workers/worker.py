@@ -134,19 +134,19 @@ class Recycled(Exception):
 
 
 def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] = QUEUES, kind: str = "fork",
-        name: str | None = None, at_start: Callable[[Redis], object] | None = None, recycle: bool = False) -> bool:
+        name: str | None = None, at_start: Callable[[Redis], object] | None = None,
+        recycle: Recycle | None = None) -> bool:
     """Work until stopped (or, with ``burst``, until the queues are empty).
 
     ``at_start`` is called with the worker's Redis before it works, unless ``burst``: the command
     line schedules the periodic reconcile there (``receiver.reconcile.schedule_periodic``), so a
     one-off burst worker leaves no periodic job behind. With ``recycle`` (an in-process worker under
     ``workers.supervisor``, which starts a fresh one), it raises :class:`Recycled` once it has
-    stopped at ``settings.recycle``'s limits.
+    stopped at those limits.
     """
     if kind == "fork":
         preload()
-    limits = settings.recycle if recycle else None
-    worker = build_worker(settings, queues=queues, kind=kind, name=name, recycle=limits)
+    worker = build_worker(settings, queues=queues, kind=kind, name=name, recycle=recycle)
     restarts = 0  # a successor's name says whose it is (``workers.supervisor.recover`` finds its jobs)
     if at_start is not None and not burst:
         at_start(worker.connection)
@@ -171,4 +171,4 @@ def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] 
         time.sleep(1)
         restarts += 1
         worker = build_worker(settings, queues=queues, kind=kind, name=f"{name}.{restarts}" if name else None,
-                              recycle=limits)
+                              recycle=recycle)
