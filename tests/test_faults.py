@@ -292,9 +292,10 @@ def test_a_job_taken_by_a_one_queue_worker_killed_before_registering_it_is_run(s
     """A worker SIGKILLed right after its dequeue returned a job, before RQ wrote it anywhere. With
     several queues RQ pops with BLPOP and the job is then only in the dead process's memory (lost:
     bench/soak.py found one). A worker of one queue, as each child of the default ``split`` setup
-    is, pops with LMOVE into RQ's intermediate queue, whose cleanup in a live worker's maintenance
-    retries the job: it runs once."""
-    stack.set_rules(LABELS_RULE)
+    is, pops with LMOVE into RQ's intermediate queue. A live worker's maintenance puts the job back
+    on its queue (``workers.worker.requeue_stuck``): it runs once, without spending a retry; with
+    no retries, as here, RQ's own cleanup would have failed it without ever running it."""
+    stack.set_rules(LABELS_RULE.replace("retry: {attempts: 2, backoff: [2]}", "retry: {attempts: 0}"))
     body, _ = capture("create_task.json")
     answer = stack.app().post("/webhooks/cvat", data=body, headers=signed(body)).json
     [job_id] = answer["jobs"]
@@ -313,8 +314,13 @@ def test_a_job_taken_by_a_one_queue_worker_killed_before_registering_it_is_run(s
     assert wait_for(lambda: log.get(answer["delivery_id"]).status.value == "succeeded", timeout=30), \
         (steps(log.get(answer["delivery_id"])), stack.logs())
     time.sleep(2 * MAINTENANCE_SECONDS + 1)  # a second run would show by now
-    assert [s for s, _ in steps(log.get(answer["delivery_id"]))] == ["received", "started", "succeeded"]
+    delivery = log.get(answer["delivery_id"])
+    assert [s for s, _ in steps(delivery)] == ["received", "started", "succeeded"]
+    assert [s["message"] for s in delivery.timeline if s["step"] == "note"][:1] == [
+        "taken by a worker that stopped before starting it; queued again"]
     assert light.count == 0 and not light.intermediate_queue.get_job_ids()
+    assert light.failed_job_registry.count == 0
+    assert not redis.exists(light.intermediate_queue.get_first_seen_key(job_id))
 
 
 # -- Redis restarted ---------------------------------------------------------------------------------

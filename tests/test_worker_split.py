@@ -240,3 +240,34 @@ def test_rescue_looks_a_little_ahead_of_now(redis: Redis):
     redis.zadd(q.started_job_registry.key, {soon_entry: time.time() + RESCUE_AHEAD_SECONDS / 2})
     assert rescue_unstarted(q) == [soon.id]
     assert (soon.get_status(), later.get_status()) == ("started", "queued")
+
+
+def test_a_job_stuck_in_the_intermediate_queue_is_put_back_once_after_rqs_minute(redis: Redis):
+    """``requeue_stuck``: a job a one-queue worker took (LMOVE) and died holding goes back to the front
+    of its queue once RQ's first-seen stamp is a minute old; not before, not a job that did start,
+    and only once (the next worker's maintenance finds nothing left to do)."""
+    import time
+
+    from rq.executions import Execution
+
+    from workers.worker import requeue_stuck
+
+    q = queue(LIGHT_QUEUE, redis)
+    stuck, running, fresh, waiting = (q.enqueue(nap, 0) for _ in range(4))
+    stuck_list = q.intermediate_queue
+    for job in (stuck, running, fresh):
+        redis.lmove(q.key, stuck_list.key, "LEFT", "RIGHT")  # what a worker's dequeue does
+        stuck_list.set_first_seen(job.id)
+    with redis.pipeline() as pipe:
+        Execution.create(running, ttl=90, pipeline=pipe, worker_name="alive")
+        pipe.execute()
+    for job in (stuck, running):
+        redis.set(stuck_list.get_first_seen_key(job.id), time.time() - 120)
+    assert q.job_ids == [waiting.id]
+
+    assert requeue_stuck(q) == [stuck.id]
+    assert requeue_stuck(q) == []
+    assert q.job_ids == [stuck.id, waiting.id]
+    assert stuck_list.get_job_ids() == [running.id, fresh.id]
+    assert stuck.get_status() == "queued" and stuck.retries_left is None
+    assert not redis.exists(stuck_list.get_first_seen_key(stuck.id))

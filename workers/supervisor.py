@@ -31,8 +31,9 @@ fresh one at once. It still looks for jobs to hand over, and finds none, since n
 (unless an action itself exited with that code).
 
 A job a child had taken off its queue but not yet started when it died (a window of one round trip,
-in which no action code runs) is recovered by RQ's intermediate-queue cleanup (a minute or two)
-rather than here: the parent cannot tell it from a job another worker just took.
+in which no action code runs) is put back on its queue by a live worker's maintenance
+(``workers.worker.requeue_stuck``, a minute or two later) rather than here: the parent cannot tell
+it from a job another worker just took.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from rq.job import JobStatus
 from rq.registry import StartedJobRegistry
 from rq.worker import BaseWorker
 
-from workers.contract import QUEUES
+from workers.contract import QUEUES, ActionCall
 from workers.inprocess import BatchedSimpleWorker
-from workers.jobs import begin_attempt, on_work_horse_killed
+from workers.jobs import begin_attempt, on_work_horse_killed, runtime
 from workers.queueing import SERIALIZER, queue
 from workers.redis_conn import connect
 from workers.settings import Recycle, WorkerSettings
@@ -59,15 +59,61 @@ def rescue_unstarted(queue_: Queue) -> list[str]:
     return rescued
 
 
+_REQUEUE = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+"""
+"""KEYS: intermediate queue, queue, first-seen key; ARGV: job id. Moves the job back to the front of
+its queue unless another worker's maintenance did it first."""
+
+
+def requeue_stuck(queue_: Queue) -> list[str]:
+    """Put back on its queue a job that a one-queue worker took and died holding, before starting it.
+
+    Such a worker pops with LMOVE into RQ's intermediate queue, then registers the job as started
+    (and takes it off the intermediate queue) in one transaction. A job that stays there past RQ's
+    minute (its own first-seen stamp) without being in the StartedJobRegistry never ran. RQ's
+    cleanup would treat it as a failed run: spend a retry and wait out its backoff, or with no
+    retries left fail it unrun, while our delivery log still said ``queued``. It is queued again
+    instead, at the front, without spending a retry, and the delivery log says why.
+    Returns the job ids put back.
+    """
+    stuck = queue_.intermediate_queue
+    requeue = queue_.connection.register_script(_REQUEUE)
+    started = set(StartedJobRegistry(queue=queue_).get_job_ids(cleanup=False))
+    put_back = []
+    for job_id in stuck.get_job_ids():
+        if job_id in started or not stuck.should_be_cleaned_up(job_id):
+            continue
+        job = queue_.fetch_job(job_id)
+        if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
+            continue  # RQ's cleanup deals with those
+        if not requeue(keys=[stuck.key, queue_.key, stuck.get_first_seen_key(job_id)], args=[job_id]):
+            continue
+        put_back.append(job_id)
+        log.warning("worker: job %s was taken by a worker that stopped before starting it; queued again", job_id)
+        try:
+            call = ActionCall.from_json(job.args[0])
+            runtime().deliveries.action_note(
+                call.delivery_id, call.job_id,
+                "taken by a worker that stopped before starting it; queued again")
+        except Exception as exc:  # the job is back on its queue; the note is only for the reader
+            log.warning("worker: could not note the requeue of job %s: %s", job_id, exc)
+    return put_back
+
+
 class _Rescuing:
-    """RQ's maintenance, preceded by :func:`rescue_unstarted` on each queue."""
+    """RQ's maintenance, preceded by :func:`rescue_unstarted` and :func:`requeue_stuck` on each queue."""
 
     def clean_registries(self) -> None:
         for queue_ in self.queues:  # type: ignore[attr-defined]
-            try:
-                rescue_unstarted(queue_)
-            except Exception as exc:  # maintenance must go on: RQ's own cleanup follows
-                log.warning("worker: could not check %s for unstarted jobs: %s", queue_.name, exc)
+            for rescue in (rescue_unstarted, requeue_stuck):
+                try:
+                    rescue(queue_)
+                except Exception as exc:  # maintenance must go on: RQ's own cleanup follows
+                    log.warning("worker: %s on %s failed: %s", rescue.__name__, queue_.name, exc)
         super().clean_registries()  # type: ignore[misc]
 
 
