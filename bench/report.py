@@ -184,15 +184,17 @@ def sections(doc: dict[str, Any]) -> list[Section]:
         for name, s in dispatch["setups"].items():
             d, lat = s["drain"], s["latency"]
             rows.append([name, f"{d['completed']}/{d['jobs']}", _f(d["seconds"], "{:.2f}"),
-                         _f(d["per_second"]), _f(lat["p50_ms"], "{:.1f}"), _f(lat["p99_ms"], "{:.1f}"),
+                         _f(d["per_second"]), " / ".join(f"{r:.0f}" for r in d.get("runs_per_second", [])),
+                         _f(lat["p50_ms"], "{:.1f}"), _f(lat["p99_ms"], "{:.1f}"),
                          _f(lat["max_ms"], "{:.0f}"),
                          f"{lat['started']}/{lat['events']}",
                          _f(d.get("worker_cpu_ms_per_job"), "{:.2f}"),
                          _f(d.get("redis_cpu_ms_per_job"), "{:.2f}"),
                          _f(s["rss_mb_after"], "{}")])
-        out.append((f"Dispatch: no-op actions ({dispatch['jobs']} queued at once; "
+        out.append((f"Dispatch: no-op actions ({dispatch['jobs']} queued at once, "
+                    f"median of {dispatch.get('drains', 1)} drains; "
                     f"then {dispatch['rate']:g} events/s for {dispatch['latency_seconds']:g} s)",
-                    ["workers", "drained", "seconds", "jobs/s", "start p50 ms", "p99 ms", "max ms", "started",
+                    ["workers", "drained", "seconds", "jobs/s", "each drain", "start p50 ms", "p99 ms", "max ms", "started",
                      "worker CPU ms/job", "redis CPU ms/job", "RSS MB"], rows))
         crash = dispatch.get("crash") or {}
         if crash:

@@ -64,7 +64,7 @@ def run_phases(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], di
         "intake": lambda: intake.run(work / "intake", seconds=args.seconds, reps=args.reps,
                                      connections=args.connections, bodies=30_000 if args.quick else 80_000,
                                      log=log),
-        "dispatch": lambda: dispatch.run(work / "dispatch", jobs=args.jobs,
+        "dispatch": lambda: dispatch.run(work / "dispatch", jobs=args.jobs, drains=1 if args.quick else 3,
                                          latency_seconds=3.0 if args.quick else 10.0, log=log),
         "export": lambda: export.run(work / "export", size_mb=args.export_mb, small_mb=5.0,
                                      export_seconds=2.0, reps=1 if args.quick else 3, log=log),

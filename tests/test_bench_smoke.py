@@ -24,10 +24,13 @@ def rendered(results: dict[str, Any]) -> tuple[list[dict[str, Any]], str, str]:
 
 
 def test_dispatch_tiny(tmp_path: Path) -> None:
-    """A forking worker drains 50 no-op jobs, times paced starts, and survives a crashing action."""
-    result = dispatch.run(tmp_path, jobs=50, latency_seconds=0.5, setups=(("fork", 1),), log=quiet)
+    """A forking worker drains 50 no-op jobs (twice, one run kept), times paced starts, and survives a
+    crashing action."""
+    result = dispatch.run(tmp_path, jobs=50, drains=2, latency_seconds=0.5, setups=(("fork", 1),), log=quiet)
     setup = result["setups"]["forkx1"]
     assert setup["drain"]["completed"] == 50
+    runs = setup["drain"]["runs_per_second"]
+    assert len(runs) == 2 and setup["drain"]["per_second"] == max(runs)  # the upper median of two
     assert setup["latency"]["started"] == setup["latency"]["events"] == 50
     assert result["crash"]["fork"]["worker_survived"] is True
     assert result["crash"]["fork"]["crashed_job_log_error"] == "WorkHorseKilled"
