@@ -43,7 +43,7 @@ from receiver.settings import Settings
 from tests.conftest import SECRET, capture, signed
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, jsonb_order
 from tests.cvat_server import exports as cvat_exports
-from tests.procs import ReceiverProc, RedisProc, WorkerProc, clean_env, cli_argv, wait_for
+from tests.procs import ReceiverProc, RedisProc, WorkerProc, children, clean_env, cli_argv, wait_for
 from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE
 from workers.delivery_log import DeliveryLog
 from workers.queueing import queue
@@ -368,6 +368,28 @@ def test_redis_restart_keeps_queued_jobs_and_scheduled_retries(stack: Stack):
                                                       ("succeeded", None)]
     assert steps(log.get(queued["delivery_id"])) == [("received", None), ("started", None), ("succeeded", None)]
     assert len(stack.cvat.calls("POST", "/api/jobs/1/dataset/export")) == 1
+
+
+def test_split_worker_waits_for_redis_instead_of_restarting_children_every_second(stack: Stack):
+    """A child that dies while Redis is down would die again at once when restarted (it cannot even
+    register): the parent waits for Redis, saying so once, instead of restarting it every second
+    (a traceback and a fork a second for as long as Redis is down). Then actions run as usual."""
+    stack.set_rules(LABELS_RULE)
+    worker = stack.worker("split", name="split")
+    stack.redis.kill()
+    assert wait_for(lambda: len(children(worker.pid)) == 2, timeout=20), children(worker.pid)
+    os.kill(children(worker.pid)[0], signal.SIGKILL)  # either child: what matters is a death while Redis is down
+    time.sleep(8)  # without the wait, the restarted child died and was restarted again about every second
+    down = worker.log_text()
+    assert down.count(" died (exit ") <= 2, down[-4000:]  # once per child at most, however long Redis is down
+    assert down.count("Redis does not answer") == 1, down[-4000:]
+    stack.redis.start()
+    body, _ = capture("create_task.json")
+    answer = stack.app().post("/webhooks/cvat", data=body, headers=signed(body)).json
+    log = stack.log()
+    assert wait_for(lambda: log.get(answer["delivery_id"]).status.value == "succeeded", timeout=45), stack.logs()
+    assert worker.running and "Redis answers again" in worker.log_text()
+    assert worker.log_text().count(" died (exit ") <= 2, worker.log_text()[-4000:]
 
 
 # -- the receiver killed under load -----------------------------------------------------------------

@@ -30,6 +30,9 @@ number of jobs: ``WorkerSettings.recycle``), with exit code :data:`RECYCLED`; th
 fresh one at once. It still looks for jobs to hand over, and finds none, since none was running
 (unless an action itself exited with that code).
 
+A child that dies while Redis does not answer (it cannot dequeue, nor record anything) is restarted
+once Redis answers again; the parent waits for it rather than restarting the child every second.
+
 A job a child had taken off its queue but not yet started when it died (a window of one round trip,
 in which no action code runs) is put back on its queue by a live worker's maintenance
 (``workers.worker.requeue_stuck``, a minute or two later) rather than here: the parent cannot tell
@@ -48,6 +51,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from redis.exceptions import RedisError
+
 from workers.contract import EXPORT_QUEUE, QUEUES
 from workers.settings import WorkerSettings
 
@@ -61,8 +66,10 @@ RECYCLED = 75
 replaced at once (EX_TEMPFAIL, which cvat-hooks uses for nothing else)."""
 
 RESTART_PAUSE = 1.0
-"""Seconds to wait before restarting a child that died within that long of its start (a crash loop,
-e.g. Redis unreachable), so the parent does not fork as fast as it can."""
+"""Seconds to wait before restarting a child that died within that long of its start (a crash loop),
+so the parent does not fork as fast as it can."""
+REDIS_WAIT_MAX = 15.0
+"""Longest pause between two pings while the parent waits for an unreachable Redis."""
 
 
 @dataclass
@@ -206,10 +213,36 @@ class Supervisor:
             else:
                 log.error("worker %s (%s) died (exit %s); restarting it", child.name, child.role, code)
                 if time.monotonic() - child.started < RESTART_PAUSE:
-                    time.sleep(RESTART_PAUSE)
+                    self._pause(RESTART_PAUSE)
+                self._wait_for_redis()
             if not self.stopping:
                 self.spawn(child)
         return 1 if failed else 0
+
+    def _wait_for_redis(self) -> None:
+        """Hold a restart while Redis does not answer: a child started now would die at once (it
+        cannot register or dequeue), a crash loop logging a death a second for as long as Redis is
+        down. Said once; pings back off to :data:`REDIS_WAIT_MAX` seconds apart."""
+        pause, since = RESTART_PAUSE, time.monotonic()
+        while not self.stopping:
+            try:
+                self.redis.ping()
+            except RedisError as exc:
+                if pause == RESTART_PAUSE:
+                    log.warning("worker: Redis does not answer (%s); children restart once it does",
+                                type(exc).__name__)
+                self._pause(pause)
+                pause = min(pause * 2, REDIS_WAIT_MAX)
+                continue
+            if pause > RESTART_PAUSE:
+                log.info("worker: Redis answers again after %.0f s; restarting children", time.monotonic() - since)
+            return
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but wake for a stop (the signal handler sets ``stopping``)."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _bury(self, child: Child, pid: int, code: int) -> None:
         """After a child ended: stop what it left in its process group (RQ's scheduler process, which
