@@ -227,7 +227,8 @@ def delivery_record(event: Event, matches: list[Match], calls: list[ActionCall],
         "updated_date": event.updated_date,
         "ids": event.ids,
         "transitions": {"source": previous.source},
-        "essentials": event.essentials(),
+        # Without the resource object, which the payload holds: a record is kept for the retention.
+        "essentials": {k: v for k, v in event.essentials().items() if k != "object"},
         "matched": [
             {"rule_id": m.rule_id, "reasons": list(m.reasons), "jobs": by_rule.get(m.rule_id, []),
              "errors": list(m.errors)}

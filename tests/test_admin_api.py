@@ -13,7 +13,7 @@ from receiver.admin import auth
 from receiver.app import create_app
 from tests.conftest import SECRET, capture, post, signed, with_settings
 from workers import metrics
-from workers.contract import EXPORT_QUEUE
+from workers.contract import EXPORT_QUEUE, ActionCall
 from workers.delivery_log import INDEX_KEY, DeliveryLog
 from workers.queueing import queue
 
@@ -322,6 +322,9 @@ def test_replay_failed_action_queues_a_new_run(api, redis):
     assert answer.status_code == 202
     assert answer.json["jobs"] == [f"{job_id}-r1"]
     assert f"{job_id}-r1" in queue(EXPORT_QUEUE, redis).job_ids
+    first, rerun = (ActionCall.from_json(queue(EXPORT_QUEUE, redis).fetch_job(j).args[0])
+                    for j in (job_id, f"{job_id}-r1"))
+    assert rerun.event == first.event and rerun.event["object"]["id"] == first.event["job_id"]
     again = api.post(f"/api/deliveries/{delivery_id}/replay", headers=BEARER)
     assert again.status_code == 409
     assert "no failed action" in again.json["error"]

@@ -54,6 +54,10 @@ def test_batched_worker_keeps_rqs_bookkeeping(redis: Redis, settings, worker_env
     assert job.get_status() == "finished" and job.return_value() == {"noop": True}
     assert q.finished_job_registry.get_job_ids() == [call.job_id]
     assert q.started_job_registry.get_job_ids() == [] and redis.llen(q.intermediate_queue_key) == 0
+    # RQ's copy of the outcome goes within minutes (the delivery log keeps it): most of Redis' memory
+    # per delivery while it was kept for days.
+    for key in (job.key, f"rq:results:{job.id}"):
+        assert 0 < redis.ttl(key) <= 15 * 60, key
     worker.refresh()
     assert worker.successful_job_count == 1
 

@@ -130,6 +130,17 @@ class Delivery:
         return DeliveryStatus.FAILED if ActionStatus.FAILED in statuses else DeliveryStatus.SUCCEEDED
 
     @property
+    def essentials(self) -> dict[str, Any]:
+        """The event essentials its actions were queued with (``Event.essentials()``). The record
+        keeps the resource object once, in the payload (records written before kept it twice)."""
+        essentials = dict(self.record.get("essentials") or {})
+        if "object" not in essentials:
+            resource, payload = essentials.get("resource"), self.record.get("payload") or {}
+            obj = payload.get(resource) if resource else None
+            essentials["object"] = obj if isinstance(obj, dict) else None
+        return essentials
+
+    @property
     def rule_ids(self) -> list[str]:
         return [m["rule_id"] for m in self.record.get("matched", [])]
 

@@ -30,7 +30,7 @@ def replay(log: DeliveryLog, delivery: Delivery, *, force: bool = False) -> list
     if not chosen:
         raise NothingToReplay(f"delivery {delivery.id}: no failed action to replay"
                               + ("" if force else " (use --force to run succeeded ones again)"))
-    essentials = delivery.record.get("essentials") or {}
+    essentials = delivery.essentials
     calls = [
         ActionCall(delivery_id=delivery.id, rule_id=a["rule_id"], index=int(a["index"]), action=a["action"],
                    params=a.get("params") or {}, event=essentials, retry=RetryPolicy.from_json(a.get("retry")),
