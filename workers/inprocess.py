@@ -187,6 +187,10 @@ class BatchedSimpleWorker(SimpleWorker):
             pipe.persist(job.key)
             if len(self.queues) == 1:  # RQ dequeued it through its intermediate queue (LMOVE)
                 pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+                # RQ's maintenance may have stamped it "first seen" in that instant; a stamp left
+                # behind would make the same job look stuck for a minute when it passes again (a
+                # retry keeps its id), and be put back while a worker is starting it.
+                pipe.delete(queue.intermediate_queue.get_first_seen_key(job.id))
             pipe.exists(job.dependents_key)
             results = pipe.execute(raise_on_error=False)
         for result in results[hooked:]:  # RQ's own: as RQ would, raise (the hook's are the hook's)
