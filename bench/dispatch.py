@@ -86,7 +86,9 @@ class Queuer:
                           "matched": [{"rule_id": call.rule_id, "reasons": [], "jobs": [call.job_id],
                                        "errors": []}]}
                 self.log.add_received(pipe, record, record_actions([call]), now)
-            enqueue(calls, self.redis, pipe, failure_ttl=self.retention)
+            # Finished jobs kept for the whole run: the drain counts them in RQ's finished registry,
+            # where RQ's default keep (500 s) would let a long setup's first ones expire mid-count.
+            enqueue(calls, self.redis, pipe, failure_ttl=self.retention, result_ttl=self.retention)
             pipe.execute()
 
 

@@ -194,8 +194,8 @@ def sections(doc: dict[str, Any]) -> list[Section]:
         out.append((f"Dispatch: no-op actions ({dispatch['jobs']} queued at once, "
                     f"median of {dispatch.get('drains', 1)} drains; "
                     f"then {dispatch['rate']:g} events/s for {dispatch['latency_seconds']:g} s)",
-                    ["workers", "drained", "seconds", "jobs/s", "each drain", "start p50 ms", "p99 ms", "max ms", "started",
-                     "worker CPU ms/job", "redis CPU ms/job", "RSS MB"], rows))
+                    ["workers", "drained", "seconds", "jobs/s", "each drain", "start p50 ms", "p99 ms", "max ms",
+                     "started", "worker CPU ms/job", "redis CPU ms/job", "RSS MB"], rows))
         crash = dispatch.get("crash") or {}
         if crash:
             out.append(("Dispatch: one action calling os._exit(), then a no-op",

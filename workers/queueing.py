@@ -51,7 +51,7 @@ def retry_of(call: ActionCall, rng: random.Random | None = None) -> Retry | None
 
 
 def enqueue(calls: Iterable[ActionCall], connection: Redis, pipeline: Pipeline | Batch,
-            *, failure_ttl: int) -> list[str]:
+            *, failure_ttl: int, result_ttl: int = RESULT_TTL) -> list[str]:
     """Queue one job per call on ``pipeline`` (executed by the caller, with its other writes).
 
     ``pipeline`` may be the receiver's :class:`receiver.receipts.Batch`: RQ writes its jobs there
@@ -71,7 +71,7 @@ def enqueue(calls: Iterable[ActionCall], connection: Redis, pipeline: Pipeline |
                 retry=retry_of(call),
                 on_failure=Callback(FAILURE_CALLBACK),
                 timeout=job_timeout(name),
-                result_ttl=RESULT_TTL,
+                result_ttl=result_ttl,
                 failure_ttl=failure_ttl,
                 description=f"{call.action} for rule {call.rule_id}, delivery {call.delivery_id[:12]}",
             )
