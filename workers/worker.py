@@ -75,11 +75,10 @@ def requeue_stuck(queue_: Queue) -> list[str]:
     Such a worker pops with LMOVE into RQ's intermediate queue, then registers the job as started
     (and takes it off the intermediate queue, with any first-seen stamp RQ's maintenance gave it, so
     no stamp outlives its pass) in one transaction. A job that stays there past RQ's minute (that
-    stamp) without being in the StartedJobRegistry never ran. RQ's
-    cleanup would treat it as a failed run: spend a retry and wait out its backoff, or with no
-    retries left fail it unrun, while our delivery log still said ``queued``. It is queued again
-    instead, at the front, without spending a retry, and the delivery log says why.
-    Returns the job ids put back.
+    stamp) without being in the StartedJobRegistry never ran. RQ's cleanup would treat it as a
+    failed run: spend a retry and wait out its backoff, or with no retries left fail it unrun, while
+    our delivery log still said ``queued``. It is queued again instead, at the front, without
+    spending a retry, and the delivery log says why. Returns the job ids put back.
     """
     stuck = queue_.intermediate_queue
     requeue = queue_.connection.register_script(_REQUEUE)
