@@ -37,9 +37,18 @@ from bench.procs import MB, Proc, RedisProc
 
 SHIPPED = "split"
 """The class ``cvat-hooks worker`` runs by default: the setup issue 5's dispatch targets are about."""
-SETUPS: tuple[tuple[str, int], ...] = ((SHIPPED, 1), (SHIPPED, 2), ("fork", 1), ("fork", 2), ("simple", 1),
-                                       ("simple", 2))
-"""(worker class, processes): ``cvat-hooks worker --class ...``, scaled by processes."""
+SETUPS: tuple[tuple[str, int], ...] = ((SHIPPED, 1), (SHIPPED, 2), ("split2", 1), ("fork", 1), ("fork", 2),
+                                       ("simple", 1), ("simple", 2))
+"""(setup, processes): ``cvat-hooks worker`` as :data:`KINDS` says, scaled by processes."""
+KINDS: dict[str, tuple[str, dict[str, str], int]] = {
+    SHIPPED: (SHIPPED, {}, 2),
+    "split2": (SHIPPED, {"CVAT_HOOKS_LIGHT_PROCESSES": "2"}, 3),
+    "fork": ("fork", {}, 1),
+    "simple": ("simple", {}, 1),
+}
+"""setup -> (``--class``, its environment, RQ workers it registers). ``split`` has a light and an
+export child; ``split2`` is one ``split`` command with two light children, the way to run two
+light processes in one container."""
 
 
 def _calls(n: int, *, tag: str, crash: bool = False, attempts: int = 0, queue: str | None = None) -> list[Any]:
@@ -110,16 +119,17 @@ def _worker_count(redis: Redis) -> int:
 @contextmanager
 def workers(redis: RedisProc, kind: str, count: int, work: Path, *, extra_env: dict[str, str] | None = None,
             cpu: int | None = None) -> Iterator[list[Proc]]:
-    """``count`` shipped workers of class ``kind``, registered and waiting; stopped by PID after."""
+    """``count`` ``cvat-hooks worker`` commands of setup ``kind`` (:data:`KINDS`), registered and
+    waiting; stopped by PID after."""
+    worker_class, kind_env, per_process = KINDS[kind]
     env = {"CVAT_HOOKS_REDIS_URL": redis.url, "CVAT_HOOKS_DATA_DIR": str(work / "data"), ENV: "1",
-           **(extra_env or {})}
+           **kind_env, **(extra_env or {})}
     before = _worker_count(redis.client)
-    per_process = 2 if kind == SHIPPED else 1  # split: a light and an export worker per command
     started: list[Proc] = []
     try:
         for i in range(count):
             started.append(procs.start(f"worker-{kind}-{count}-{i}", [sys.executable, "-m", "bench.worker",
-                                                                      "--class", kind],
+                                                                      "--class", worker_class],
                                        env=env, log_dir=work / "logs", cpu=cpu))
         deadline = time.monotonic() + 60
         while _worker_count(redis.client) < before + count * per_process:
@@ -311,7 +321,7 @@ def run(work: Path, *, jobs: int, latency_seconds: float, rate: float = 100.0, d
                                    "rss_mb_after": round(rss / MB, 1)}
         if crash:
             out["crash"] = {}
-            for kind in sorted({k for k, _ in setups}):
+            for kind in sorted({KINDS[k][0] for k, _ in setups}):
                 probe = crash_probe(redis, queuer, kind, work)
                 out["crash"][kind] = probe
                 log(f"dispatch: crash probe {kind}: {probe}")

@@ -18,7 +18,10 @@ from receiver.settings import ConfigError, Settings
 
 
 def _settings() -> Settings:
-    return Settings.from_env()
+    try:
+        return Settings.from_env()
+    except ValueError as exc:
+        raise click.ClickException(f"configuration: {exc}") from exc
 
 
 def _echo_json(data: Any) -> None:

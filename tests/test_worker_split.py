@@ -4,6 +4,7 @@ bookkeeping of a job run by the batched worker is RQ's own. Real redis-server, r
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,6 @@ def test_a_running_action_reads_started_then_its_end(redis: Redis, settings, wor
     """The delivery log says ``started`` while an attempt runs, whether its start rode in the
     in-process worker's transaction (``simple``) or was written by the action job itself (a fork's
     work-horse), then its end alone: one ``started`` and one ``succeeded`` step, nothing left over."""
-    import dataclasses
     import threading
     import time
 
@@ -229,6 +229,49 @@ def test_split_worker_replaces_a_child_at_its_recycling_limits(tmp_path: Path, l
     fresh = log.count("stopped at its recycling limits; starting a fresh one")
     assert fresh == (2 if "CVAT_HOOKS_WORKER_MAX_JOBS" in limit else jobs), log
     assert "handed to RQ's retry" not in log and "died (exit" not in log, log
+
+
+@pytest.mark.parametrize("light", [1, 3])
+def test_light_processes_run_that_many_light_actions_at_once(tmp_path: Path, light: int):
+    """`cvat-hooks worker` (split, burst) with CVAT_HOOKS_LIGHT_PROCESSES: three light actions that
+    each take 2 s start together with three light children, one after another with one (a light
+    action mostly waits on CVAT or a notified host); each runs once."""
+    import os
+    import subprocess
+    import sys
+
+    from bench.noop_action import ENV, STARTS_KEY
+
+    nap_seconds = 2.0
+    with RedisProc(tmp_path / "redis") as server:
+        calls = [dataclasses.replace(c, params={"sleep": nap_seconds}) for c in dispatch._calls(3, tag="light")]
+        dispatch.Queuer(server.client).queue(calls)
+        env = {**os.environ, "CVAT_HOOKS_REDIS_URL": server.url, "CVAT_HOOKS_DATA_DIR": str(tmp_path / "data"),
+               ENV: "1", "CVAT_HOOKS_LIGHT_PROCESSES": str(light)}
+        done = subprocess.run([sys.executable, "-m", "bench.worker", "--burst", "--queue", LIGHT_QUEUE],
+                              env=env, capture_output=True, text=True, timeout=120)
+        log = done.stdout + done.stderr
+        starts = sorted(float(v) for v in server.client.hgetall(STARTS_KEY).values())
+        statuses = [Job.fetch(c.job_id, connection=server.client, serializer=SERIALIZER).get_status()
+                    for c in calls]
+    assert done.returncode == 0, log
+    assert statuses == ["finished"] * 3 and len(starts) == 3, (statuses, starts, log)
+    assert log.count("started light worker") == light, log
+    spread = starts[-1] - starts[0]
+    if light == 3:
+        assert spread < nap_seconds, (starts, log)  # the last started before the first was done
+    else:
+        assert spread >= 2 * nap_seconds, (starts, log)
+
+
+def test_light_processes_must_be_a_positive_count():
+    from workers.settings import WorkerSettings
+
+    assert WorkerSettings.from_env({}).light_processes == 1
+    assert WorkerSettings.from_env({"CVAT_HOOKS_LIGHT_PROCESSES": "4"}).light_processes == 4
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(ValueError, match=f"CVAT_HOOKS_LIGHT_PROCESSES must be .* not '{bad}'"):
+            WorkerSettings.from_env({"CVAT_HOOKS_LIGHT_PROCESSES": bad})
 
 
 def test_rescue_looks_a_little_ahead_of_now(redis: Redis):

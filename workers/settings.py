@@ -27,6 +27,18 @@ def _bool(value: str | None, default: bool) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    """A whole number of at least 1 (a count of processes), or a ValueError naming the variable."""
+    raw = env.get(name) or str(default)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, not {raw!r}")
+    return value
+
+
 def _list(value: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (value or "").split(",") if item.strip())
 
@@ -98,6 +110,10 @@ class WorkerSettings:
     worker was killed and restarted (issue 6)."""
     recycle: Recycle = field(default_factory=Recycle)
     """When a child of the default ``split`` worker is replaced by a fresh one (``workers.supervisor``)."""
+    light_processes: int = 1
+    """Children of the default ``split`` worker that run light actions. Each runs one action at a
+    time, and light actions mostly wait on CVAT or a notified host: more children run more of them
+    at once, sharing the parent's preloaded pages, where another container would load its own."""
 
     @property
     def retention_seconds(self) -> int:
@@ -130,4 +146,5 @@ class WorkerSettings:
             maintenance_seconds=int(env.get("CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS") or 30),
             recycle=Recycle(max_rss_mb=int(env.get("CVAT_HOOKS_WORKER_MAX_RSS_MB") or DEFAULT_MAX_RSS_MB),
                             max_jobs=int(env.get("CVAT_HOOKS_WORKER_MAX_JOBS") or 0)),
+            light_processes=_positive(env, "CVAT_HOOKS_LIGHT_PROCESSES", 1),
         )

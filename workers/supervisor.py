@@ -12,9 +12,10 @@ killed for its memory takes nothing else with it.
 
 What a crashing action takes down (segfault, ``os._exit``, the OOM killer), and how it is recovered:
 
-- an action runs in its queue's child (``light`` for ``cvat-hooks-actions``, ``exports`` for
-  ``cvat-hooks-exports``), one at a time: a crash ends that child and the one action it was running,
-  nothing else (jobs still queued are in Redis; the other child goes on). The parent sees it exit at
+- an action runs in a child of its queue (``light`` for ``cvat-hooks-actions``: one, or
+  ``CVAT_HOOKS_LIGHT_PROCESSES``; ``exports`` for ``cvat-hooks-exports``), one at a time in each
+  child: a crash ends that child and the one action it was running, nothing else (jobs still queued
+  are in Redis; the other children go on). The parent sees it exit at
   once (``waitpid``), passes the jobs that child had started (its RQ execution index) to RQ's own
   abandoned-job handling right away (``StartedJobRegistry.cleanup``: our failure callback writes
   ``AbandonedJobError`` to the delivery log, then RQ retries the job after the rule's retry delay,
@@ -84,11 +85,13 @@ class Child:
     started: float = 0.0
 
 
-def plan(queues: Sequence[str]) -> list[Child]:
-    """The children for ``queues``: exports in one, every other queue in the other, both in-process."""
+def plan(queues: Sequence[str], light_processes: int = 1) -> list[Child]:
+    """The children for ``queues``: exports in one, every other queue in ``light_processes`` others,
+    all in-process."""
     light = tuple(q for q in queues if q != EXPORT_QUEUE)
     heavy = tuple(q for q in queues if q == EXPORT_QUEUE)
-    return ([Child("light", light)] if light else []) + ([Child("exports", heavy)] if heavy else [])
+    children = [Child("light", light) for _ in range(light_processes)] if light else []
+    return children + ([Child("exports", heavy)] if heavy else [])
 
 
 def recover(redis: Redis, worker_name: str, queues: Sequence[str]) -> list[str]:
@@ -290,7 +293,8 @@ def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] 
             return RECYCLED
         return 0
 
-    supervisor = Supervisor(settings, plan(queues), burst=burst, run_child=run_child)
+    children = plan(queues, settings.light_processes)
+    supervisor = Supervisor(settings, children, burst=burst, run_child=run_child)
     supervisor.redis  # noqa: B018 (a bad Redis URL is the user's error, said once here, not by each child)
     if at_start is not None and not burst:
         at_start(supervisor.redis)
