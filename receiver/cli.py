@@ -190,7 +190,7 @@ def _log() -> Any:
         redis = connect(url)
     except RedisConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    redis._cvat_hooks_embedded = keep_alive  # the embedded server lives as long as the client
+    setattr(redis, "_cvat_hooks_embedded", keep_alive)  # noqa: B010 (the embedded server lives as long as the client)
     return DeliveryLog(redis, retention_seconds=settings.workers.retention_seconds,
                        redactor=Redactor(settings.sensitive_values()))
 

@@ -181,7 +181,7 @@ class DeliveryLog:
         did = record["delivery_id"]
         key = record_key(did)
         record = {**record, "received_at": iso(at), "received_ts": at}
-        fields = {"record": self.redact.dumps(record)}
+        fields: dict[Any, str] = {"record": self.redact.dumps(record)}  # Any: redis-py's Mapping is invariant
         for action in actions:
             state = {**action, "status": ActionStatus.QUEUED.value, "attempts": 0, "queued_at": iso(at)}
             fields[f"action:{action['job_id']}"] = self.redact.dumps(state)
@@ -323,7 +323,7 @@ class DeliveryLog:
     def _ids(self, *, since: float | None, until: float | None, limit: int) -> list[str]:
         raw = self.redis.zrevrangebyscore(INDEX_KEY, until if until is not None else "+inf",
                                           since if since is not None else "-inf", start=0, num=limit)
-        return [r.decode() if isinstance(r, bytes) else r for r in raw]
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
 
     def list(self, *, limit: int = 50, event: str | None = None, rule: str | None = None,
              status: str | None = None, since: float | None = None, until: float | None = None,

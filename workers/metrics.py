@@ -62,7 +62,7 @@ def inc(target: Redis | Pipeline | Batch, name: str, amount: int = 1, **labels: 
 def safe_inc(redis: Redis, name: str, **labels: str) -> None:
     """Count, but never let metrics break the request that is being counted."""
     try:
-        inc(redis, name, **labels)
+        inc(redis, name, 1, **labels)
     except RedisError as exc:
         log.debug("metrics: could not count %s: %s", name, exc)
 
