@@ -70,14 +70,16 @@ def test_batched_worker_keeps_rqs_bookkeeping(redis: Redis, settings, worker_env
     assert worker.successful_job_count == 1
 
 
-@pytest.mark.parametrize("crash_queue", [LIGHT_QUEUE, EXPORT_QUEUE], ids=["light", "exports"])
-def test_split_worker_crash_takes_down_its_child_only_and_retries_at_once(tmp_path: Path, crash_queue: str):
+@pytest.mark.parametrize(("kind", "crash_queue"), [("split", LIGHT_QUEUE), ("split", EXPORT_QUEUE),
+                                                  ("split2", LIGHT_QUEUE)], ids=["light", "exports", "2-light"])
+def test_split_worker_crash_takes_down_its_child_only_and_retries_at_once(tmp_path: Path, kind: str,
+                                                                          crash_queue: str):
     """`cvat-hooks worker` (split) running an action that calls os._exit(), as a light action or as an
-    export (each child runs its jobs in-process): the command survives, the next light job runs, and
-    the crashed job is recorded and retried now (not after RQ's abandoned-job timeout), then,
-    crashing again with no retry left, given up."""
+    export (each child runs its jobs in-process), or with two light children: the command survives,
+    the next light job runs, and the crashed job is recorded and retried now (not after RQ's
+    abandoned-job timeout), then, crashing again with no retry left, given up."""
     with RedisProc(tmp_path / "redis") as server:
-        probe = dispatch.crash_probe(server, dispatch.Queuer(server.client), "split", tmp_path,
+        probe = dispatch.crash_probe(server, dispatch.Queuer(server.client), kind, tmp_path,
                                      crash_queue=crash_queue)
     assert probe["worker_survived"] is True, probe
     assert probe["next_job_ran"] is True, probe
