@@ -361,6 +361,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="cvat-hooks worker processes (default 2)")
     parser.add_argument("--worker-class", choices=("split", "fork", "simple"), default="split",
                         help="cvat-hooks worker --class (default: split, the shipped setup)")
+    parser.add_argument("--light-processes", type=int, default=1,
+                        help="light children of each split worker (CVAT_HOOKS_LIGHT_PROCESSES, default 1)")
     parser.add_argument("--fsync", choices=("always", "everysec"), default="always",
                         help="Redis appendfsync (default always: no acknowledged write lost to a kill)")
     parser.add_argument("--drain-minutes", type=float, default=30.0, help="longest wait for the queues to drain")
@@ -389,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         (work / "rules.yaml").write_text(RULES % {"sink": sink.url})
         env = {"CVAT_HOOKS_REDIS_URL": redis.url, "CVAT_HOOKS_SECRET": SECRET,
                "CVAT_HOOKS_RULES": str(work / "rules.yaml"), "CVAT_HOOKS_DATA_DIR": str(work / "data"),
-               "CVAT_URL": cvat.url, "CVAT_ACCESS_TOKEN": DEFAULT_TOKEN, "CVAT_HOOKS_RECONCILE_MINUTES": "0"}
+               "CVAT_URL": cvat.url, "CVAT_ACCESS_TOKEN": DEFAULT_TOKEN, "CVAT_HOOKS_RECONCILE_MINUTES": "0",
+               "CVAT_HOOKS_LIGHT_PROCESSES": str(args.light_processes)}
         receiver = ReceiverProc(env, logs)
         workers = [WorkerProc(env, logs, kind=args.worker_class, name=f"worker{i}") for i in range(args.workers)]
         procs = [receiver, *workers]
@@ -397,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         for worker in workers:
             worker.start()
         log(f"soak: {args.minutes:g} min at {args.rate:g} deliveries/s; receiver {receiver.url}, "
-            f"{args.workers} {args.worker_class} worker(s), Redis appendfsync {args.fsync}; work in {work}")
+            f"{args.workers} {args.worker_class} worker(s) ({args.light_processes} light process(es) each), "
+            f"Redis appendfsync {args.fsync}; work in {work}")
 
         traffic, tally = Traffic(), Tally()
         load = Load(lambda: receiver.port, traffic, args.rate, tally)
@@ -479,7 +483,8 @@ def figures(args: argparse.Namespace, tally: Tally, traffic: Traffic, expected: 
         "machine": {"python": sys.version.split()[0], "platform": platform.platform(),
                     "cpus": __import__("os").cpu_count()},
         "settings": {"minutes": args.minutes, "rate": args.rate, "workers": args.workers,
-                     "worker_class": args.worker_class, "redis_appendfsync": args.fsync, "mix": MIX},
+                     "worker_class": args.worker_class, "light_processes": args.light_processes,
+                     "redis_appendfsync": args.fsync, "mix": MIX},
         "sent": tally.sent,
         "sent_by_kind": dict(tally.by_kind),
         "acknowledged_2xx": acked,
