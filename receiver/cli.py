@@ -62,9 +62,9 @@ def serve(host: str, port: int, workers: int, with_worker: bool | None) -> None:
 @click.option("--queue", "queues", multiple=True, help="serve only these queues (repeatable)")
 @click.option("--class", "kind", type=click.Choice(["split", "fork", "simple"]), default="split", show_default=True,
               envvar="CVAT_HOOKS_WORKER_CLASS",
-              help="split: light actions in-process, exports each in a forked child, under a parent that "
-                   "restarts a crashed worker and retries its job at once; fork: every job in a forked child; "
-                   "simple: every job in-process, one process")
+              help="split: light actions (in CVAT_HOOKS_LIGHT_PROCESSES children) and exports (in one) run "
+                   "in-process under a parent that restarts a crashed child and retries its job at once; "
+                   "fork: every job in a forked child; simple: every job in-process, one process")
 def worker(burst: bool, queues: tuple[str, ...], kind: str) -> None:
     """Run RQ workers for the actions (with RQ's scheduler, for delayed retries and the periodic
     reconcile, every CVAT_HOOKS_RECONCILE_MINUTES)."""

@@ -15,8 +15,8 @@ What a crashing action takes down (segfault, ``os._exit``, the OOM killer), and 
 - an action runs in a child of its queue (``light`` for ``cvat-hooks-actions``: one, or
   ``CVAT_HOOKS_LIGHT_PROCESSES``; ``exports`` for ``cvat-hooks-exports``), one at a time in each
   child: a crash ends that child and the one action it was running, nothing else (jobs still queued
-  are in Redis; the other children go on). The parent sees it exit at
-  once (``waitpid``), passes the jobs that child had started (its RQ execution index) to RQ's own
+  are in Redis; the other children go on). The parent sees it exit at once (``waitpid``), passes
+  the jobs that child had started (its RQ execution index) to RQ's own
   abandoned-job handling right away (``StartedJobRegistry.cleanup``: our failure callback writes
   ``AbandonedJobError`` to the delivery log, then RQ retries the job after the rule's retry delay,
   or moves it to the failed registry), and forks a new child, which inherits the parent's imports
