@@ -181,9 +181,7 @@ class CvatClient:
                        if endpoint.location_map[k] == "path"}
         query = [(endpoint.attribute_map[k], _query_value(v)) for k, v in params.items()
                  if endpoint.location_map[k] == "query"]
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
+        headers = _negotiated_headers(client.api_client, endpoint, with_body=body is not None)
         what = _describe(endpoint, params)
         for attempt in (1, 2):
             try:
@@ -521,6 +519,23 @@ def _describe(endpoint: Endpoint, params: dict[str, Any]) -> str:
             query.append((endpoint.attribute_map[name], value))
     suffix = "?" + urllib.parse.urlencode(query) if query else ""
     return f"{endpoint.settings['http_method']} {path}{suffix}"
+
+
+def _negotiated_headers(api: Any, endpoint: Endpoint, *, with_body: bool) -> dict[str, str]:
+    """``Accept`` and ``Content-Type`` as the SDK's endpoint declares them.
+
+    CVAT answers only the media types its renderers offer (``application/vnd.cvat+json``) and
+    refuses ``Accept: application/json`` with 406, so the types come from the endpoint's own
+    ``headers_map``, chosen by ``ApiClient``'s public selectors, never written here.
+    """
+    headers: dict[str, str] = {}
+    accept = api.select_header_accept(endpoint.headers_map["accept"])
+    if accept:
+        headers["Accept"] = accept
+    if with_body:
+        headers["Content-Type"] = api.select_header_content_type(
+            endpoint.headers_map["content_type"]) or "application/json"
+    return headers
 
 
 def _query_value(value: Any) -> Any:
