@@ -78,6 +78,7 @@ def test_credentials_are_required_except_for_about(cvat_server: CvatTestServer):
 
 def test_session_patch_needs_the_csrf_token(cvat_server: CvatTestServer):
     """A session cookie alone cannot PATCH: Django's CSRF check wants the X-CSRFToken header."""
+    cvat_server.set_job(1, assignee_id=3)  # bob may change the job he is assigned
     login = call(cvat_server, "POST", "/api/auth/login", body={"username": "bob", "password": "bob-password"},
                  token=None)
     pairs = [c.split(";")[0].split("=", 1) for c in login.headers.getlist("Set-Cookie")]

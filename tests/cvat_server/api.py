@@ -8,11 +8,12 @@ and mutate ``server.state`` under its lock. Errors are CVAT's JSON: ``{"detail":
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
-from flask import Flask, current_app, g, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 
 from .state import ATTRIBUTE_INPUT_TYPES, FORMATS, JOB_STAGES, JOB_STATES, LABEL_TYPES, PALETTE, now_iso
 
@@ -23,6 +24,9 @@ PUBLIC_PATHS = frozenset({"/api/server/about", "/api/auth/login"})
 """What CVAT answers without credentials."""
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+CHALLENGE = {"WWW-Authenticate": "Token"}
+"""What DRF sends with a 401 (CVAT's first authentication class is token authentication)."""
 
 
 class ApiError(Exception):
@@ -58,9 +62,13 @@ def paginate(items: list[Any]) -> dict[str, Any]:
         raise ApiError(404, {"detail": "Invalid page."})
 
     def link(number: int) -> str:
-        args = request.args.to_dict()
-        args["page"] = str(number)
-        return f"{base_url()}{request.path}?{urlencode(args)}"
+        # DRF's replace_query_param / remove_query_param: the query sorted by name, and no
+        # ``page=1`` in the link to the first page (``?page_size=1``, as the captures show).
+        args = {k: v for k, v in parse_qsl(request.query_string.decode(), keep_blank_values=True)}
+        args.pop("page", None)
+        if number > 1:
+            args["page"] = str(number)
+        return f"{base_url()}{request.path}?{urlencode(sorted(args.items()))}"
 
     return {
         "count": len(items),
@@ -92,16 +100,16 @@ def authenticate() -> None:
     with st.lock:
         if scheme.lower() in ("bearer", "token") and credential:
             if credential not in st.tokens:
-                raise ApiError(401, {"detail": "Invalid token."})
+                raise ApiError(401, {"detail": "Invalid token."}, CHALLENGE)
             g.user_id, g.auth = st.tokens[credential], scheme.lower()
         elif scheme.lower() == "basic" and credential:
             try:
                 username, _, password = base64.b64decode(credential).decode().partition(":")
             except ValueError:
-                raise ApiError(401, {"detail": "Invalid basic header."}) from None
+                raise ApiError(401, {"detail": "Invalid basic header."}, CHALLENGE) from None
             user = st.user_by_name(username)
             if user is None or user["password"] != password:
-                raise ApiError(401, {"detail": "Invalid username/password."})
+                raise ApiError(401, {"detail": "Invalid username/password."}, CHALLENGE)
             g.user_id, g.auth = user["id"], "basic"
         elif request.cookies.get("sessionid") in st.sessions:
             session = st.sessions[request.cookies["sessionid"]]
@@ -112,7 +120,7 @@ def authenticate() -> None:
                 raise ApiError(403, {"detail": "CSRF Failed: CSRF token missing or incorrect."})
             g.user_id, g.auth = session["user_id"], "session"
     if g.user_id is None and request.path not in PUBLIC_PATHS:
-        raise ApiError(401, {"detail": "Authentication credentials were not provided."})
+        raise ApiError(401, {"detail": "Authentication credentials were not provided."}, CHALLENGE)
 
 
 def organization_context() -> None:
@@ -126,10 +134,55 @@ def organization_context() -> None:
     with st.lock:
         org = st.org_by_slug(slug)
         if org is None:
-            not_found("Organization")
+            raise ApiError(404, {"detail": f"{slug} organization does not exist."})
         if g.user_id not in org["members"] and not st.users[g.user_id]["is_superuser"]:
             raise ApiError(403, {"detail": "You do not have permission to perform this action."})
         g.org_id = org["id"]
+
+
+def parse_json_body() -> None:
+    """DRF's JSONParser: a body that is not JSON is 400 ``JSON parse error - <Python's message>``."""
+    if request.method not in UNSAFE_METHODS or not request.get_data() or not request.is_json:
+        return
+    try:
+        json.loads(request.get_data())
+    except ValueError as exc:
+        raise ApiError(400, {"detail": f"JSON parse error - {exc}"}) from None
+
+
+def check_object_permission() -> None:
+    """CVAT's IAM for one project, task or job: someone other than an admin sees it only as its
+    owner or assignee (a job's assignee sees its task), or as a member of its organization.
+    The seeded team (alice, bob, carol: ``sees_all``) is exempt, as the captures' annotators were;
+    users made with ``add_user`` are not. A missing object is left to the view (404 comes first)."""
+    args = request.view_args or {}
+    if request.endpoint not in ("project_detail", "task_detail", "job_detail") or g.user_id is None:
+        return
+    st = server().state
+    with st.lock:
+        user = st.users[g.user_id]
+        if user["is_superuser"] or user.get("sees_all"):
+            return
+        if "job_id" in args:
+            job = st.jobs.get(args["job_id"])
+            records = [job, st.tasks[job["task_id"]]] if job else []
+        elif "task_id" in args:
+            task = st.tasks.get(args["task_id"])
+            records = [task, *st.task_jobs(task["id"])] if task else []
+        else:
+            project = st.projects.get(args["project_id"])
+            records = [project] if project else []
+        if not records:
+            return
+        task = records[1] if "job_id" in args else records[0]
+        if task.get("project_id") is not None and "project_id" not in args:
+            records.append(st.projects[task["project_id"]])
+        org_id = task.get("org_id")
+        org = st.organizations.get(org_id) if org_id is not None else None
+        if any(g.user_id in (r.get("owner_id"), r.get("assignee_id")) for r in records) or (
+                org is not None and g.user_id in org["members"]):
+            return
+    raise ApiError(403, {"detail": "You do not have permission to perform this action."})
 
 
 # -- server, auth, users ----------------------------------------------------------------------
@@ -311,13 +364,31 @@ def _user_ref(value: Any, field: str) -> int | None:
     return value
 
 
+def ordered(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Items in the order of ``?sort=`` (DRF's ordering: ``field``, ``-field``, comma-separated, by the
+    serialized values), newest id first without it, as CVAT's lists default to."""
+    items = sorted(items, key=lambda item: -item["id"])
+    for field in reversed([f for f in request.args.get("sort", "").split(",") if f]):
+        name = field.lstrip("-")
+        items.sort(key=lambda item: (item.get(name) is None, item.get(name) or ""), reverse=field.startswith("-"))
+    return items
+
+
+def projects_list() -> Any:
+    st = server().state
+    with st.lock:
+        # In an organization's context (``?org=``, ``X-Organization``) only its projects are listed.
+        return jsonify(paginate(ordered([st.project_json(p["id"], base_url()) for p in st.projects.values()
+                                         if g.org_id is None or p.get("org_id") == g.org_id])))
+
+
 def tasks_list() -> Any:
     st = server().state
     project_id = int_arg("project_id")
     with st.lock:
-        items = [st.task_json(t["id"], base_url()) for t in sorted(st.tasks.values(), key=lambda t: -t["id"])
+        items = [st.task_json(t["id"], base_url()) for t in st.tasks.values()
                  if project_id is None or t["project_id"] == project_id]
-        return jsonify(paginate(items))
+        return jsonify(paginate(ordered(items)))
 
 
 def task_detail(task_id: int) -> Any:
@@ -351,12 +422,12 @@ def jobs_list() -> Any:
     stage, state_ = request.args.get("stage"), request.args.get("state")
     with st.lock:
         items = [
-            st.job_json(j["id"], base_url()) for j in sorted(st.jobs.values(), key=lambda j: -j["id"])
+            st.job_json(j["id"], base_url()) for j in st.jobs.values()
             if (task_id is None or j["task_id"] == task_id)
             and (project_id is None or st.tasks[j["task_id"]]["project_id"] == project_id)
             and (stage is None or j["stage"] == stage) and (state_ is None or j["state"] == state_)
         ]
-        return jsonify(paginate(items))
+        return jsonify(paginate(ordered(items)))
 
 
 def job_detail(job_id: int) -> Any:
@@ -414,6 +485,78 @@ def label_detail(label_id: int) -> Any:
         return jsonify(st.label_json(label_id))
 
 
+# -- creating and deleting -------------------------------------------------------------------
+
+
+def no_content() -> Response:
+    """DRF's 204: no body and no Content-Type."""
+    response = Response(status=204)
+    response.headers.pop("Content-Type", None)
+    return response
+
+
+def project_create() -> Any:
+    """``POST /api/projects``: ``name`` required, ``labels`` validated as in a PATCH; 201 with Location."""
+    st = server().state
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, {"non_field_errors": [
+            f"Invalid data. Expected a dictionary, but got {type(body).__name__}."]})
+    if not body.get("name"):
+        raise ApiError(400, {"name": ["This field is required." if "name" not in body
+                                      else "This field may not be blank."]})
+    with st.lock:
+        labels = _validate_labels(body.get("labels", []), [])
+        project_id = st.next_id("projects")
+        st.projects[project_id] = {"id": project_id, "name": body["name"], "owner_id": g.user_id,
+                                   "assignee_id": None, "org_id": g.org_id, "created_date": now_iso(),
+                                   "updated_date": now_iso(), "bug_tracker": body.get("bug_tracker", "")}
+        _apply_labels(labels, project_id=project_id)
+        data = st.project_json(project_id, base_url())
+    return jsonify(data), 201, {"Location": data["url"]}
+
+
+def _delete_task(task_id: int) -> None:
+    st = server().state
+    for job_id in [j["id"] for j in st.task_jobs(task_id)]:
+        del st.jobs[job_id]
+    for label_id in [lb["id"] for lb in st.labels.values() if lb.get("task_id") == task_id]:
+        del st.labels[label_id]
+    del st.tasks[task_id]
+
+
+def project_delete(project_id: int) -> Any:
+    """``DELETE /api/projects/{id}``: its tasks, jobs and labels go with it."""
+    st = server().state
+    with st.lock:
+        if project_id not in st.projects:
+            not_found("Project")
+        for task_id in [t["id"] for t in st.tasks.values() if t["project_id"] == project_id]:
+            _delete_task(task_id)
+        for label_id in [lb["id"] for lb in st.labels.values() if lb.get("project_id") == project_id]:
+            del st.labels[label_id]
+        del st.projects[project_id]
+    return no_content()
+
+
+def task_delete(task_id: int) -> Any:
+    st = server().state
+    with st.lock:
+        if task_id not in st.tasks:
+            not_found("Task")
+        _delete_task(task_id)
+    return no_content()
+
+
+def label_delete(label_id: int) -> Any:
+    st = server().state
+    with st.lock:
+        if label_id not in st.labels:
+            not_found("Label")
+        del st.labels[label_id]
+    return no_content()
+
+
 def register(app: Flask) -> None:
     """Routes of the REST API (exports and webhooks register their own)."""
     rules: list[tuple[str, Any, list[str]]] = [
@@ -424,6 +567,7 @@ def register(app: Flask) -> None:
         ("/api/users/self", users_self, ["GET"]),
         ("/api/users", users_list, ["GET"]),
         ("/api/users/<int:user_id>", user_detail, ["GET"]),
+        ("/api/projects", projects_list, ["GET"]),
         ("/api/projects/<int:project_id>", project_detail, ["GET", "PATCH"]),
         ("/api/tasks", tasks_list, ["GET"]),
         ("/api/tasks/<int:task_id>", task_detail, ["GET", "PATCH"]),
@@ -433,4 +577,13 @@ def register(app: Flask) -> None:
         ("/api/labels/<int:label_id>", label_detail, ["GET"]),
     ]
     for rule, view, methods in rules:
+        app.add_url_rule(rule, view.__name__, view, methods=methods)
+    # Same URLs, other methods: Werkzeug picks the rule by method.
+    writes: list[tuple[str, Any, list[str]]] = [
+        ("/api/projects", project_create, ["POST"]),
+        ("/api/projects/<int:project_id>", project_delete, ["DELETE"]),
+        ("/api/tasks/<int:task_id>", task_delete, ["DELETE"]),
+        ("/api/labels/<int:label_id>", label_delete, ["DELETE"]),
+    ]
+    for rule, view, methods in writes:
         app.add_url_rule(rule, view.__name__, view, methods=methods)

@@ -175,10 +175,14 @@ def start_export(resource: str, target_id: int, kind: str) -> Any:
         subresource = "backup" if kind == "backup" else ("dataset" if save_images else "annotations")
         rq_id = export_rq_id(target, target_id, g.user_id, subresource, format_name)
         existing = st.requests.get(rq_id)
+        if existing is not None and existing["status"] not in ("finished", "failed"):
+            # CVAT 2.73 refuses the same export while it is queued or running: 409 with its rq_id.
+            raise api.ApiError(409, {"rq_id": rq_id})
         if existing is None or existing["status"] in ("finished", "failed"):
             lightweight = None
             if kind == "backup":
-                lightweight = (request.args.get("lightweight") or "").lower() == "true"
+                # CVAT 2.73 reports ``lightweight: null`` for ``lightweight=False`` (recorded a.17).
+                lightweight = True if (request.args.get("lightweight") or "").lower() == "true" else None
             st.requests[rq_id] = new_request(
                 rq_id=rq_id, target=target, target_id=target_id, subresource=subresource,
                 format_name=format_name, owner_id=g.user_id, project_id=project_id, task_id=task_id,
@@ -195,9 +199,23 @@ def request_detail(rq_id: str) -> Any:
     with st.lock:
         rq = st.requests.get(rq_id)
         if rq is None:
-            raise api.ApiError(404, {"detail": "Not found"})
+            # CVAT 2.73 answers an unknown rq_id with a bare text body (typed text/html).
+            return Response("There is no request with specified id", status=404, mimetype="text/html")
         srv.advance_request(rq)
         return jsonify(st.request_json(rq))
+
+
+def requests_list() -> Any:
+    """``GET /api/requests``: every background request, newest first, ``?status=`` filtered."""
+    srv, st = api.server(), api.server().state
+    status = request.args.get("status")
+    with st.lock:
+        items = []
+        for rq in sorted(st.requests.values(), key=lambda r: r["created_date"], reverse=True):
+            srv.advance_request(rq)
+            if status is None or rq["status"] == status:
+                items.append(st.request_json(rq))
+        return jsonify(api.paginate(items))
 
 
 def download(resource: str, target_id: int, kind: str) -> Any:
@@ -223,6 +241,7 @@ def download(resource: str, target_id: int, kind: str) -> Any:
 def register(app: Flask) -> None:
     """``POST .../dataset/export``, ``.../backup/export``, ``GET /api/requests/{rq_id}`` and the
     downloads at ``result_url``."""
+    app.add_url_rule("/api/requests", "requests_list", requests_list, methods=["GET"])
     app.add_url_rule("/api/requests/<path:rq_id>", "request_detail", request_detail, methods=["GET"])
     for resource in TARGETS:
         kinds = ("dataset", "backup") if resource != "jobs" else ("dataset",)

@@ -19,7 +19,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from . import api, exports, webhooks
+from . import api, exports, negotiation, organizations, webhooks
 from .exports import REQUEST_TTL_SECONDS, export_digest, result_path
 from .state import CvatState, attribute, iso_in, now_iso, seed
 
@@ -431,6 +431,7 @@ class CvatTestServer:
         app.extensions["cvat_test_server"] = self
         api.register(app)
         exports.register(app)
+        organizations.register(app)
         webhooks.register(app)
         app.before_request(self._before)
         app.after_request(self._after)
@@ -444,9 +445,8 @@ class CvatTestServer:
 
         @app.errorhandler(404)
         def _unknown(exc: Exception) -> Response:
-            response = jsonify({"detail": "Not found."})
-            response.status_code = 404
-            return response
+            # An unknown URL never reaches DRF: Django answers its own HTML page.
+            return Response(negotiation.NOT_FOUND_HTML, status=404, mimetype="text/html")
 
         @app.errorhandler(405)
         def _method(exc: Exception) -> Response:
@@ -490,14 +490,20 @@ class CvatTestServer:
                     fault.kind == "truncate" and not request.path.endswith("/download")):
                 _drop(request.environ)
                 return Response(b"", status=500)
+        if request.url_rule is None:
+            return None  # Django's resolver answers 404 before DRF negotiates or authenticates
+        negotiation.negotiate()
         api.authenticate()
         api.organization_context()
         with self.state.lock:
             user = self.state.users.get(g.user_id) if g.user_id is not None else None
         record.auth, record.user = g.auth, user["username"] if user else None
+        api.check_object_permission()
+        api.parse_json_body()
         return None
 
     def _after(self, response: Response) -> Response:
+        response = negotiation.render(response)
         record = g.get("record")
         if record is not None:
             record.status = response.status_code

@@ -137,17 +137,18 @@ class CvatState:
             "assignee": self.basic_user(p.get("assignee_id"), base),
             "guide_id": None,
             "bug_tracker": p.get("bug_tracker", ""),
-            "task_subsets": sorted({t["subset"] for t in tasks if t.get("subset")}),
             "created_date": p["created_date"],
             "updated_date": p["updated_date"],
             "status": "annotation",
             "dimension": "2d" if tasks else None,
             "organization": p.get("org_id"),
+            "organization_id": p.get("org_id"),
             "target_storage": None,
             "source_storage": None,
             "tasks": {"count": len(tasks), "url": f"{base}/api/tasks?project_id={p['id']}"},
             "labels": {"url": f"{base}/api/labels?project_id={p['id']}"},
             "assignee_updated_date": p.get("assignee_updated_date"),
+            "task_subsets": sorted({t["subset"] for t in tasks if t.get("subset")}),
         }
 
     def task_json(self, task_id: int, base: str) -> dict[str, Any]:
@@ -166,13 +167,14 @@ class CvatState:
             "bug_tracker": t.get("bug_tracker", ""),
             "created_date": t["created_date"],
             "updated_date": t["updated_date"],
-            "overlap": None,
+            "overlap": 0,
             "segment_size": t.get("segment_size", 5),
             "status": task_status(statuses),
-            "guide_id": None,
             "data_chunk_size": 72,
-            "data_compressed_chunk_type": "imageset",
             "data_original_chunk_type": "imageset",
+            "data_compressed_chunk_type": "imageset",
+            "data_cloud_storage_id": None,
+            "guide_id": None,
             "size": t.get("size", 0),
             "image_quality": 70,
             "data": t.get("data_id"),
@@ -264,10 +266,15 @@ class CvatState:
             "sublabels": [],
             "has_parent": False,
         }
+        # A label belongs to a project or a task: its JSON names only that one (so the labels of
+        # a task in a project carry ``project_id``, no ``task_id``).
+        del data["has_parent"]
         if lb.get("project_id") is not None:
             data["project_id"] = lb["project_id"]
         else:
             data["task_id"] = lb["task_id"]
+        data["parent_id"] = None
+        data["has_parent"] = False
         return data
 
     def request_json(self, rq: dict[str, Any]) -> dict[str, Any]:
@@ -324,7 +331,9 @@ def seed(state: CvatState, *, token: str | None) -> None:
     for uid, username, first, last, email, password, admin, groups in people:
         state.users[uid] = {"id": uid, "username": username, "first_name": first, "last_name": last,
                             "email": email, "password": password, "is_staff": admin,
-                            "is_superuser": admin, "groups": groups}
+                            "is_superuser": admin, "groups": groups,
+                            # The captures' team may open every task and job (see check_object_permission).
+                            "sees_all": True}
     # acme: admin owns it, alice is a member; bob is not (user lists in its context omit him).
     state.organizations[1] = {"id": 1, "slug": "acme", "name": "ACME Inc.", "owner_id": 1,
                               "members": {1: "owner", 2: "worker"}}
