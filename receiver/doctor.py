@@ -23,9 +23,12 @@ from receiver.reconcile import recent_runs
 from receiver.rules import RulesError, load_rules
 from receiver.secrets_store import SecretStore
 from receiver.settings import Settings
+from workers import webhook_registry as registry
 from workers.contract import QUEUES
 from workers.cvat_webhooks import (
+    ORGANIZATION,
     PROJECT,
+    SERVER,
     Scope,
     Webhook,
     WebhookGateway,
@@ -37,6 +40,7 @@ from workers.cvat_webhooks import (
 from workers.delivery_log import DeliveryLog
 from workers.errors import ActionError
 from workers.redaction import Redactor
+from workers.webhook_registry import Known, Ownership
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -140,18 +144,19 @@ class PingResult:
         return dict(self.__dict__)
 
 
-def ping_targets(gateway: WebhookGateway, *, webhook_id: int | None = None,
-                 scope: Scope | None = None) -> list[Webhook]:
-    """The webhook with this id, the cvat-hooks webhooks of a scope, or every visible cvat-hooks one."""
+def ping_targets(gateway: WebhookGateway, *, webhook_id: int | None = None, scope: Scope | None = None,
+                 known: Known | None = None) -> list[Webhook]:
+    """The webhook with this id (whoever's it is: it was asked for), or this deployment's webhooks of a
+    scope or of the whole CVAT (``known``; without it, every cvat-hooks-looking one)."""
     if webhook_id is not None:
         found = [w for w in visible_webhooks(gateway) if w.id == webhook_id]
         if not found:
             raise ValueError(f"CVAT shows no webhook {webhook_id} to these credentials")
         return found
     hooks = webhooks_in(gateway, scope) if scope is not None else visible_webhooks(gateway)
-    ours = [w for w in hooks if w.is_ours]
+    ours = known.mine(hooks) if known is not None else [w for w in hooks if w.is_cvat_hooks]
     if not ours:
-        raise ValueError(f"no cvat-hooks webhook {f'in {scope} ' if scope else ''}to ping "
+        raise ValueError(f"no webhook of this deployment {f'in {scope} ' if scope else ''}to ping "
                          "(`cvat-hooks webhooks list` shows what CVAT has)")
     return ours
 
@@ -236,11 +241,19 @@ def doctor(settings: Settings, *, gateway: ServerGateway | None, redis: Redis | 
     redactor = Redactor(settings.sensitive_values())
     report = Report()
     needed = _rules(settings, report)
+    known: Known | None = None
+    if redis is not None:
+        from redis.exceptions import RedisError
+
+        try:
+            known = registry.load(redis)
+        except RedisError:
+            known = None  # the redis check below says why
     if gateway is None:
         report.checks.append(Check("cvat", Status.FAIL, cvat_problem or "CVAT is not configured "
                                    "(set CVAT_URL and CVAT_ACCESS_TOKEN)"))
     else:
-        _cvat(gateway, report, needed, redactor)
+        _cvat(gateway, report, needed, known)
     _secrets(settings, report)
     if redis is None:
         report.checks.append(Check("redis", Status.FAIL, redis_problem or "no Redis configured"))
@@ -269,7 +282,7 @@ def _rules(settings: Settings, report: Report) -> set[str] | None:
     return needed
 
 
-def _cvat(gateway: ServerGateway, report: Report, needed: set[str] | None, redactor: Redactor) -> None:
+def _cvat(gateway: ServerGateway, report: Report, needed: set[str] | None, known: Known | None) -> None:
     try:
         about = gateway.server_about()
     except ActionError as exc:
@@ -286,15 +299,50 @@ def _cvat(gateway: ServerGateway, report: Report, needed: set[str] | None, redac
     report.checks.append(Check("token", Status.OK, f"valid, user {user.get('username', '?')}",
                                {"username": user.get("username")}))
     try:
-        hooks = [w for w in visible_webhooks(gateway) if w.is_ours]
+        visible = visible_webhooks(gateway)
     except ActionError as exc:
         report.checks.append(Check("webhooks", Status.FAIL, f"cannot list them: {exc}"))
         return
-    if not hooks:
-        report.checks.append(Check("webhooks", Status.WARN, "no cvat-hooks webhook in CVAT: "
-                                   "`cvat-hooks register --project ID | --org SLUG --url PUBLIC_URL`"))
+    if known is None:
+        hooks = [w for w in visible if w.is_cvat_hooks]
+        report.checks.append(Check("webhooks", Status.WARN, "without this deployment's Redis, its webhooks "
+                                   "cannot be told from other deployments': every cvat-hooks webhook is shown"))
+    else:
+        hooks = known.mine(visible)
+        report.checks.extend(_not_mine(known, visible))
+        if not hooks:
+            report.checks.append(Check("webhooks", Status.WARN, "no webhook of this deployment in CVAT: "
+                                       "`cvat-hooks register --project ID | --org SLUG | --server "
+                                       "--url PUBLIC_URL`"))
     for hook in hooks:
         report.checks.append(_webhook(gateway, hook, needed))
+
+
+def _not_mine(known: Known, visible: list[Webhook]) -> list[Check]:
+    """cvat-hooks webhooks this deployment leaves alone, and remembered ones CVAT no longer lists."""
+    from receiver.registration import unadopted_hint
+
+    checks: list[Check] = []
+    unadopted = [w for w in visible if known.ownership(w) is Ownership.UNADOPTED]
+    if unadopted:
+        names = ", ".join(f"{w.id} ({w.where})" for w in unadopted)
+        checks.append(Check("unadopted webhooks", Status.WARN, f"webhook(s) {names} look like cvat-hooks' but "
+                            "this deployment did not register them, so reconcile and ping leave them alone: "
+                            f"run register again to adopt, e.g. `{unadopted_hint(unadopted[0])}`",
+                            {"webhooks": [w.to_json() for w in unadopted]}))
+    other = [w for w in visible if known.ownership(w) is Ownership.OTHER]
+    if other:
+        names = ", ".join(f"{w.id} ({w.where}, {w.description})" for w in other)
+        checks.append(Check("other deployments", Status.OK, f"webhook(s) {names} belong to other cvat-hooks "
+                            "deployments: left alone (if this deployment's Redis was reset, they may be its "
+                            "own: run register again to adopt)", {"webhooks": [w.to_json() for w in other]}))
+    listed = {w.id for w in visible}
+    missing = sorted(i for i in known.webhooks if i not in listed)
+    if missing:
+        checks.append(Check("remembered webhooks", Status.WARN, f"webhook(s) {', '.join(map(str, missing))} "
+                            "remembered by this deployment are not listed by CVAT (deleted? the next "
+                            "reconcile forgets them)", {"webhook_ids": missing}))
+    return checks
 
 
 def _webhook(gateway: WebhookGateway, hook: Webhook, needed: set[str] | None) -> Check:
@@ -303,7 +351,8 @@ def _webhook(gateway: WebhookGateway, hook: Webhook, needed: set[str] | None) ->
     details: dict[str, Any] = {**hook.to_json()}
     if not hook.is_active:
         return Check(name, Status.FAIL, "inactive in CVAT: `cvat-hooks register` again activates it", details)
-    possible = set(cvat_events.PROJECT_EVENTS if hook.type == PROJECT else cvat_events.ORGANIZATION_EVENTS)
+    possible = set({PROJECT: cvat_events.PROJECT_EVENTS, ORGANIZATION: cvat_events.ORGANIZATION_EVENTS,
+                    SERVER: cvat_events.SERVER_EVENTS}.get(hook.type, ()))
     missing = sorted((needed or set()) & possible - set(hook.events))
     details["missing_events"] = missing
     try:

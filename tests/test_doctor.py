@@ -140,7 +140,7 @@ def test_doctor_reports_what_is_wrong_with_a_webhook(cli, registered, cvat_serve
     webhook = found["webhook 1 (project 1)"]
     assert webhook["status"] == "FAIL"
     assert "502x1" in webhook["reason"] and "SMOKESCREEN_OPTS" in webhook["reason"]
-    assert webhook["details"]["missing_events"] == ["update:job"]
+    assert webhook["details"]["missing_events"] == ["create:job", "update:job"]
     assert found["workers"]["status"] == "FAIL"
     assert found["reconcile"]["status"] == "WARN"
 
@@ -153,3 +153,25 @@ def test_doctor_without_cvat_configured(cli, monkeypatch):
     assert result.exit_code == 1
     assert found["cvat"]["status"] == "FAIL" and "CVAT_URL" in found["cvat"]["reason"]
     assert found["redis"]["status"] == "OK" and found["rules"]["status"] == "OK"
+
+
+def test_doctor_checks_only_this_deployments_webhooks(cli, registered, cvat_server, webhook_sink):
+    """Another deployment's webhook and a not-yet-adopted cvat-hooks one get no webhook check: they are
+    named (with the register command that adopts the latter), and a remembered webhook CVAT no longer
+    lists is reported."""
+    other = cvat_server.add_webhook(webhook_sink.url + "/webhooks/cvat", project_id=1)
+    cvat_server.state.webhooks[other]["description"] = "cvat-hooks 0123456789ab"
+    legacy = cvat_server.add_webhook("http://127.0.0.1:9/webhooks/cvat", project_id=1)
+    cvat_server.state.webhooks[legacy]["description"] = "cvat-hooks"
+    found = checks(cli("doctor", "--json"))
+    assert [name for name in found if name.startswith("webhook ")] == ["webhook 1 (project 1)"]
+    assert found["unadopted webhooks"]["status"] == "WARN"
+    assert (f"{legacy} (project 1)" in found["unadopted webhooks"]["reason"]
+            and "cvat-hooks register --project 1 --url http://127.0.0.1:9/webhooks/cvat"
+            in found["unadopted webhooks"]["reason"])
+    assert found["other deployments"]["status"] == "OK" and "cvat-hooks 0123456789ab" in \
+        found["other deployments"]["reason"]
+    del cvat_server.state.webhooks[1]
+    again = checks(cli("doctor", "--json"))
+    assert again["remembered webhooks"]["details"]["webhook_ids"] == [1]
+    assert again["webhooks"]["status"] == "WARN" and "no webhook of this deployment" in again["webhooks"]["reason"]

@@ -115,9 +115,16 @@ def test_dry_run_redelivers_nothing(cli, cvat_server, registered, redis):
 
 
 def test_delivered_but_unrecorded_events_are_redelivered(cli, cvat_server, registered, redis):
-    """A 2xx CVAT recorded but the receiver has no trace of (its Redis lost its data): redelivered."""
+    """A 2xx CVAT recorded but the receiver has no trace of (its Redis lost its data, and with it which
+    webhooks are this deployment's): reconcile says to register again, which adopts the webhook, and
+    the next reconcile redelivers."""
     cvat_server.emit("create:task", 2)
     redis.flushdb()
+    lost = cli("reconcile")
+    assert "redelivered 0" in lost.output and "left alone webhook 1 (project 1)" in lost.output
+    assert "remembers no webhook" in lost.output and redeliveries(cvat_server) == 0
+    adopted = cli("register", "--project", "1", "--url", registered.url)
+    assert "adopted webhook 1" in adopted.output, adopted.output
     result = cli("reconcile")
     assert "redelivered 1" in result.output
     assert cvat_server.webhooks.join() and len(queued_jobs(redis)) == 1

@@ -20,7 +20,9 @@ from tests import live_receiver as live
 from tests.conftest import SECRET
 from tests.cvat_server import CvatTestServer
 from tests.cvat_server.webhooks import ORGANIZATION_EVENTS, PROJECT_EVENTS
+from workers import webhook_registry as registry
 from workers.cvat_webhooks import receiver_url
+from workers.webhook_registry import DEPLOYMENT_KEY
 
 # Fixtures shared with test_doctor and test_reconcile.
 cvat_server = cvat_fixtures.cvat_server
@@ -28,7 +30,7 @@ webhook_sink = cvat_fixtures.webhook_sink
 live_receiver = live.live_receiver
 cli = live.cli
 
-RULES_EVENTS = ["create:task", "update:job"]
+RULES_EVENTS = ["create:job", "create:task", "update:job"]  # create:job: the rules watch a job transition
 """What the shipped rules.yaml listens to."""
 
 
@@ -44,15 +46,19 @@ def only_webhook(server: CvatTestServer) -> dict:
 # -- register -----------------------------------------------------------------------------------
 
 
-def test_register_twice_gives_one_webhook_with_the_rules_events(cli, cvat_server, live_receiver, settings):
-    """Registering twice leaves one webhook, subscribed to exactly the rules' events, whose secret
-    the receiver (started before the secret existed) accepts on a real delivery."""
+def test_register_twice_gives_one_webhook_with_the_rules_events(cli, cvat_server, live_receiver, settings,
+                                                                redis):
+    """Registering twice leaves one webhook, subscribed to exactly the rules' events, marked and
+    remembered as this deployment's, whose secret the receiver (started before the secret existed)
+    accepts on a real delivery."""
     first = cli("register", "--project", "1", "--url", live_receiver.url)
     again = cli("register", "--project", "1", "--url", live_receiver.url + "/")
     assert first.exit_code == 0 and again.exit_code == 0, first.output + again.output
     webhook = only_webhook(cvat_server)
+    deployment = redis.get(DEPLOYMENT_KEY).decode()
     assert (webhook["type"], webhook["project_id"], webhook["target_url"], webhook["description"]) == (
-        "project", 1, live_receiver.webhook_url, "cvat-hooks")
+        "project", 1, live_receiver.webhook_url, f"cvat-hooks {deployment}")
+    assert list(registry.load(redis).webhooks) == [webhook["id"]]
     assert webhook["events"] == RULES_EVENTS and webhook["is_active"]
     assert "created webhook" in first.output and "updated webhook" in again.output
     assert "secret: unchanged" in again.output
@@ -106,11 +112,12 @@ def test_events_a_project_webhook_cannot_send_are_reported(cli, cvat_server, liv
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--url", "http://x"], "give one of --project ID and --org SLUG"),
-    (["--project", "1", "--org", "acme", "--url", "http://x"], "give one of --project ID and --org SLUG"),
+    (["--url", "http://x"], "give one of --project ID, --org SLUG and --server"),
+    (["--project", "1", "--org", "acme", "--url", "http://x"], "give one of --project ID, --org SLUG and --server"),
+    (["--project", "1", "--server", "--url", "http://x"], "give one of --project ID, --org SLUG and --server"),
     (["--project", "1", "--url", "ftp://x"], "is not an http(s) URL"),
     (["--project", "99", "--url", "http://x"], "404"),
-], ids=["no-scope", "two-scopes", "bad-url", "unknown-project"])
+], ids=["no-scope", "two-scopes", "project-and-server", "bad-url", "unknown-project"])
 def test_register_refuses_bad_requests(cli, cvat_server, args, message):
     """Bad requests exit non-zero with a one-line reason and create nothing."""
     result = cli("register", *args)
@@ -163,7 +170,7 @@ def test_unregister_removes_only_cvat_hooks_webhooks(cli, cvat_server, live_rece
     assert result.exit_code == 0 and "deleted webhook 1 (project 1)" in result.output
     assert list(cvat_server.state.webhooks) == [foreign]
     again = cli("unregister", "--project", "1")
-    assert again.exit_code != 0 and "no cvat-hooks webhook in project 1" in again.output
+    assert again.exit_code != 0 and "no webhook of this deployment in project 1" in again.output
 
 
 def test_unregister_by_url(cli, cvat_server, live_receiver):
@@ -184,7 +191,7 @@ def test_webhooks_list_shows_every_webhook_with_its_last_delivery(cli, cvat_serv
     cvat_server.emit("create:task", 2)
     listed = json.loads(cli("webhooks", "list", "--json").stdout)
     assert [(w["id"], w["type"], w["cvat_hooks"], w["is_active"], len(w["events"])) for w in listed] == [
-        (1, "project", True, True, 2), (2, "organization", True, True, 2), (3, "project", False, False, 21)]
+        (1, "project", True, True, 3), (2, "organization", True, True, 3), (3, "project", False, False, 21)]
     assert listed[0]["last_status"] == 202 and listed[0]["last_delivery_date"]
     assert listed[1]["last_status"] is None
     text = cli("webhooks", "list").output.splitlines()
@@ -236,3 +243,40 @@ def test_settings_read_the_default_secrets_file(tmp_path: Path):
     assert other.registered_secrets_file == tmp_path / "mine"
     assert other.secret_files == (tmp_path / "mine", tmp_path / "webhook-secrets")
     assert other.secrets == ("registered-secret",)
+
+
+# -- server webhooks on a CVAT without them (2.73) --------------------------------------------------
+
+
+def test_register_server_on_cvat_2_73_says_it_has_no_server_webhooks(cli, cvat_server, live_receiver):
+    """CVAT 2.73 answers 400 to the server type's event list: register --server names the version and
+    the one needed, and creates nothing."""
+    result = cli("register", "--server", "--url", live_receiver.url, "--all")
+    assert result.exit_code != 0
+    assert "this CVAT (version 2.73.0) has no server webhooks (needs 2.76 or newer)" in result.output
+    (events,) = cvat_server.calls("GET", "/api/webhooks/events")
+    assert (events.query, events.status) == ({"type": "server"}, 400)
+    assert cvat_server.state.webhooks == {} and cvat_server.calls("POST", "/api/webhooks") == []
+
+
+def test_a_refused_server_type_is_explained_too(cvat_gateway, cvat_server, redis, tmp_path):
+    """Should a CVAT list server events yet refuse the type on creation (as 2.73 refuses it), the
+    refusal is explained the same way."""
+    from receiver.cvat_events import SERVER_EVENTS
+    from receiver.registration import RegistrationError, register
+    from workers.cvat_webhooks import Scope
+
+    class ListsServerEvents:
+        """The real client, but its event list claims the server type (our boundary, not CVAT's)."""
+
+        def __getattr__(self, name: str):
+            return getattr(cvat_gateway, name)
+
+        def webhook_events(self, webhook_type: str) -> list[str]:
+            return list(SERVER_EVENTS)
+
+    with pytest.raises(RegistrationError, match=r"version 2\.73\.0\) has no server webhooks"):
+        register(ListsServerEvents(), Scope(server=True), "http://127.0.0.1:9", needed=None, redis=redis,
+                 secrets_file=tmp_path / "webhook-secrets")
+    (create,) = cvat_server.calls("POST", "/api/webhooks")
+    assert create.status == 400 and cvat_server.state.webhooks == {}

@@ -9,10 +9,17 @@ organization context (``X-Organization``), and in the personal workspace a non-a
 webhooks outside organizations. So "every webhook visible to the token" is the personal workspace's
 list plus each organization's, merged by id. A project webhook lives in its project's organization:
 its list and creation are made in that context (``org_id``), or CVAT would not show or accept it.
+A server webhook (CVAT 2.76+, PR #11106: user and organization life-cycle events, admin only)
+belongs to no organization: it is listed and created without an organization context.
+
+Which webhooks are this deployment's is not decided here: several cvat-hooks deployments may share
+one CVAT, so ``Webhook.is_cvat_hooks`` only says a webhook *looks* like some cvat-hooks deployment's;
+``workers.webhook_registry`` knows the ones this deployment registered.
 """
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,11 +29,16 @@ from typing import Any, Protocol
 from workers.gateway import Resource
 
 DESCRIPTION = "cvat-hooks"
-"""The ``description`` of the webhooks ``cvat-hooks register`` creates (how ours are recognised)."""
+"""The start of the ``description`` of the webhooks ``cvat-hooks register`` makes: ``cvat-hooks <deployment
+id>`` since deployments are told apart, plain ``cvat-hooks`` before (see :func:`description_for`)."""
 RECEIVER_PATH = "/webhooks/cvat"
 """The receiver's delivery endpoint, appended to a public URL."""
 PROJECT = "project"
 ORGANIZATION = "organization"
+SERVER = "server"
+"""CVAT 2.76+'s server-wide webhook type (PR #11106)."""
+SERVER_SINCE = (2, 76)
+"""The first CVAT version with server webhooks."""
 
 
 class WebhookGateway(Protocol):
@@ -46,25 +58,31 @@ class WebhookGateway(Protocol):
                            page_size: int = 100) -> dict[str, Any]: ...
     def redeliver(self, webhook_id: int, delivery_id: int) -> None: ...
     def webhook_events(self, webhook_type: str) -> list[str] | None: ...
+    def server_about(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
 class Scope:
-    """Where a webhook hears events: one project, or one organization (by slug)."""
+    """Where a webhook hears events: one project, one organization (by slug), or the whole server."""
 
     project_id: int | None = None
     org: str | None = None
+    server: bool = False
 
     def __post_init__(self) -> None:
-        if (self.project_id is None) == (self.org is None):
-            raise ValueError("give exactly one of a project id and an organization slug")
+        if [self.project_id is not None, self.org is not None, self.server].count(True) != 1:
+            raise ValueError("give exactly one of a project id, an organization slug and the server")
 
     @property
     def kind(self) -> str:
         """CVAT's webhook ``type``."""
+        if self.server:
+            return SERVER
         return PROJECT if self.project_id is not None else ORGANIZATION
 
     def __str__(self) -> str:
+        if self.server:
+            return "the server"
         return f"project {self.project_id}" if self.project_id is not None else f"organization {self.org}"
 
 
@@ -110,16 +128,25 @@ class Webhook:
         )
 
     @property
-    def is_ours(self) -> bool:
-        """Made by ``cvat-hooks register`` (description), or pointing at a cvat-hooks receiver (path)."""
+    def is_cvat_hooks(self) -> bool:
+        """Made by some ``cvat-hooks register`` (description), or pointing at a cvat-hooks receiver (path).
+        Not necessarily this deployment's: ``workers.webhook_registry`` knows those."""
         path = urllib.parse.urlsplit(self.target_url).path.rstrip("/")
-        return self.description == DESCRIPTION or path.endswith(RECEIVER_PATH)
+        return self.deployment is not None or path.endswith(RECEIVER_PATH)
+
+    @property
+    def deployment(self) -> str | None:
+        """The deployment id in a ``cvat-hooks <id>`` description, ``""`` for a plain ``cvat-hooks``
+        one (registered before deployments were told apart), ``None`` for any other description."""
+        return deployment_in(self.description)
 
     @property
     def where(self) -> str:
-        """``project 3``, ``organization acme`` (or ``organization #2`` when the slug is unknown)."""
+        """``project 3``, ``organization acme`` (or ``organization #2`` when the slug is unknown), ``server``."""
         if self.type == PROJECT:
             return f"project {self.project_id}"
+        if self.type == SERVER:
+            return "server"
         return f"organization {self.org_slug or f'#{self.organization_id}'}"
 
     def to_json(self) -> dict[str, Any]:
@@ -128,7 +155,23 @@ class Webhook:
                 "description": self.description, "is_active": self.is_active, "events": list(self.events),
                 "project_id": self.project_id, "organization_id": self.organization_id,
                 "last_status": self.last_status, "last_delivery_date": self.last_delivery_date,
-                "cvat_hooks": self.is_ours}
+                "cvat_hooks": self.is_cvat_hooks}
+
+
+_MARKED = re.compile(re.escape(DESCRIPTION) + r"(?: (\S+))?")
+
+
+def description_for(deployment_id: str) -> str:
+    """The description that marks a webhook as this deployment's in CVAT: ``cvat-hooks <id>``."""
+    return f"{DESCRIPTION} {deployment_id}"
+
+
+def deployment_in(description: str) -> str | None:
+    """The deployment id a description names (see ``Webhook.deployment``)."""
+    found = _MARKED.fullmatch(description.strip())
+    if found is None:
+        return None
+    return found.group(1) or ""
 
 
 def receiver_url(public_url: str) -> str:
@@ -150,8 +193,17 @@ def is_success(status: int | None) -> bool:
     return status is not None and 200 <= status < 300
 
 
+def version_of(about: dict[str, Any]) -> tuple[int, ...] | None:
+    """``(2, 76, 0)`` from ``GET /api/server/about``'s ``version`` (``2.76.0``, ``2.76.0-dev``...)."""
+    numbers = re.findall(r"\d+", str(about.get("version") or "").split("-", 1)[0])
+    return tuple(int(n) for n in numbers[:3]) if numbers else None
+
+
 def context_of(gateway: WebhookGateway, scope: Scope) -> Context:
-    """The context a scope's webhooks live in (a project's organization is read from the project)."""
+    """The context a scope's webhooks live in (a project's organization is read from the project; a
+    server webhook lives in none)."""
+    if scope.server:
+        return Context()
     if scope.org is not None:
         return Context(org=scope.org)
     assert scope.project_id is not None
@@ -217,3 +269,13 @@ def _id_of(value: Any) -> int | None:
     if isinstance(value, dict):
         value = value.get("id")
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+_NOT_FOUND = re.compile(r": 404 Not Found\b")
+
+
+def is_not_found(exc: Exception) -> bool:
+    """Whether a gateway error is CVAT's 404 (the webhook is gone). ``CvatClient`` keeps no status on
+    its errors, only its message (``CVAT GET /api/...: 404 Not Found: ...``); a test in
+    ``tests/test_reconcile.py`` (a deleted webhook is forgotten) fails if that message changes."""
+    return _NOT_FOUND.search(str(exc)) is not None

@@ -9,6 +9,11 @@ Deliveries go through one background thread, in order, as through CVAT's webhook
 is sent synchronously, as CVAT does. A redelivery re-sends the stored payload, which CVAT reloads
 from a PostgreSQL ``jsonb`` column: its keys come back ordered by length, then bytewise, so the bytes
 (and the signature) differ from the first delivery's although the JSON is equal.
+
+Server webhooks (type ``server``, CVAT 2.76+, PR #11106: user and organization life-cycle events,
+created by an admin, in no organization) exist only when the server's ``version`` is 2.76 or newer
+(``CvatTestServer(version="2.76.0")``); at the default 2.73 the type is refused as 2.73 refuses it:
+``GET /api/webhooks/events?type=server`` is 400 and creating one is a 400 on ``type``.
 """
 
 from __future__ import annotations
@@ -45,8 +50,26 @@ ORGANIZATION_EVENTS = tuple(sorted(PROJECT_EVENTS + (
     "create:invitation", "create:membership", "create:project", "delete:invitation", "delete:membership",
     "update:membership", "update:organization",
 )))
+SERVER_EVENTS = ("create:organization", "create:user", "delete:organization", "delete:user", "update:user")
+"""Events a server webhook may subscribe to (CVAT 2.76+)."""
 EVENTS_BY_TYPE = {"project": PROJECT_EVENTS, "organization": ORGANIZATION_EVENTS,
                   "all": ORGANIZATION_EVENTS}
+"""Events by webhook type in CVAT 2.73 (see :func:`events_by_type` for a newer server)."""
+SERVER_WEBHOOKS_SINCE = (2, 76)
+
+
+def has_server_webhooks(server: CvatTestServer) -> bool:
+    """Whether this server's CVAT version has the ``server`` webhook type (2.76+)."""
+    parts = tuple(int(p) for p in server.version.split("-", 1)[0].split(".")[:2] if p.isdigit())
+    return parts >= SERVER_WEBHOOKS_SINCE
+
+
+def events_by_type(server: CvatTestServer) -> dict[str, tuple[str, ...]]:
+    """The event choices of each webhook type this server's version offers."""
+    if not has_server_webhooks(server):
+        return EVENTS_BY_TYPE
+    return {**EVENTS_BY_TYPE, "server": SERVER_EVENTS,
+            "all": tuple(sorted({*ORGANIZATION_EVENTS, *SERVER_EVENTS}))}
 
 TIMEOUT = (3.0, 10.0)
 """Connect and read timeouts of a delivery, in seconds (CVAT's ``_WEBHOOK_TIMEOUT``)."""
@@ -194,13 +217,15 @@ class WebhookSender:
     # -- events ---------------------------------------------------------------------------------
 
     def matching(self, event: str, *, project_id: int | None, org_id: int | None) -> list[int]:
-        """Active webhooks subscribed to ``event`` for this project or organization."""
+        """Active webhooks subscribed to ``event`` for this project or organization (a server webhook
+        hears its events from everywhere)."""
         st = self.server.state
         with st.lock:
             return [w["id"] for w in sorted(st.webhooks.values(), key=lambda w: w["id"])
                     if w["is_active"] and event in w["events"] and (
                         (w["type"] == "project" and project_id is not None and w["project_id"] == project_id)
-                        or (w["type"] == "organization" and org_id is not None and w["org_id"] == org_id))]
+                        or (w["type"] == "organization" and org_id is not None and w["org_id"] == org_id)
+                        or w["type"] == "server")]
 
     def publish(self, event: str, body: dict[str, Any], *, project_id: int | None, org_id: int | None,
                 webhook_id_at: int = 1) -> list[int]:
@@ -257,7 +282,8 @@ class WebhookSender:
             if action == "update":
                 # An update is a save: CVAT's before_update always starts with updated_date.
                 records = {"job": st.jobs, "task": st.tasks, "project": st.projects, "issue": st.issues}
-                records[resource][int(resource_id)]["updated_date"] = now_iso()
+                if resource in records:  # users and organizations show no updated_date
+                    records[resource][int(resource_id)]["updated_date"] = now_iso()
                 previous = {**data, **(before or {})}
                 data = _resource_json(self.server, resource, int(resource_id), self._base())
                 return self.emit_update(resource, previous, data, sender_id=sender_id,
@@ -283,6 +309,10 @@ _NOT_FIELDS = frozenset({"url", "updated_date", "jobs", "labels", "issues", "tas
 
 def _scope(server: CvatTestServer, resource: str, data: dict[str, Any]) -> tuple[int | None, int | None]:
     """(project_id, org_id) of a resource's JSON, for webhook selection."""
+    if resource == "user":
+        return None, None  # only server webhooks hear about users
+    if resource == "organization":
+        return None, data.get("id")
     if resource == "project":
         return data.get("id"), data.get("organization")
     if resource == "issue":
@@ -302,6 +332,12 @@ def _resource_json(server: CvatTestServer, resource: str, resource_id: int, base
         return st.project_json(resource_id, base)
     if resource == "issue":
         return st.issue_json(resource_id, base)
+    if resource == "user":
+        return st.user_json(resource_id, base)
+    if resource == "organization":
+        org = st.organizations[resource_id]
+        return {"id": org["id"], "slug": org["slug"], "name": org["name"],
+                "owner": st.basic_user(org["owner_id"], base)}
     raise ValueError(f"the test server cannot emit events about {resource!r}")
 
 
@@ -345,7 +381,9 @@ def delivery_json(delivery: dict[str, Any]) -> dict[str, Any]:
 
 def _validate(body: dict[str, Any], *, partial: bool, webhook_type: str | None = None) -> dict[str, Any]:
     """DRF-like validation of a webhook write; returns the fields to store."""
-    st = api.server().state
+    srv = api.server()
+    st = srv.state
+    by_type = events_by_type(srv)
     out: dict[str, Any] = {}
     errors: dict[str, list[str]] = {}
     required = () if partial else ("target_url", "type", "events")
@@ -358,13 +396,13 @@ def _validate(body: dict[str, Any], *, partial: bool, webhook_type: str | None =
             errors["target_url"] = ["Enter a valid URL."]
         out["target_url"] = url
     if "type" in body and not partial:
-        if body["type"] not in ("project", "organization"):
+        if body["type"] not in by_type or body["type"] == "all":
             errors["type"] = [f'"{body["type"]}" is not a valid choice.']
         out["type"] = body["type"]
     kind = out.get("type", webhook_type)
     if "events" in body:
         events = body["events"]
-        allowed = EVENTS_BY_TYPE.get(kind or "", ())
+        allowed = by_type.get(kind or "", ())
         bad = [e for e in events if e not in allowed] if isinstance(events, list) else ["?"]
         if bad:
             errors["events"] = [f'"{e}" is not a valid choice.' for e in bad]
@@ -388,6 +426,12 @@ def _validate(body: dict[str, Any], *, partial: bool, webhook_type: str | None =
         if g.get("org_id") is None:
             errors["organization_id"] = ["An organization webhook needs an organization context."]
         out["project_id"], out["org_id"] = None, g.get("org_id")
+    elif not partial and out.get("type") == "server":
+        with st.lock:
+            admin = g.user_id is not None and st.users[g.user_id]["is_superuser"]
+        if not admin and not errors:
+            raise api.ApiError(403, {"detail": "You do not have permission to perform this action."})
+        out["project_id"], out["org_id"] = None, None  # a server webhook belongs to no organization
     if errors:
         raise api.ApiError(400, errors)
     return out
@@ -502,9 +546,10 @@ def webhook_events() -> Any:
     """Events by webhook type, as ``{"key", "group": {"display_name"}}`` objects (the shape
     cvat-sdk 2.80's ``Events`` model reads)."""
     kind = request.args.get("type", "all")
-    if kind not in EVENTS_BY_TYPE:
+    by_type = events_by_type(api.server())
+    if kind not in by_type:
         raise api.ApiError(400, "Incorrect value of type parameter")
-    events = [{"key": e, "group": {"display_name": _event_group(e)}} for e in EVENTS_BY_TYPE[kind]]
+    events = [{"key": e, "group": {"display_name": _event_group(e)}} for e in by_type[kind]]
     return jsonify({"webhook_type": kind, "events": events})
 
 
