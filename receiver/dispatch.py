@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from receiver.events import BadEvent, Event, parse_event
 from receiver.journal import Journal, JournalFull
 from receiver.receipts import Batch, Receipts
-from receiver.rules import Match, Previous, RuleStore, match, previous_from_payload
+from receiver.rules import Explanation, Match, Previous, RuleStore, match, previous_from_payload
 from receiver.secrets_store import SecretStore
 from receiver.settings import Settings
 from receiver.signature import HEADER, Verdict
@@ -33,6 +33,7 @@ from workers.contract import ActionCall
 from workers.delivery_log import DeliveryLog, Outcome
 from workers.queueing import enqueue
 from workers.redaction import Redactor
+from workers.service_account import ServiceAccount
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,11 @@ class Intake:
     def secrets(self) -> SecretStore:
         """The accepted webhook secrets, re-read when the secrets file changes (``cvat-hooks register``)."""
         return SecretStore.for_settings(self.settings)
+
+    @cached_property
+    def service_account(self) -> ServiceAccount:
+        """cvat-hooks's own CVAT username (setting, else what the workers learned), for the loop guard."""
+        return ServiceAccount(self.settings.workers.cvat.service_account, self.redis)
 
     def receive(self, body: bytes, signature: str | None, *, peer: str = "-") -> Answer:
         """Handle one POSTed delivery (body size already checked by the view)."""
@@ -128,7 +134,11 @@ class Intake:
             return self._duplicate(event)
         self.rules.maybe_reload()
         previous = transitions_for(event, begun.seen)
-        matches = match(self.rules.current, event, previous, datetime.fromtimestamp(now, UTC))
+        stopped: list[Explanation] = []
+        matches = match(self.rules.current, event, previous, datetime.fromtimestamp(now, UTC),
+                        service_account=self.service_account.name(), stopped=stopped)
+        for rule in stopped:
+            log.info("delivery %s: rule %s %s", event.delivery_id, rule.rule_id, rule.reasons[-1])
         return self._store(event, matches, previous, now, Outcome.QUEUED if matches else Outcome.NO_MATCH,
                            if_duplicate)
 

@@ -307,3 +307,56 @@ def test_real_capture_over_a_real_socket(redis, live_receiver, name, status, out
     assert send(bytes(flipped))[0] == 401
     code, answer = send(body)
     assert (code, answer["status"]) == (status, outcome)
+
+
+LOOP_RULES = """version: 1
+rules:
+  - id: send-to-acceptance
+    on: update:job
+    if: {job.state: {became: completed}}
+    do:
+      - {action: update_job, stage: acceptance}
+  - id: export-accepted
+    on: update:job
+    if: {job.stage: acceptance}
+    do:
+      - {action: export, format: CVAT for images 1.1, to: "exports/job-{job_id}.zip"}
+"""
+
+OWN_EVENT_CASES = [
+    # (id, sender of the update:job, CVAT_HOOKS_SERVICE_ACCOUNT, what the workers learned, rules fired)
+    ("own-account-from-setting", "admin", "admin", None, ["export-accepted"]),
+    ("own-account-learned-by-workers", "admin", None, "admin", ["export-accepted"]),
+    ("another-user", "alice", "admin", None, ["send-to-acceptance", "export-accepted"]),
+    ("account-unknown", "admin", None, None, ["send-to-acceptance", "export-accepted"]),
+]
+
+
+@pytest.mark.parametrize("sender,configured,learned,fired", [c[1:] for c in OWN_EVENT_CASES],
+                         ids=[c[0] for c in OWN_EVENT_CASES])
+def test_own_update_does_not_retrigger_its_rule_but_chains_to_others(settings, redis, caplog, sender,
+                                                                     configured, learned, fired):
+    """An update:job caused by cvat-hooks's own CVAT account does not re-fire the update_job rule but
+    still starts another rule's export; the same event from another user (or an unknown account) fires both."""
+    from dataclasses import replace
+
+    from workers.service_account import KEY
+
+    settings.rules_path.write_text(LOOP_RULES)
+    cvat = replace(settings.workers.cvat, service_account=configured)
+    client = create_app(with_settings(settings, workers=replace(settings.workers, cvat=cvat))).test_client()
+    if learned:
+        redis.set(KEY, learned)
+    payload = json.loads(capture("update_job_completed.json")[0])
+    payload["sender"]["username"] = sender
+    body = json.dumps(payload).encode()
+    with caplog.at_level(logging.INFO, "receiver.dispatch"):
+        answer = post(client, body, signed(body))
+    assert answer.status_code == 202, answer.json
+    record = DeliveryLog(redis, retention_seconds=60).get(answer.json["delivery_id"])
+    assert record.rule_ids == fired
+    assert queue(EXPORT_QUEUE, redis).count == 1
+    assert queue(LIGHT_QUEUE, redis).count == (1 if "send-to-acceptance" in fired else 0)
+    stopped_line = ("rule send-to-acceptance not matched: caused by cvat-hooks's own CVAT account (admin) "
+                    "and this rule's action update_job causes update:job")
+    assert (stopped_line in caplog.text) is ("send-to-acceptance" not in fired)

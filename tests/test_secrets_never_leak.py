@@ -63,6 +63,7 @@ rules:
   - id: export-finished-jobs
     on: update:job
     if: {job.state: {became: completed}}
+    allow_self_trigger: true  # the captured event's sender is the account the workers use
     do:
       - action: export
         resource: job

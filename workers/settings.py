@@ -8,6 +8,7 @@ Everything of our own is ``CVAT_HOOKS_*``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,14 @@ def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _username(env: Mapping[str, str], name: str) -> str | None:
+    """One CVAT username (Django's rule: letters, digits and ``@.+-_``), or a ValueError naming the variable."""
+    raw = (env.get(name) or "").strip()
+    if raw and not re.fullmatch(r"[\w.@+-]{1,150}", raw):
+        raise ValueError(f"{name} must be one CVAT username (letters, digits, @ . + - _), not {raw!r}")
+    return raw or None
+
+
 def _list(value: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (value or "").split(",") if item.strip())
 
@@ -57,6 +66,10 @@ class CvatSettings:
     status_check_period: float = 0.5
     """Upper bound of the pause between export status checks, in seconds. Polling starts faster and
     backs off to this, so a quick export is not held back by the SDK's 5-second default."""
+    service_account: str | None = None
+    """The CVAT username the workers act as (``CVAT_HOOKS_SERVICE_ACCOUNT``, else ``CVAT_USERNAME``):
+    events it caused do not re-fire the rule whose action caused them. ``None`` with a token: the
+    workers ask CVAT at start and leave it in Redis (``workers.service_account``)."""
 
     @property
     def configured(self) -> bool:
@@ -140,6 +153,8 @@ class WorkerSettings:
                 organization=env.get("CVAT_ORG") or env.get("CVAT_HOOKS_CVAT_ORG") or None,
                 verify_tls=_bool(env.get("CVAT_HOOKS_CVAT_VERIFY_TLS"), True),
                 status_check_period=float(env.get("CVAT_HOOKS_CVAT_POLL_SECONDS") or 0.5),
+                service_account=(_username(env, "CVAT_HOOKS_SERVICE_ACCOUNT")
+                                 or (env.get("CVAT_USERNAME") or "").strip() or None),
             ),
             notify_allowed_hosts=_list(env.get("CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS")),
             notify_timeout=float(env.get("CVAT_HOOKS_NOTIFY_TIMEOUT") or 10),

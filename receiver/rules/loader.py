@@ -7,7 +7,8 @@ Keys, ids and event names are taken as the text written, not as YAML 1.1 would r
 an unquoted ``on`` key is the boolean ``true`` to PyYAML, and ``on`` is our most important key.
 
 Errors make the file unusable (:class:`RulesError`); warnings (an ``on`` pattern that matches no
-known CVAT event) are kept on the :class:`RuleSet` for ``cvat-hooks rules check`` to show.
+known CVAT event, a rule whose own action can trigger it) are kept on the :class:`RuleSet` for
+``cvat-hooks rules check`` to show.
 """
 
 from __future__ import annotations
@@ -38,15 +39,18 @@ from receiver.rules.model import (
     RulesError,
     RuleSet,
 )
+from receiver.rules.own_events import OPT_OUT_KEY, self_trigger_warning
 from receiver.rules.templating import check_template
 from workers.retry import RetryPolicy
 
 Validator = Callable[[str, Mapping[str, Any]], list[str]]
 """``(action name, params without 'action') -> problems``; :func:`workers.actions.validate_params`."""
+CausesOf = Callable[[str, Mapping[str, Any]], tuple[str, ...]]
+"""``(action name, params) -> CVAT events it can cause``; :func:`workers.actions.events_caused`."""
 
 VERSION = 1
 TOP_KEYS = ("version", "rules")
-RULE_KEYS = ("id", "description", "on", "if", "do", "retry")
+RULE_KEYS = ("id", "description", "on", "if", "do", "retry", OPT_OUT_KEY)
 RETRY_KEYS = ("attempts", "backoff")
 GROUP_KEYS = ("all", "any", "not")
 
@@ -61,10 +65,12 @@ def _line(node: Node) -> int:
 class _Builder:
     """One validation pass: collects problems instead of stopping at the first."""
 
-    def __init__(self, source: str, loader: yaml.SafeLoader, validate_action: Validator) -> None:
+    def __init__(self, source: str, loader: yaml.SafeLoader, validate_action: Validator,
+                 causes_of: CausesOf) -> None:
         self.source = source
         self.loader = loader
         self.validate_action = validate_action
+        self.causes_of = causes_of
         self.problems: list[Problem] = []
 
     # -- reporting and small helpers ------------------------------------------------------------
@@ -153,9 +159,22 @@ class _Builder:
                 description = desc.value
             else:
                 self.error(desc, "'description' must be text", label)
+        allow_self_trigger = self.flag(found[OPT_OUT_KEY][1], OPT_OUT_KEY, label) if OPT_OUT_KEY in found else False
         if rule_id is None or not usable:
             return None
-        return Rule(rule_id, on, condition, actions, retry or RetryPolicy(), description, _line(node))
+        rule = Rule(rule_id, on, condition, actions, retry or RetryPolicy(), description, _line(node),
+                    allow_self_trigger)
+        if (warning := self_trigger_warning(rule)) is not None:
+            self.error(node, warning, label, warn=True)
+        return rule
+
+    def flag(self, node: Node, key: str, label: str) -> bool:
+        """A ``true``/``false`` rule key (anything else is reported, and counts as ``false``)."""
+        value = self.value(node) if isinstance(node, ScalarNode) else None
+        if not isinstance(value, bool):
+            self.error(node, f"{key!r} must be true or false", label)
+            return False
+        return value
 
     def rule_id(self, item: tuple[Node, Node] | None, rule_node: Node, label: str,
                 first_line: dict[str, int]) -> tuple[str | None, bool]:
@@ -278,7 +297,7 @@ class _Builder:
                 continue
             for problem in self.action_problems(name, params):
                 self.error(item, f"{where} ({name}): {problem}", label)
-            decls.append(ActionDecl(index, name, params, _line(item)))
+            decls.append(ActionDecl(index, name, params, _line(item), self.action_causes(name, params)))
         return tuple(decls)
 
     def action_problems(self, name: str, params: dict[str, Any]) -> list[str]:
@@ -286,6 +305,12 @@ class _Builder:
             return list(self.validate_action(name, params))
         except Exception as exc:  # a broken action module must not hide the file's other problems
             return [f"parameters could not be checked ({type(exc).__name__}: {exc})"]
+
+    def action_causes(self, name: str, params: dict[str, Any]) -> tuple[str, ...]:
+        try:
+            return tuple(self.causes_of(name, params))
+        except Exception:  # as for validation: reported there, and no guard is better than no file
+            return ()
 
     def check_templates(self, node: Node, where: str, label: str) -> None:
         """Every string inside a parameter must be a valid template (checked at load, not at 3 a.m.)."""
@@ -431,11 +456,13 @@ def _compose(text: str, source: str) -> tuple[Node | None, yaml.SafeLoader]:
 
 
 def parse_rules(data: str | bytes, source: str = "rules.yaml", *,
-                validate_action: Validator | None = None) -> RuleSet:
+                validate_action: Validator | None = None, causes_of: CausesOf | None = None) -> RuleSet:
     """Validate rules text and build a :class:`RuleSet` (``RulesError`` listing every problem).
 
     ``validate_action`` checks one action's parameters; it defaults to
     :func:`workers.actions.validate_params` (tests inject a fake, the actions are the workers').
+    ``causes_of`` says which CVAT events an action can cause; it defaults to
+    :func:`workers.actions.events_caused`.
     """
     raw = data.encode("utf-8") if isinstance(data, str) else data
     try:
@@ -444,7 +471,8 @@ def parse_rules(data: str | bytes, source: str = "rules.yaml", *,
         raise RulesError([Problem(source, None, f"not UTF-8 text: {exc}")]) from exc
     root, loader = _compose(text, source)
     try:
-        builder = _Builder(source, loader, validate_action or workers.actions.validate_params)
+        builder = _Builder(source, loader, validate_action or workers.actions.validate_params,
+                           causes_of or workers.actions.events_caused)
         version, rules = builder.ruleset(root)
     finally:
         loader.dispose()
@@ -454,11 +482,12 @@ def parse_rules(data: str | bytes, source: str = "rules.yaml", *,
     return RuleSet(version, tuple(rules), source, tuple(problems), hashlib.sha256(raw).hexdigest())
 
 
-def load_rules(path: str | Path, *, validate_action: Validator | None = None) -> RuleSet:
+def load_rules(path: str | Path, *, validate_action: Validator | None = None,
+               causes_of: CausesOf | None = None) -> RuleSet:
     """Read and validate a rules file (an unreadable file is a :class:`RulesError` too)."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
         problem = Problem(str(path), None, f"cannot read the rules file: {exc.strerror or exc}")
         raise RulesError([problem]) from exc
-    return parse_rules(raw, str(path), validate_action=validate_action)
+    return parse_rules(raw, str(path), validate_action=validate_action, causes_of=causes_of)

@@ -3,6 +3,10 @@
 :func:`match` is what the receiver enqueues from; :func:`explain` is the same decision for every
 rule, matched or not, for ``cvat-hooks rules test``. A placeholder that cannot be rendered fails
 only its own action (recorded in :attr:`Match.errors`), never the whole delivery.
+
+Both take cvat-hooks's own CVAT account (``service_account``, ``None`` when unknown): a rule does
+not fire on an event that account caused and one of the rule's own actions can cause
+(:mod:`receiver.rules.own_events`), and conditions see ``caused_by_cvat_hooks``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import workers.actions
 from receiver.events import Event
 from receiver.rules.conditions import Reasons
 from receiver.rules.model import Previous, Rule, RuleSet
+from receiver.rules.own_events import CONTEXT_KEY, caused_by, guard
 from receiver.rules.templating import RenderError, render_params, template_variables
 from workers.retry import RetryPolicy
 
@@ -82,20 +87,38 @@ def _plan(rule: Rule, variables: Mapping[str, Any], registry: Mapping[str, Actio
     return Match(rule.id, reasons, tuple(planned), tuple(errors))
 
 
-def _reasons(event_name: str, pattern: str, why: Reasons) -> tuple[str, ...]:
-    """A rule's reasons: the ``on`` pattern that selected the event, then its condition's."""
-    return (f"event {event_name} matches on {pattern!r}", *why())
+def _reasons(event_name: str, pattern: str, why: Reasons, guarded: str | None = None) -> tuple[str, ...]:
+    """A rule's reasons: the ``on`` pattern that selected the event, the loop guard's say, then its condition's."""
+    head = f"event {event_name} matches on {pattern!r}"
+    return (head, guarded, *why()) if guarded else (head, *why())
+
+
+def match_context(event: Event, service_account: str | None) -> tuple[dict[str, Any], bool]:
+    """What conditions see (:meth:`Event.context` plus ``caused_by_cvat_hooks``), and that flag."""
+    ctx = event.context()
+    own = caused_by(event.payload, service_account)
+    ctx[CONTEXT_KEY] = own
+    return ctx, own
+
+
+def _variables(event: Event, now: datetime, own: bool) -> dict[str, Any]:
+    """What templates see: the same as conditions, plus ``delivery_id`` and ``date``."""
+    variables = template_variables(event, now=now)
+    variables[CONTEXT_KEY] = own
+    return variables
 
 
 def explain(ruleset: RuleSet, event: Event, previous: Previous | None, now: datetime, *,
-            actions: Mapping[str, ActionInfo] | None = None) -> list[Explanation]:
+            actions: Mapping[str, ActionInfo] | None = None,
+            service_account: str | None = None) -> list[Explanation]:
     """For every rule in order: did it match this event, and why (or why not).
 
     ``previous`` is the state before the event (``None`` or an unknown snapshot: no transition
-    matches); ``now`` gives ``{date}``; ``actions`` defaults to :data:`workers.actions.REGISTRY`.
+    matches); ``now`` gives ``{date}``; ``actions`` defaults to :data:`workers.actions.REGISTRY`;
+    ``service_account`` is cvat-hooks's own CVAT username (``None``: unknown, no loop guard).
     """
     registry: Mapping[str, ActionInfo] = workers.actions.REGISTRY if actions is None else actions
-    ctx = event.context()
+    ctx, own = match_context(event, service_account)
     variables: dict[str, Any] | None = None
     out = []
     for rule in ruleset.rules:
@@ -103,33 +126,45 @@ def explain(ruleset: RuleSet, event: Event, previous: Previous | None, now: date
         if pattern is None:
             out.append(Explanation(rule.id, False, (f"event {event.name} not in on ({', '.join(rule.on)})",)))
             continue
+        guarded, said = guard(rule, event.name, own, service_account)
+        if guarded:
+            out.append(Explanation(rule.id, False, (f"event {event.name} matches on {pattern!r}", str(said))))
+            continue
         ok, why = rule.judge(ctx, previous)
-        reasons = _reasons(event.name, pattern, why)
+        reasons = _reasons(event.name, pattern, why, said)
         if not ok:
             out.append(Explanation(rule.id, False, reasons))
             continue
         if variables is None:
-            variables = template_variables(event, now=now)
+            variables = _variables(event, now, own)
         out.append(Explanation(rule.id, True, reasons, _plan(rule, variables, registry, reasons)))
     return out
 
 
 def match(ruleset: RuleSet, event: Event, previous: Previous | None, now: datetime, *,
-          actions: Mapping[str, ActionInfo] | None = None) -> list[Match]:
+          actions: Mapping[str, ActionInfo] | None = None,
+          service_account: str | None = None, stopped: list[Explanation] | None = None) -> list[Match]:
     """The rules an event fires, in file order, with their actions rendered: the matches of :func:`explain`.
 
     The receiver's hot path, so it does only the work whose result it returns: rules whose ``on``
     cannot cover the event are skipped, and reasons are formatted only for the rules that fire.
+    Rules the loop guard stopped are appended to ``stopped``, when given, with their reasons (the
+    receiver logs them: a rule that "did not fire" should say why).
     """
     registry: Mapping[str, ActionInfo] = workers.actions.REGISTRY if actions is None else actions
-    ctx = event.context()
+    ctx, own = match_context(event, service_account)
     variables: dict[str, Any] | None = None
     out = []
     for rule, pattern in ruleset.rules_for(event.name):
+        guarded, said = guard(rule, event.name, own, service_account)
+        if guarded:
+            if stopped is not None:
+                stopped.append(Explanation(rule.id, False, (f"event {event.name} matches on {pattern!r}", str(said))))
+            continue
         ok, why = rule.judge(ctx, previous)
         if not ok:
             continue
         if variables is None:
-            variables = template_variables(event, now=now)
-        out.append(_plan(rule, variables, registry, _reasons(event.name, pattern, why)))
+            variables = _variables(event, now, own)
+        out.append(_plan(rule, variables, registry, _reasons(event.name, pattern, why, said)))
     return out

@@ -10,7 +10,9 @@ An action module defines:
   (placeholders such as ``{job_id}`` are still in the strings), one sentence each, empty if fine;
 - ``run(ctx: workers.context.ActionContext) -> dict``: do the work, idempotently, and return the
   JSON result recorded in the delivery log. Raise ``workers.errors`` errors on purpose; anything
-  else is classified by ``workers.errors.classify``.
+  else is classified by ``workers.errors.classify``;
+- optionally ``causes(params) -> tuple[str, ...]``: which of its :attr:`ActionSpec.causes` these
+  parameters can actually make CVAT send (``check_labels`` changes nothing unless ``add_missing``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ class ActionSpec:
     """Parameters that are file or object paths: placeholder values rendered into them cannot
     contain ``/`` or ``..``, so an event cannot steer a write outside its directory."""
     summary: str = ""
+    causes: tuple[str, ...] = ()
+    """CVAT events the action's own changes make CVAT send back (the one table of them): a rule
+    listening to one of them could trigger itself, so the receiver does not fire it on such an event
+    sent because of cvat-hooks's own CVAT account (``receiver.rules.own_events``)."""
 
     def load(self) -> ModuleType:
         """Import the action's module (lazily: the receiver only needs ``validate``)."""
@@ -50,14 +56,24 @@ class ActionSpec:
 REGISTRY: dict[str, ActionSpec] = {
     spec.name: spec
     for spec in (
+        # An export is a CVAT background request; CVAT reports its end to the webhooks.
         ActionSpec("export", "workers.actions.export", EXPORT_QUEUE, frozenset({"to"}),
-                   "export a job's, task's or project's annotations, dataset or backup to storage"),
+                   "export a job's, task's or project's annotations, dataset or backup to storage",
+                   causes=("completed:request[export:annotations]", "completed:request[export:dataset]",
+                           "completed:request[export:backup]")),
+        # add_missing PATCHes the labels of the task, or of its project (tests/cvat_server, and the
+        # recorded CVAT 2.73 exchanges b.02/b.03, d.08: a task PATCH is delivered as update:task).
         ActionSpec("check_labels", "workers.actions.check_labels",
-                   summary="compare a task's labels with a required set; report, add or fail"),
+                   summary="compare a task's labels with a required set; report, add or fail",
+                   causes=("update:task", "update:project")),
         ActionSpec("notify", "workers.actions.notify",
                    summary="POST a templated message (JSON, Slack or Teams)"),
+        # A job PATCH is update:job; CVAT then recomputes the task's status from its jobs and saves
+        # the task when it changed, which is update:task (cvat/apps/engine/signals.py,
+        # update_task_status).
         ActionSpec("update_job", "workers.actions.update_job",
-                   summary="set a job's stage, state and/or assignee (round-robin over a list)"),
+                   summary="set a job's stage, state and/or assignee (round-robin over a list)",
+                   causes=("update:job", "update:task")),
     )
 }
 
@@ -87,6 +103,24 @@ def validate_params(name: str, params: Mapping[str, Any]) -> list[str]:
     own = {k: v for k, v in params.items() if k not in COMMON_PARAMS}
     problems += spec.load().validate(own)
     return problems
+
+
+def events_caused(name: str, params: Mapping[str, Any]) -> tuple[str, ...]:
+    """The CVAT events one action with these (unrendered) parameters can make CVAT send back.
+
+    :attr:`ActionSpec.causes`, narrowed by the module's ``causes(params)`` when it has one. An
+    unknown action causes nothing; a module that cannot say keeps the whole table (a guard too many
+    skips one of our own events, a guard too few lets a rule loop).
+    """
+    spec = REGISTRY.get(name)
+    if spec is None or not spec.causes:
+        return ()
+    try:
+        narrow = getattr(spec.load(), "causes", None)
+        possible = set(narrow(params)) if narrow is not None else set(spec.causes)
+    except Exception:  # a broken module is reported by validate_params; stay on the safe side here
+        possible = set(spec.causes)
+    return tuple(event for event in spec.causes if event in possible)
 
 
 def public_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:

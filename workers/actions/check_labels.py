@@ -134,6 +134,12 @@ def compare(required: list[Required], labels: list[dict[str, Any]]) -> dict[str,
     return {"missing": missing, "unexpected": unexpected, "matched": matched, "mismatched": mismatched}
 
 
+def causes(params: Mapping[str, Any]) -> tuple[str, ...]:
+    """CVAT events this action can cause: label PATCHes (``update:task``/``update:project``) with
+    ``add_missing`` only; a report or a failure changes nothing in CVAT."""
+    return ("update:task", "update:project") if params.get("on_mismatch") == "add_missing" else ()
+
+
 def run(ctx: ActionContext) -> dict[str, Any]:
     """Check (and maybe complete) the labels of the event's task; see the module docstring."""
     problems = validate(ctx.params)

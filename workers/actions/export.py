@@ -99,6 +99,11 @@ def validate(params: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def causes(params: Mapping[str, Any]) -> tuple[str, ...]:
+    """CVAT events this action can cause: the end of its own export request, of its own kind."""
+    return (f"completed:request[export:{_kind(params)[0]}]",)
+
+
 @dataclass(frozen=True)
 class Plan:
     """One export, fully resolved from the parameters and the event."""
