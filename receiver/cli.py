@@ -68,14 +68,14 @@ def serve(host: str, port: int, workers: int, with_worker: bool | None) -> None:
 def worker(burst: bool, queues: tuple[str, ...], kind: str) -> None:
     """Run RQ workers for the actions (with RQ's scheduler, for delayed retries and the periodic
     reconcile, every CVAT_HOOKS_RECONCILE_MINUTES)."""
-    from receiver.reconcile import schedule_periodic
+    from receiver.worker_start import at_start as start_hook
     from workers import supervisor
     from workers.contract import QUEUES
     from workers.redis_conn import RedisConfigError
     from workers.worker import run
 
     settings = _settings()
-    at_start = partial(schedule_periodic, settings)
+    at_start = partial(start_hook, settings)
     try:
         if kind == "split":
             sys.exit(supervisor.run(settings.workers, burst=burst, queues=queues or QUEUES, at_start=at_start))
@@ -122,14 +122,20 @@ def rules_check(path: Path | None) -> None:
 @click.argument("payload", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--rules", "rules_path", type=click.Path(path_type=Path), help="rules file (default: configured)")
 @click.option("--json", "as_json", is_flag=True)
-def rules_test(payload: Path, rules_path: Path | None, as_json: bool) -> None:
+@click.option("--service-account", metavar="USERNAME",
+              help="cvat-hooks's own CVAT username (default: CVAT_HOOKS_SERVICE_ACCOUNT, else CVAT_USERNAME)")
+def rules_test(payload: Path, rules_path: Path | None, as_json: bool, service_account: str | None) -> None:
     """Which rules a payload matches, why, and the rendered actions (nothing is queued)."""
     from receiver.rules import RulesError, load_rules
     from receiver.try_rules import explain_payload
 
     try:
-        ruleset = load_rules(rules_path or _settings().rules_path)
-        report = explain_payload(ruleset, read_body(payload))
+        if rules_path is None or service_account is None:
+            settings = _settings()
+            rules_path = rules_path or settings.rules_path
+            service_account = service_account or settings.workers.cvat.service_account
+        ruleset = load_rules(rules_path)
+        report = explain_payload(ruleset, read_body(payload), service_account=service_account)
     except RulesError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
@@ -139,7 +145,9 @@ def rules_test(payload: Path, rules_path: Path | None, as_json: bool) -> None:
         _echo_json(report)
         return
     click.echo(f"event {report['event']} (delivery {report['delivery_id'][:12]}), "
-               f"transitions from: {report['transitions']}")
+               f"transitions from: {report['transitions']}, "
+               f"cvat-hooks's own CVAT account: {report['service_account'] or 'unknown'}"
+               f"{' (caused this event)' if report['caused_by_cvat_hooks'] else ''}")
     for rule in report["rules"]:
         click.echo(f"{'MATCH' if rule['matched'] else 'no   '} {rule['rule_id']}")
         for reason in rule["reasons"]:
@@ -289,19 +297,46 @@ def _cvat(settings: Settings) -> Iterator[Any]:
         raise click.ClickException(str(exc)) from exc
 
 
-def _scope(project_id: int | None, org: str | None, *, required: bool = True) -> Any:
+def _scope(project_id: int | None, org: str | None, server: bool = False, *, required: bool = True) -> Any:
     from workers.cvat_webhooks import Scope
 
-    if project_id is None and org is None and not required:
+    given = [project_id is not None, org is not None, server].count(True)
+    if not given and not required:
         return None
-    if (project_id is None) == (org is None):
-        raise click.UsageError("give one of --project ID and --org SLUG")
-    return Scope(project_id=project_id, org=org)
+    if given != 1:
+        raise click.UsageError("give one of --project ID, --org SLUG and --server")
+    return Scope(project_id=project_id, org=org, server=server)
 
 
 def _scope_options(func: Any) -> Any:
+    func = click.option("--server", "server", is_flag=True,
+                        help="the whole CVAT server, for a server webhook (user and organization events; "
+                             "CVAT 2.76+, admin only)")(func)
     func = click.option("--org", help="an organization (slug), for an organization webhook")(func)
     return click.option("--project", "project_id", type=int, help="a project id, for a project webhook")(func)
+
+
+def _deployment_redis(settings: Settings) -> Any:
+    """This deployment's Redis (the configured one, or the trial's embedded one, started if need be),
+    checked to answer: the webhook commands remember and look up this deployment's webhooks there."""
+    from redis.exceptions import RedisError
+
+    from receiver.serve import redis_url_for
+    from workers.redis_conn import RedisConfigError, connect
+
+    where = "CVAT_HOOKS_REDIS_URL" if settings.redis_url else f"the embedded Redis in {settings.data_dir}"
+    try:
+        if not settings.redis_url:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        url, keep_alive = redis_url_for(settings)
+        redis = connect(url)
+        redis.ping()
+    except (RedisConfigError, RedisError, OSError) as exc:
+        raise click.ClickException(f"this deployment's Redis ({where}) cannot be reached: {type(exc).__name__}: "
+                                   f"{exc}. It remembers which CVAT webhooks are this deployment's; nothing "
+                                   "was changed in CVAT") from exc
+    setattr(redis, "_cvat_hooks_embedded", keep_alive)  # noqa: B010 (the embedded server lives as long as the client)
+    return redis
 
 
 @main.command()
@@ -312,30 +347,56 @@ def _scope_options(func: Any) -> Any:
               help="subscribe to every event of the webhook type, not just those of the rules")
 @click.option("--rotate-secret", is_flag=True,
               help="give an existing webhook a new secret (the old one stays accepted until you delete it)")
-def register(project_id: int | None, org: str | None, public_url: str, all_events: bool,
+def register(project_id: int | None, org: str | None, server: bool, public_url: str, all_events: bool,
              rotate_secret: bool) -> None:
-    """Create or update the CVAT webhook of a project or organization, for the events the rules need."""
+    """Create or update the CVAT webhook of a project, organization or the server, for the events the
+    rules need, and remember it as this deployment's (in its Redis)."""
     from receiver.registration import describe, needed_events
     from receiver.registration import register as do_register
 
     settings = _settings()
+    scope = _scope(project_id, org, server)
+    redis = _deployment_redis(settings)
     with _cvat(settings) as cvat:
         needed = None if all_events else needed_events(settings.rules_path)
-        done = do_register(cvat, _scope(project_id, org), public_url, needed=needed,
+        done = do_register(cvat, scope, public_url, needed=needed, redis=redis,
                            secrets_file=settings.registered_secrets_file, rotate_secret=rotate_secret)
-    click.echo("\n".join(describe(done)))
+        click.echo("\n".join(describe(done)))
+        _learn_states(cvat, redis, settings)
+
+
+def _learn_states(cvat: Any, redis: Any, settings: Settings) -> None:
+    """After ``register``: learn CVAT's current state, so the first change of each job fires."""
+    from receiver.state import StateStore
+    from receiver.state_sync import learn_states
+    from workers.errors import ActionError
+
+    try:
+        report = learn_states(cvat, StateStore(redis, settings.state_seconds))
+    except ActionError as exc:
+        click.echo(f"warning: could not learn CVAT's current state ({exc}); the workers will try again", err=True)
+        return
+    learned = ", ".join(f"{r['learned']} {name}(s)" for name, r in report.items())
+    click.echo(f"learned the current state of {learned} (README: Transitions)")
 
 
 @main.command()
 @_scope_options
-@click.option("--url", help="only the webhook posting to this URL (default: every cvat-hooks webhook there)")
-def unregister(project_id: int | None, org: str | None, url: str | None) -> None:
-    """Delete the cvat-hooks webhook(s) of a project or organization."""
+@click.option("--url", help="only the webhook posting to this URL (default: every webhook of this deployment there)")
+def unregister(project_id: int | None, org: str | None, server: bool, url: str | None) -> None:
+    """Delete this deployment's webhook(s) of a project, organization or the server (another
+    deployment's are left alone)."""
     from receiver.registration import unregister as do_unregister
 
-    with _cvat(_settings()) as cvat:
-        for hook in do_unregister(cvat, _scope(project_id, org), url):
-            click.echo(f"deleted webhook {hook.id} ({hook.where}) -> {hook.target_url}")
+    settings = _settings()
+    scope = _scope(project_id, org, server)
+    redis = _deployment_redis(settings)
+    with _cvat(settings) as cvat:
+        done = do_unregister(cvat, scope, redis, url)
+    for hook in done.deleted:
+        click.echo(f"deleted webhook {hook.id} ({hook.where}) -> {hook.target_url}")
+    for hook, owner in done.left_alone:
+        click.echo(f"left alone webhook {hook.id} ({hook.where}) -> {hook.target_url}: {owner.label(hook)}")
 
 
 @main.group()
@@ -346,34 +407,52 @@ def webhooks() -> None:
 @webhooks.command("list")
 @click.option("--json", "as_json", is_flag=True)
 def webhooks_list(as_json: bool) -> None:
-    """Every webhook visible to the CVAT credentials, with its last delivery (* = cvat-hooks')."""
-    from receiver.registration import list_webhooks
+    """Every webhook visible to the CVAT credentials, with its last delivery and whose it is
+    (* = this deployment's, o = another cvat-hooks deployment's, ? = cvat-hooks' but not adopted)."""
+    from receiver.registration import list_webhooks, unadopted_hint
+    from workers import webhook_registry as registry
+    from workers.webhook_registry import Ownership
 
-    with _cvat(_settings()) as cvat:
+    settings = _settings()
+    known = registry.load(_deployment_redis(settings))
+    with _cvat(settings) as cvat:
         found = list_webhooks(cvat)
     if as_json:
-        _echo_json([w.to_json() for w in found])
+        _echo_json([{**w.to_json(), "owner": known.ownership(w).value, "owner_text": known.ownership(w).label(w)}
+                    for w in found])
         return
+    marks = {Ownership.THIS: "*", Ownership.OTHER: "o", Ownership.UNADOPTED: "?", Ownership.NONE: " "}
     for w in found:
-        mark, active = "*" if w.is_ours else " ", "active  " if w.is_active else "INACTIVE"
-        click.echo(f"{mark}{w.id:>5}  {w.where:<22} {active}  {len(w.events):>2} events  "
-                   f"last {w.last_status or '-'} {w.last_delivery_date or '-'}  {w.target_url}")
+        owner, active = known.ownership(w), "active  " if w.is_active else "INACTIVE"
+        click.echo(f"{marks[owner]}{w.id:>5}  {w.where:<22} {active}  {len(w.events):>2} events  "
+                   f"last {w.last_status or '-'} {w.last_delivery_date or '-'}  {w.target_url}  ({owner.label(w)})")
+    for w in found:
+        if known.ownership(w) is Ownership.UNADOPTED:
+            click.echo(f"adopt webhook {w.id}: {unadopted_hint(w)}")
+    listed = {w.id for w in found}
+    for remembered in sorted(known.webhooks.values(), key=lambda r: r.id):
+        if remembered.id not in listed:
+            click.echo(f"remembered webhook {remembered.id} ({remembered.scope}) is not in CVAT any more "
+                       "(the next reconcile, register or unregister forgets it)")
 
 
 @main.command()
-@click.option("--webhook", "webhook_id", type=int, help="a webhook id (default: every cvat-hooks webhook)")
+@click.option("--webhook", "webhook_id", type=int, help="a webhook id (default: every webhook of this deployment)")
 @_scope_options
 @click.option("--timeout", default=10.0, show_default=True, help="seconds to wait for the receiver's record")
-def ping(webhook_id: int | None, project_id: int | None, org: str | None, timeout: float) -> None:
+def ping(webhook_id: int | None, project_id: int | None, org: str | None, server: bool, timeout: float) -> None:
     """Have CVAT ping the webhook(s) and wait until this receiver recorded it: the round trip, or why not."""
     from receiver.doctor import ping as do_ping
     from receiver.doctor import ping_targets
+    from workers import webhook_registry as registry
 
-    if webhook_id is not None and (project_id is not None or org is not None):
-        raise click.UsageError("give --webhook, --project or --org, not several")
+    if webhook_id is not None and (project_id is not None or org is not None or server):
+        raise click.UsageError("give --webhook, --project, --org or --server, not several")
     log = _log()
+    known = registry.load(log.redis)
     with _cvat(_settings()) as cvat:
-        targets = ping_targets(cvat, webhook_id=webhook_id, scope=_scope(project_id, org, required=False))
+        targets = ping_targets(cvat, webhook_id=webhook_id, known=known,
+                               scope=_scope(project_id, org, server, required=False))
         results = [do_ping(cvat, log, hook, timeout=timeout) for hook in targets]
     for r in results:
         click.echo(f"webhook {r.webhook_id} -> {r.target_url}: {'OK' if r.ok else 'FAILED'}: {r.message}")

@@ -3,7 +3,9 @@
 CVAT before mid-2026 never retries a failed delivery, newer CVAT gives up after about four days,
 and the receiver can be down or unreachable. CVAT keeps every delivery attempt
 (``GET /api/webhooks/{id}/deliveries``, each with the payload it sent in ``request``) and can send
-one again (``POST .../deliveries/{id}/redelivery``). So for every cvat-hooks webhook:
+one again (``POST .../deliveries/{id}/redelivery``). So for every webhook of this deployment (the ones
+its ``register`` remembered in its Redis, ``workers.webhook_registry``; another deployment's on the same
+CVAT, or a cvat-hooks webhook this deployment never registered, are left alone and listed in the run):
 
 * read its deliveries back to a horizon (``--since``, 4 days by default, never further back than the
   receiver remembers delivery ids: ``CVAT_HOOKS_DEDUPE_DAYS``);
@@ -19,6 +21,8 @@ as long as the delivery id); one run at a time (a Redis lock). The periodic run 
 scheduler, every ``CVAT_HOOKS_RECONCILE_MINUTES``) only reads deliveries newer than what the last
 clean run of that webhook saw (minus an overlap), so when nothing is missing it costs one page per
 webhook. Each run is recorded in ``cvat-hooks:reconcile:runs`` (newest first), shown by ``doctor``.
+A remembered webhook that CVAT answers 404 for (deleted) is forgotten, and so is one another deployment
+has since adopted (its description names that deployment).
 """
 
 from __future__ import annotations
@@ -36,15 +40,18 @@ from redis.exceptions import LockError, RedisError
 from receiver.events import delivery_id_of
 from receiver.receipts import SEEN_KEY
 from receiver.settings import Settings
+from workers import webhook_registry as registry
 from workers.contract import LIGHT_QUEUE
 from workers.cvat_webhooks import (
     Webhook,
     WebhookGateway,
     deliveries_since,
+    is_not_found,
     is_success,
     parse_time,
     visible_webhooks,
 )
+from workers.delivery_log import PREFIX as KEY_PREFIX
 from workers.delivery_log import iso
 from workers.errors import ActionError
 from workers.queueing import SERIALIZER, queue
@@ -62,7 +69,7 @@ MAX_TRIES = 3
 OVERLAP = 600
 """Seconds before the last clean run's newest delivery that a periodic run reads again (CVAT writes
 delivery records from several workers, not quite in order)."""
-PREFIX = "cvat-hooks:reconcile"
+PREFIX = f"{KEY_PREFIX}:reconcile"
 RUNS_KEY = f"{PREFIX}:runs"
 RUNS_KEPT = 100
 LISTED = 200
@@ -104,6 +111,10 @@ class Report:
     gave_up: list[dict[str, Any]] = field(default_factory=list)
     """Missing payloads already redelivered ``max_tries`` times."""
     errors: list[str] = field(default_factory=list)
+    left_alone: list[dict[str, Any]] = field(default_factory=list)
+    """cvat-hooks webhooks that are not this deployment's (another deployment's, or never adopted)."""
+    forgotten: list[dict[str, Any]] = field(default_factory=list)
+    """Remembered webhooks this run forgot (deleted in CVAT, or adopted by another deployment)."""
     finished: float | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -113,12 +124,13 @@ class Report:
                 "recorded_failures": self.recorded_failures,
                 "redelivered_count": len(self.redelivered), "redelivered": self.redelivered[:LISTED],
                 "gave_up_count": len(self.gave_up), "gave_up": self.gave_up[:LISTED],
+                "left_alone": self.left_alone[:LISTED], "forgotten": self.forgotten[:LISTED],
                 "errors": self.errors[:LISTED]}
 
     def lines(self) -> list[str]:
         """What ``cvat-hooks reconcile`` prints."""
         verb = "would redeliver" if self.dry_run else "redelivered"
-        out = [f"checked {self.checked} deliveries of {len(self.webhooks)} cvat-hooks webhook(s) since "
+        out = [f"checked {self.checked} deliveries of {len(self.webhooks)} webhook(s) of this deployment since "
                f"{iso(self.since)}: {verb} {len(self.redelivered)}, gave up on {len(self.gave_up)}, "
                f"{self.recorded_failures} failed at CVAT but recorded by the receiver"]
         for item in self.redelivered:
@@ -127,6 +139,14 @@ class Report:
         for item in self.gave_up:
             out.append(f"  gave up on webhook {item['webhook_id']} delivery {item['cvat_delivery_id']} "
                        f"({item['event']}): already redelivered {item['tries']} times")
+        for item in self.left_alone:
+            out.append(f"  left alone webhook {item['webhook_id']} ({item['where']}): {item['why']}")
+        if self.left_alone and not self.webhooks and not self.forgotten:
+            out.append("  this deployment's Redis remembers no webhook (never registered, or the Redis was reset): "
+                       "`cvat-hooks register` with a webhook's scope and URL adopts it")
+        forgot = "would forget" if self.dry_run else "forgot"
+        for item in self.forgotten:
+            out.append(f"  {forgot} webhook {item['webhook_id']} ({item['where']}): {item['why']}")
         out += [f"  error: {e}" for e in self.errors]
         return out
 
@@ -174,14 +194,33 @@ class _Run:
         self.report.errors.append(message)
 
     def all(self, *, incremental: bool) -> None:
+        """Every webhook this deployment remembers; the other cvat-hooks ones are only reported."""
+        known = registry.load(self.redis)
         try:
-            hooks = [w for w in visible_webhooks(self.gateway) if w.is_ours]
+            visible = {w.id: w for w in visible_webhooks(self.gateway)}
         except ActionError as exc:
             self.error("listing webhooks", exc)
             return
-        for hook in hooks:
-            self.report.webhooks.append(hook.id)
-            self.webhook(hook, incremental=incremental)
+        for hook in visible.values():
+            owner = known.ownership(hook)
+            if owner in (registry.Ownership.OTHER, registry.Ownership.UNADOPTED):
+                self.report.left_alone.append({"webhook_id": hook.id, "where": hook.where, "owner": owner.value,
+                                               "why": owner.label(hook)})
+        for remembered in sorted(known.webhooks.values(), key=lambda r: r.id):
+            listed = visible.get(remembered.id)
+            if listed is not None and known.ownership(listed) is not registry.Ownership.THIS:
+                self.forget(listed, f"now {known.ownership(listed).label(listed)}")
+                continue
+            # Not listed: deleted (forgotten on CVAT's 404), or not listed to these credentials.
+            self.report.webhooks.append(remembered.id)
+            self.webhook(listed or remembered.as_webhook(), incremental=incremental)
+
+    def forget(self, hook: Webhook, why: str) -> None:
+        """Stop treating ``hook`` as this deployment's (not in a dry run: only reported then)."""
+        log.info("reconcile: webhook %s (%s) forgotten: %s", hook.id, hook.where, why)
+        self.report.forgotten.append({"webhook_id": hook.id, "where": hook.where, "why": why})
+        if not self.dry_run:
+            registry.forget(self.redis, [hook.id])
 
     def webhook(self, hook: Webhook, *, incremental: bool) -> None:
         """Check one webhook's deliveries; move its watermark when everything went through."""
@@ -209,6 +248,10 @@ class _Run:
                     batch = []
             self.handle(hook, batch)
         except ActionError as exc:
+            if is_not_found(exc):
+                self.report.webhooks.remove(hook.id)
+                self.forget(hook, "deleted in CVAT")
+                return
             self.error(f"webhook {hook.id}", exc)
         if newest is not None and not self.dry_run and len(self.report.errors) == errors:
             self.redis.set(watermark_key, newest, ex=self.dedupe_seconds)
@@ -303,7 +346,23 @@ def scheduled_run() -> dict[str, Any]:
             pass
         return {"error": message}
     summary = report.to_json()
-    return {k: summary[k] for k in ("at", "checked", "redelivered_count", "gave_up_count", "errors")}
+    done = {k: summary[k] for k in ("at", "checked", "redelivered_count", "gave_up_count", "errors")}
+    return {**done, "learned": _learn_states(settings, redis, redactor)}
+
+
+def _learn_states(settings: Settings, redis: Redis, redactor: Redactor) -> dict[str, Any]:
+    """After the reconcile, on the same schedule: learn what CVAT has now (``receiver.state_sync``)."""
+    from receiver.state import StateStore
+    from receiver.state_sync import learn_states
+    from workers.cvat_client import CvatClient
+
+    try:
+        with CvatClient(settings.workers.cvat) as gateway:
+            return learn_states(gateway, StateStore(redis, settings.state_seconds))
+    except Exception as exc:  # noqa: BLE001 - the periodic job never raises (see scheduled_run)
+        message = redactor.text(f"{type(exc).__name__}: {exc}")
+        log.error("state: learning CVAT's current state failed: %s", message)
+        return {"error": message}
 
 
 def ensure_scheduled(redis: Redis, minutes: float, *, first_delay: float = FIRST_RUN_DELAY) -> str:

@@ -13,20 +13,32 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from receiver.rules.model import TRACKED_RESOURCES
+
 if TYPE_CHECKING:
     from redis import Redis
 
     from receiver.events import Event
 
-TRACKED = frozenset({"project", "task", "job"})
+TRACKED = frozenset(TRACKED_RESOURCES)
 """Resources whose last-seen state is kept (those with a lifecycle rules care about)."""
 
 KEY = "cvat-hooks:state:{resource}:{id}"
+SYNC_KEY = "cvat-hooks:state-sync:{resource}"
+"""Hash of ``receiver.state_sync``'s progress per resource type: ``newest`` (the newest
+``updated_date`` learned) and ``full_at`` (epoch seconds of the last walk through everything)."""
+
+LEARNED = "learned"
+"""The delivery id recorded with a snapshot learned from CVAT's API rather than from a delivery."""
 
 # swap(key, updated_date, delivery_id, snapshot_json, ttl) -> {source, previous-snapshot-json}.
 # The delivery that last set the state is remembered with the snapshot it replaced, so the same
 # delivery processed again (a retry after a 503, or a second receiver) gets the same answer instead
 # of "no change". receiver.receipts runs it inside the script that also checks for duplicates.
+# A snapshot learned from CVAT's API (``LEARNED``) is only the old state of events newer than it. With
+# the event's own ``updated_date`` it is the state this very event produced, not the one before it;
+# an older event (a late or redelivered one) was never compared with it by a delivery, so it is not
+# "stale" either. Both are first sight: CVAT's own ``before_update``, when sent, still decides.
 SWAP_FUNCTION = """
 local function swap(key, new_u, new_d, new_s, ttl)
   local cur = redis.call('GET', key)
@@ -39,6 +51,12 @@ local function swap(key, new_u, new_d, new_s, ttl)
     if st.p == '' then return {'unknown', ''} end
     return {'last-seen', st.p}
   end
+  if st.d == 'learned' and new_u ~= '' and new_u <= st.u then
+    if new_u == st.u then
+      redis.call('SET', key, cjson.encode({u=new_u, d=new_d, s=new_s, p=''}), 'EX', ttl)
+    end
+    return {'unknown', ''}
+  end
   if new_u ~= '' and st.u ~= '' and new_u < st.u then
     return {'stale', st.s}
   end
@@ -47,6 +65,19 @@ local function swap(key, new_u, new_d, new_s, ttl)
 end
 """
 _SWAP = SWAP_FUNCTION + "return swap(KEYS[1], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]))"
+
+# learn(keys..., ttl, u1, s1, u2, s2...) -> how many keys were new. Only a resource with no state yet
+# gets one: what a delivery taught us is never replaced, so an update still in flight (or waiting
+# for reconcile) is judged against the state before it, not against its own result.
+_LEARN = """
+local ttl = tonumber(ARGV[1])
+local written = 0
+for i, key in ipairs(KEYS) do
+  local value = cjson.encode({u=ARGV[2 * i], d='learned', s=ARGV[2 * i + 1], p=''})
+  if redis.call('SET', key, value, 'NX', 'EX', ttl) then written = written + 1 end
+end
+return written
+"""
 
 
 @dataclass(frozen=True)
@@ -66,6 +97,7 @@ class StateStore:
         self.redis = redis
         self.ttl = ttl_seconds
         self._swap = redis.register_script(_SWAP)
+        self._learn = redis.register_script(_LEARN)
 
     def observe(self, event: Event) -> Seen:
         """Record this event's view of its resource and say what we had seen before it."""
@@ -82,6 +114,21 @@ class StateStore:
             return None
         key = KEY.format(resource=event.resource, id=event.resource_id)
         return key, [event.updated_date or "", event.delivery_id, json.dumps(obj), self.ttl]
+
+    def learn(self, resource: str, objects: list[dict[str, Any]]) -> int:
+        """Keep CVAT's current view of resources we hold no state for; return how many were new.
+
+        ``objects`` are API answers (``GET /api/jobs`` items), the same serializer CVAT's webhook
+        payloads use, so a later ``became`` compares like with like.
+        """
+        keys: list[str] = []
+        args: list[str | int] = [self.ttl]
+        for obj in objects:
+            if resource not in TRACKED or not isinstance(obj.get("id"), int):
+                continue
+            keys.append(KEY.format(resource=resource, id=obj["id"]))
+            args += [str(obj.get("updated_date") or ""), json.dumps(obj)]
+        return int(self._learn(keys=keys, args=args)) if keys else 0
 
     def last(self, resource: str, resource_id: int) -> dict[str, Any] | None:
         """The last snapshot seen of a resource (for the admin views and tests)."""

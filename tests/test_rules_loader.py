@@ -91,7 +91,7 @@ def test_example_rules_load_clean(source: str) -> None:
     assert export.actions[0].params["to"] == "exports/{project_id}/{task_id}/job-{job_id}.zip"
     assert labels.condition is None
     assert labels.actions[0].params == {"require": ["car", "person"], "on_mismatch": "report"}
-    assert rules.events_needed() == {"update:job", "create:task"}
+    assert rules.events_needed() == {"update:job", "create:job", "create:task"}
     assert len(rules.digest) == 64
 
 
@@ -344,6 +344,24 @@ ON_CASES = [
     ("ping-excluded", "[ping, delete:task]", {"delete:task"}),
     ("star-job", "'*:job'", {"create:job", "update:job", "delete:job"}),
 ]
+
+
+TRANSITION_CASES = [
+    ("became-job", "update:job", "job.state: {became: completed}", {"update:job", "create:job"}),
+    ("changed-task-under-not", "update:task", "not: {task.status: {changed: true}}", {"update:task", "create:task"}),
+    ("was-in-any", "update:project", "any: [{project.name: {was: a}}, {project.status: done}]",
+     {"update:project", "create:project"}),
+    ("plain-equals", "update:job", "job.state: completed", {"update:job"}),
+    ("untracked-resource", "update:issue", "issue.resolved: {became: true}", {"update:issue"}),
+]
+
+
+@pytest.mark.parametrize(("on", "cond", "expected"), [c[1:] for c in TRANSITION_CASES],
+                         ids=[c[0] for c in TRANSITION_CASES])
+def test_a_watched_transition_subscribes_to_the_resources_creation(on: str, cond: str, expected: set[str]) -> None:
+    """A rule comparing a job's (task's, project's) state with the previous one also needs its
+    create:* event, so the state it was created in is known on CVAT 2.76+ (no before_update)."""
+    assert load(when(cond).replace("update:job", on)).events_needed() == expected
 
 
 @pytest.mark.parametrize(("on", "expected"), [c[1:] for c in ON_CASES], ids=[c[0] for c in ON_CASES])

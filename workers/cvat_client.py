@@ -255,6 +255,12 @@ class CvatClient:
     def get_resource(self, resource: Resource, resource_id: int) -> dict[str, Any]:
         return self._call(self._api(resource).retrieve_endpoint, id=resource_id)
 
+    def newest_first(self, resource: Resource, *, page: int = 1, page_size: int = PAGE_SIZE) -> dict[str, Any]:
+        """One page of every job, task or project the account sees, most recently updated first
+        (``count``, ``next``, ``results``): how ``receiver.state_sync`` catches up in a few pages."""
+        return self._call(self._api(resource).list_endpoint, sort="-updated_date", page=page,
+                          page_size=page_size)
+
     def list_jobs(self, task_id: int) -> list[dict[str, Any]]:
         return self._pages(self._client().api_client.jobs_api.list_endpoint, task_id=task_id)
 

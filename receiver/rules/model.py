@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from receiver.cvat_events import PING, expand, matches
+from receiver.cvat_events import EVENT_NAMES, PING, expand, matches
 from workers.retry import RetryPolicy
 
 if TYPE_CHECKING:
@@ -84,6 +84,23 @@ class Not:
 
 Condition = Check | All | AnyOf | Not
 
+_KNOWN_EVENTS = frozenset(EVENT_NAMES)
+
+TRACKED_RESOURCES = ("project", "task", "job")
+"""Resources whose state the receiver remembers between events (``receiver.state.TRACKED``)."""
+
+
+def _transition_resources(condition: Condition | None) -> set[str]:
+    """The tracked resources whose fields a condition compares with their previous state."""
+    if condition is None:
+        return set()
+    if isinstance(condition, Check):
+        head = condition.path.split(".", 1)[0]
+        return {head} if condition.op in TRANSITION_OPERATORS and head in TRACKED_RESOURCES else set()
+    if isinstance(condition, Not):
+        return _transition_resources(condition.item)
+    return set().union(*(_transition_resources(item) for item in condition.items))
+
 
 @dataclass(frozen=True)
 class ActionDecl:
@@ -94,6 +111,9 @@ class ActionDecl:
     action: str
     params: Mapping[str, Any]
     line: int | None = None
+    causes: tuple[str, ...] = ()
+    """CVAT events this action's own changes make CVAT send (``workers.actions.events_caused``, filled
+    in at load): the rule does not fire on one of them caused by cvat-hooks's own account."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +128,9 @@ class Rule:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     description: str = ""
     line: int | None = None
+    allow_self_trigger: bool = False
+    """``allow_self_trigger: true``: fire even on an event cvat-hooks's own account caused with one of
+    this rule's actions (see :mod:`receiver.rules.own_events`)."""
 
     def matching_pattern(self, event_name: str) -> str | None:
         """The first ``on`` pattern that covers an event name, or ``None``."""
@@ -170,13 +193,19 @@ class RuleSet:
     """Hex SHA-256 of the file's bytes: tells which rules decided a delivery."""
 
     def events_needed(self) -> set[str]:
-        """Every known CVAT event some rule listens to, ``ping`` excluded (it cannot be subscribed)."""
+        """Every known CVAT event some rule listens to, ``ping`` excluded (it cannot be subscribed).
+
+        A rule that watches a transition (``job.state: {became: ...}``) also needs the resource's
+        ``create:*`` event: CVAT 2.76+ sends no ``before_update``, so the state a job was created in is
+        what its first update is compared with (README: Transitions).
+        """
         names: set[str] = set()
         for rule in self.rules:
             for pattern in rule.on:
                 names.update(expand(pattern))
+            names.update(f"create:{resource}" for resource in _transition_resources(rule.condition))
         names.discard(PING)
-        return names
+        return {name for name in names if name in _KNOWN_EVENTS}
 
     def rules_for(self, event_name: str) -> tuple[tuple[Rule, str], ...]:
         """The rules whose ``on`` covers an event name, in file order, each with its first such pattern.

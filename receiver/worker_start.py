@@ -1,0 +1,92 @@
+"""What ``cvat-hooks worker`` does once before it serves: the periodic reconcile, who it is in CVAT,
+and a first look at CVAT's current state.
+
+Each step logs and never raises: a worker must start and run actions even when CVAT is down at
+that moment (the periodic job and the next start try again).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from receiver.reconcile import schedule_periodic
+from receiver.settings import Settings
+from workers.contract import LIGHT_QUEUE
+from workers.queueing import SERIALIZER, queue
+from workers.redaction import Redactor
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+log = logging.getLogger(__name__)
+
+LEARN_JOB_ID = "cvat-hooks-learn-states"
+"""The one-off state-learning job a starting worker queues (a fixed id: workers starting together
+queue one, not one each)."""
+LEARN_JOB_FUNCTION = "receiver.worker_start.learn_now"
+LEARN_TIMEOUT = 1800
+"""Seconds a walk through every project, task and job may take."""
+
+
+def at_start(settings: Settings, redis: Redis) -> None:
+    """The worker command's start hook (``workers.worker.run`` calls it, not in burst mode)."""
+    schedule_periodic(settings, redis)
+    if not settings.workers.cvat.configured:
+        return
+    from workers.cvat_client import CvatClient
+    from workers.service_account import learn
+
+    try:
+        with CvatClient(settings.workers.cvat) as gateway:
+            learn(gateway, redis, configured=settings.workers.cvat.service_account)
+    except Exception as exc:  # noqa: BLE001 - see the module docstring
+        log.warning("worker start: could not ask CVAT who the workers are: %s", type(exc).__name__)
+    try:
+        queue_learning(redis)
+    except Exception as exc:  # noqa: BLE001 - see the module docstring
+        log.warning("worker start: could not queue learning CVAT's state: %s: %s", type(exc).__name__, exc)
+
+
+def queue_learning(redis: Redis) -> bool:
+    """Queue one run of :func:`learn_now` on the light queue unless one is already waiting or running."""
+    from rq.exceptions import NoSuchJobError
+    from rq.job import Job, JobStatus
+
+    try:
+        job = Job.fetch(LEARN_JOB_ID, connection=redis, serializer=SERIALIZER)
+    except NoSuchJobError:
+        job = None
+    if job is not None and job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.STARTED):
+        return False
+    queue(LIGHT_QUEUE, redis).enqueue(LEARN_JOB_FUNCTION, job_id=LEARN_JOB_ID, job_timeout=LEARN_TIMEOUT,
+                                      result_ttl=86400, failure_ttl=7 * 86400,
+                                      description="cvat-hooks: learn CVAT's current state")
+    return True
+
+
+def learn_now() -> dict[str, Any]:
+    """The queued job: learn the state of every project, task and job the receiver never saw.
+
+    Never raises: a CVAT that is down now is no failed action to list among the dead letters, and the
+    periodic run tries again.
+    """
+    from rq import get_current_job
+
+    from receiver.state import StateStore
+    from receiver.state_sync import learn_states
+    from workers.cvat_client import CvatClient
+    from workers.redis_conn import connect
+
+    settings = Settings.from_env()
+    if not settings.workers.cvat.configured:
+        return {"skipped": "CVAT is not configured"}
+    job = get_current_job()
+    redis = job.connection if job is not None else connect(settings.redis_url)
+    try:
+        with CvatClient(settings.workers.cvat) as gateway:
+            return learn_states(gateway, StateStore(redis, settings.state_seconds))
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        message = Redactor(settings.sensitive_values()).text(f"{type(exc).__name__}: {exc}")
+        log.warning("state: could not learn CVAT's current state at worker start: %s", message)
+        return {"error": message}
