@@ -221,3 +221,26 @@ def test_ownership(webhook, owner):
     """Whose a webhook is follows from the remembered ids and the description's deployment mark."""
     fields = {"type": "project", "target_url": "http://h/webhooks/cvat", "project_id": 1, **webhook}
     assert KNOWN.ownership(Webhook(**fields)).value == owner
+
+
+class _OrgGoneGateway:
+    """Lists an organization, then answers 404 for its webhooks, as CVAT does once it was deleted."""
+
+    def list_organizations(self):
+        return [{"id": 7, "slug": "gone"}]
+
+    def list_webhooks(self, *, org=None, **_):
+        if org == "gone":
+            from workers.errors import PermanentError
+
+            raise PermanentError("CVAT GET /api/webhooks: 404 Not Found: gone organization does not exist.",
+                                 status=404)
+        return [{"id": 1, "type": "project", "project_id": 3, "target_url": "http://h/webhooks/cvat",
+                 "description": "", "events": ["update:job"], "is_active": True, "organization": None}]
+
+
+def test_an_organization_deleted_while_listing_hides_no_other_webhook():
+    """An organization deleted between the two list calls has no webhooks left: the others are listed."""
+    from workers.cvat_webhooks import visible_webhooks
+
+    assert [w.id for w in visible_webhooks(_OrgGoneGateway())] == [1]

@@ -226,7 +226,7 @@ class CvatClient:
         else:
             message = f"CVAT {what}: {_network_problem(exc, self.timeout)}"
         cls = TransientError if classify(exc) is ErrorKind.TRANSIENT else PermanentError
-        return cls(self._redactor.text(message))
+        return cls(self._redactor.text(message), status=status)
 
     def _pages(self, endpoint: Endpoint, **params: Any) -> list[dict[str, Any]]:
         """Every item of a paginated list, following ``next``."""

@@ -227,7 +227,11 @@ def visible_webhooks(gateway: WebhookGateway) -> list[Webhook]:
     slugs = {o["id"]: o["slug"] for o in gateway.list_organizations() if o.get("id") and o.get("slug")}
     found = {int(data["id"]): data for data in gateway.list_webhooks()}
     for slug in slugs.values():
-        found.update({int(data["id"]): data for data in gateway.list_webhooks(org=slug)})
+        try:
+            found.update({int(data["id"]): data for data in gateway.list_webhooks(org=slug)})
+        except Exception as exc:
+            if not is_not_found(exc):
+                raise  # an organization deleted since the list was read has no webhooks left
     return [Webhook.from_json(data, org_slug=slugs.get(_id_of(data.get("organization"))))
             for _, data in sorted(found.items())]
 
@@ -271,11 +275,8 @@ def _id_of(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-_NOT_FOUND = re.compile(r": 404 Not Found\b")
 
 
 def is_not_found(exc: Exception) -> bool:
-    """Whether a gateway error is CVAT's 404 (the webhook is gone). ``CvatClient`` keeps no status on
-    its errors, only its message (``CVAT GET /api/...: 404 Not Found: ...``); a test in
-    ``tests/test_reconcile.py`` (a deleted webhook is forgotten) fails if that message changes."""
-    return _NOT_FOUND.search(str(exc)) is not None
+    """Whether a gateway error is CVAT's 404 (the webhook, or the organization, is gone)."""
+    return getattr(exc, "status", None) == 404

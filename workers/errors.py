@@ -24,11 +24,13 @@ class ActionError(Exception):
 
     kind: ErrorKind = ErrorKind.PERMANENT
 
-    def __init__(self, message: str = "", *, result: dict[str, Any] | None = None) -> None:
+    def __init__(self, message: str = "", *, result: dict[str, Any] | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.result = result
         """What the action found before failing (e.g. ``check_labels``' report with ``on_mismatch:
         fail``), so the delivery record shows it; ``None`` when there is nothing to show."""
+        self.status = status
+        """The HTTP status CVAT answered, when the failure is an answer (404 for a resource gone)."""
 
 
 class PermanentError(ActionError):

@@ -289,8 +289,27 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    deployment = Deployment(tmp_path_factory.mktemp("deployment"))
+def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """moto's S3 on loopback, and the AWS environment a deployment uses to reach it."""
+    from tests.moto_s3 import s3_endpoint
+
+    home = tmp_path_factory.mktemp("aws")
+    with s3_endpoint() as endpoint:
+        yield {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": str(home / "none"),
+               "AWS_SHARED_CREDENTIALS_FILE": str(home / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def s3_client(env: dict[str, str]) -> Any:
+    import boto3  # type: ignore[import-untyped]
+
+    return boto3.session.Session().client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                                          aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, s3_env: dict[str, str]) -> Iterator[Deployment]:
+    deployment = Deployment(tmp_path_factory.mktemp("deployment"), extra_env=s3_env)
     yield deployment
     deployment.stop()
 

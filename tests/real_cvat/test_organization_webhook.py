@@ -25,9 +25,9 @@ def org(cvat: Any, run_id: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, org: str) -> Iterator[Deployment]:
+def deployment(tmp_path_factory: pytest.TempPathFactory, org: str, s3_env: dict[str, str]) -> Iterator[Deployment]:
     """This module's cvat-hooks acts in the organization: CVAT_ORG is its slug."""
-    deployment = Deployment(tmp_path_factory.mktemp("org-deployment"), extra_env={"CVAT_ORG": org})
+    deployment = Deployment(tmp_path_factory.mktemp("org-deployment"), extra_env={**s3_env, "CVAT_ORG": org})
     yield deployment
     deployment.stop()
 

@@ -6,6 +6,7 @@ worker delivers them to ``cvat-hooks serve``; ``cvat-hooks worker`` acts on CVAT
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import zipfile
@@ -15,7 +16,7 @@ import pytest
 
 from tests.cvat_server.sink import WebhookSink
 from tests.procs import wait_for
-from tests.real_cvat.conftest import SERVICE_USER_VAR, Deployment, Made, rules_of, service_account
+from tests.real_cvat.conftest import SERVICE_USER_VAR, Deployment, Made, rules_of, s3_client, service_account
 
 
 def complete(cvat: Any, job_id: int, stage: str = "acceptance") -> None:
@@ -43,7 +44,8 @@ def by_rule(deployment: Deployment, rule: str, *, event: str | None = None, **kw
 
 
 @pytest.fixture(scope="module")
-def exports_project(made: Made, deployment: Deployment, cvat: Any) -> Any:
+def exports_project(made: Made, deployment: Deployment, cvat: Any, s3_env: dict[str, str]) -> Any:
+    s3_client(s3_env).create_bucket(Bucket="real-cvat")
     project = made.project("exports", ["car", "person"])
     deployment.add_rules(f"""
   - id: export-{project.id}
@@ -57,6 +59,7 @@ def exports_project(made: Made, deployment: Deployment, cvat: Any) -> Any:
           to: "exports/{{project_id}}/task-{{task_id}}-yolo.zip"}}
       - {{action: export, resource: project, format: COCO 1.0, to: "exports/{{project_id}}/project-coco.zip"}}
       - {{action: export, resource: task, kind: backup, to: "exports/{{project_id}}/task-{{task_id}}-backup.zip"}}
+      - {{action: export, resource: job, format: CVAT for images 1.1, to: "s3://real-cvat/{{project_id}}/job-{{job_id}}.zip"}}
     retry: {{attempts: 2, backoff: [2]}}
   - id: export-task-when-done-{project.id}
     on: update:job
@@ -72,9 +75,10 @@ def exports_project(made: Made, deployment: Deployment, cvat: Any) -> Any:
     return project
 
 
-def test_a_completed_job_is_exported_in_every_format_and_kind(exports_project, made, deployment, cvat):
+def test_a_completed_job_is_exported_in_every_format_and_kind(exports_project, made, deployment, cvat, s3_env):
     """Completing a job in CVAT writes its CVAT 1.1 and COCO exports, the task's YOLO dataset with
-    images, the project's COCO annotations and the task's backup: real files CVAT made."""
+    images, the project's COCO annotations and the task's backup, locally and to S3: real files CVAT
+    made."""
     task = made.task("exports-1", project_id=exports_project.id, frames=2, segment_size=2)
     rectangle(cvat, task)
     [job] = task.get_jobs()
@@ -95,6 +99,9 @@ def test_a_completed_job_is_exported_in_every_format_and_kind(exports_project, m
         assert any(n.startswith("annotations/") for n in z.namelist())
     with zipfile.ZipFile(out / f"task-{task.id}-backup.zip") as z:
         assert "task.json" in z.namelist()
+    stored = s3_client(s3_env).get_object(Bucket="real-cvat", Key=f"{exports_project.id}/job-{job.id}.zip")
+    with zipfile.ZipFile(io.BytesIO(stored["Body"].read())) as z:
+        assert "<box" in z.read("annotations.xml").decode()
 
 
 def test_the_task_is_exported_once_its_last_job_is_done(exports_project, made, deployment, cvat):
