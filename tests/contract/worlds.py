@@ -151,8 +151,9 @@ def real_world(url: str, username: str, password: str) -> Iterator[World]:
         if not found:
             raise RuntimeError("could not register the outsider account (is self-registration disabled?)")
         made["user"] = found[0]["id"]
-        extra = cvat.call("POST", "/api/projects", json={"name": f"contract-extra-project-{tag}"})
-        made["extra_project"] = extra["id"]  # with the next one: page 2 of page_size=1 has a next page
+        for key in ("extra_project", "extra_project_2"):  # with the next one: page 2 of page_size=1 has a next
+            extra = cvat.call("POST", "/api/projects", json={"name": f"contract-{key.replace('_', '-')}-{tag}"})
+            made[key] = extra["id"]
         project = cvat.call("POST", "/api/projects", json={"name": f"contract-project-{tag}", "labels": LABELS})
         made["project"] = project["id"]
         in_project = cvat.task(f"contract-task-in-project-{tag}", 3, project_id=project["id"])
@@ -198,6 +199,7 @@ def _clean(cvat: RealCvat, made: dict[str, Any]) -> None:
         created = cvat.call("GET", f"/api/projects?search=contract-created-project-{made['tag']}")["results"]
         made.update({f"created_{p['id']}": p["id"] for p in created})
     for kind, key in (("tasks", "task"), ("projects", "project"), ("projects", "extra_project"),
+                      ("projects", "extra_project_2"),
                       *(("projects", k) for k in made if k.startswith("created_")),
                       ("organizations", "org"), ("users", "user")):
         if key in made:

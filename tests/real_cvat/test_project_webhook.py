@@ -37,10 +37,10 @@ def succeeded(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return actions
 
 
-def by_rule(deployment: Deployment, rule: str, *, event: str | None = None, **kw: Any) -> dict[str, Any]:
-    """The newest finished delivery that matched ``rule`` (and is of ``event``)."""
-    return deployment.wait_delivery(lambda d: rule in rules_of(d) and (event is None or d.get("event") == event),
-                                    **kw)
+def by_rule(deployment: Deployment, rule: str, *, task_id: int | None = None, **kw: Any) -> dict[str, Any]:
+    """The newest finished delivery that matched ``rule`` (about task ``task_id``)."""
+    return deployment.wait_delivery(lambda d: rule in rules_of(d)
+                                    and (task_id is None or (d.get("ids") or {}).get("task_id") == task_id), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_a_completed_job_is_exported_in_every_format_and_kind(exports_project, m
     rectangle(cvat, task)
     [job] = task.get_jobs()
     complete(cvat, job.id)
-    summary = by_rule(deployment, f"export-{exports_project.id}", timeout=240)
+    summary = by_rule(deployment, f"export-{exports_project.id}", task_id=task.id, timeout=240)
     succeeded(summary)
     out = deployment.data_dir / "exports" / str(exports_project.id)
     with zipfile.ZipFile(out / f"job-{job.id}-cvat.zip") as z:
@@ -111,7 +111,7 @@ def test_the_task_is_exported_once_its_last_job_is_done(exports_project, made, d
     rule = f"export-task-when-done-{exports_project.id}"
     target = deployment.data_dir / "exports" / str(exports_project.id) / f"task-{task.id}-all-jobs.zip"
     complete(cvat, first.id)
-    summary = by_rule(deployment, rule, timeout=120)
+    summary = by_rule(deployment, rule, task_id=task.id, timeout=120)
     [action] = [a for a in summary["actions"] if a["rule_id"] == rule]
     assert action["status"] == "skipped" or action.get("result", {}).get("skipped"), action
     assert not target.exists()
@@ -142,8 +142,8 @@ def test_labels_are_checked_reported_added_and_failed(made, deployment, cvat):
       - {{action: check_labels, require: [truck], on_mismatch: fail}}
 """)
     deployment.register("--project", str(project.id))
-    made.task("labels-1", project_id=project.id, frames=1)
-    summary = by_rule(deployment, f"labels-report-{project.id}", timeout=120)
+    task = made.task("labels-1", project_id=project.id, frames=1)
+    summary = by_rule(deployment, f"labels-report-{project.id}", task_id=task.id, timeout=120)
     report, added, failed = sorted(summary["actions"], key=lambda a: a["index"])
     assert report["status"] == "succeeded" and report["result"]["missing"] == ["bicycle"]
     assert added["status"] == "succeeded" and added["result"]["added"] == ["bicycle"]
