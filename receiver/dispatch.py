@@ -182,16 +182,19 @@ class Intake:
 def transitions_for(event: Event, seen: Seen) -> Previous:
     """Decide where ``changed``/``became``/``was`` take the old values from, and say which source.
 
-    An event older than what we already saw never fires a transition (CVAT does not promise
-    order); otherwise CVAT's own ``before_update``/``changes`` win, then our last-seen snapshot.
+    CVAT's own ``before_update``/``changes`` prove what this event changed, whenever it arrives:
+    they win even over a newer state already seen (CVAT's retries reorder deliveries, the journal
+    drains late), so a completion reported late still fires, once (its delivery id is deduplicated).
+    Without them, an event older than what we already saw never fires a transition (our memory is
+    newer than its old state), and otherwise our last-seen snapshot decides.
     """
     if event.action == "create":
         return Previous(event.resource, {}, "created")
-    if seen.source == "stale":
-        return Previous(event.resource, None, "stale")
     from_payload = previous_from_payload(event)
     if from_payload is not None:
         return from_payload
+    if seen.source == "stale":
+        return Previous(event.resource, None, "stale")
     if seen.source == "last-seen":
         return Previous(event.resource, seen.snapshot, "last-seen")
     return Previous(event.resource, None, seen.source)

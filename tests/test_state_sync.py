@@ -145,3 +145,31 @@ def test_an_event_older_than_the_learned_state_is_judged_by_its_payload(client, 
     answer = post(client, body, {"X-Signature-256": headers["X-Signature-256"]})
     assert rules_of(redis, answer) == ["export-finished-jobs"]
     assert StateStore(redis, 3600).last("job", 1)["updated_date"] == "2026-11-22T17:40:00.000000Z"
+
+
+def test_a_completion_proven_by_cvat_fires_once_whatever_the_arrival_order(client, redis):
+    """A completed update that arrives after a later update of the same job (CVAT's retries
+    reorder) still fires `became: completed`, from CVAT's own before_update, and only once."""
+    body, headers = capture("update_job_completed.json")
+    completed = json.loads(body)
+    later = dict(completed, job=dict(completed["job"], updated_date="2026-11-22T17:45:00.000000Z"),
+                 before_update={"updated_date": completed["job"]["updated_date"]},
+                 changes={"updated_date": {"from": completed["job"]["updated_date"],
+                                           "to": "2026-11-22T17:45:00.000000Z"}})
+    first = post(client, json.dumps(later).encode())
+    assert first.json["status"] == "no_match"
+    late = post(client, body, {"X-Signature-256": headers["X-Signature-256"]})
+    assert late.status_code == 202 and rules_of(redis, late) == ["export-finished-jobs"]
+    again = post(client, body, {"X-Signature-256": headers["X-Signature-256"]})
+    assert again.json["status"] == "duplicate"
+
+
+def test_without_before_update_a_late_event_stays_stale(client, redis):
+    """The same late completion from a CVAT 2.76+ (no before_update) cannot be proven: it is stale."""
+    newer = stripped("update_job_completed.json", updated_date="2026-11-22T17:45:00.000000Z")
+    post(client, newer, signed(newer))
+    late = stripped("update_job_completed.json")
+    answer = post(client, late, signed(late))
+    assert answer.json["status"] == "no_match"
+    record = DeliveryLog(redis, retention_seconds=60).get(answer.json["delivery_id"])
+    assert record is not None and record.record["transitions"]["source"] == "stale"
