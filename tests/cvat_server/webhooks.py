@@ -157,7 +157,7 @@ class WebhookSender:
                 for attempt, pause in enumerate((0.0, *self.retry_intervals)):
                     if attempt and self.server._stopping.wait(pause):
                         break
-                    record = self.deliver(webhook_id, payload, redelivery=redelivery)
+                    record = self.deliver(webhook_id, payload, redelivery=redelivery, attempt=attempt + 1)
                     if record is None or not _retryable(record["status_code"]):
                         break
             finally:
@@ -167,7 +167,7 @@ class WebhookSender:
 
     # -- sending ------------------------------------------------------------------------------
 
-    def deliver(self, webhook_id: int, payload: dict[str, Any], *, redelivery: bool = False
+    def deliver(self, webhook_id: int, payload: dict[str, Any], *, redelivery: bool = False, attempt: int = 1
                 ) -> dict[str, Any] | None:
         """One attempt: POST the payload to the webhook's target and record it (None if the webhook
         is gone or inactive, as ``send_webhook`` skips those)."""
@@ -204,7 +204,7 @@ class WebhookSender:
             delivery_id = st.next_id("deliveries")
             record = {
                 "id": delivery_id, "webhook_id": webhook_id, "event": payload["event"],
-                "status_code": status_code, "redelivery": redelivery,
+                "status_code": status_code, "redelivery": redelivery, "attempt": attempt,
                 "created_date": now_iso(), "updated_date": now_iso(),
                 "changed_fields": ",".join((payload.get("before_update") or {}).keys()),
                 "request": payload, "response": answer,
@@ -375,8 +375,9 @@ def webhook_json(server: CvatTestServer, webhook: dict[str, Any], base: str) -> 
 
 
 def delivery_json(delivery: dict[str, Any]) -> dict[str, Any]:
-    return {k: delivery[k] for k in ("id", "webhook_id", "event", "status_code", "redelivery", "created_date",
-                                     "updated_date", "changed_fields", "request", "response")}
+    return {k: delivery[k] for k in ("id", "webhook_id", "event", "status_code", "redelivery", "attempt",
+                                     "request_duration", "created_date", "updated_date", "changed_fields",
+                                     "request", "response")}
 
 
 def _validate(body: dict[str, Any], *, partial: bool, webhook_type: str | None = None) -> dict[str, Any]:
@@ -406,6 +407,8 @@ def _validate(body: dict[str, Any], *, partial: bool, webhook_type: str | None =
         bad = [e for e in events if e not in allowed] if isinstance(events, list) else ["?"]
         if bad:
             errors["events"] = [f'"{e}" is not a valid choice.' for e in bad]
+        elif not events:
+            errors["non_field_errors"] = [f"Invalid events list for {kind} webhook"]
         out["events"] = sorted(set(events)) if isinstance(events, list) else []
     for name, default in (("description", ""), ("content_type", "application/json"), ("secret", ""),
                           ("is_active", True), ("enable_ssl", True)):
