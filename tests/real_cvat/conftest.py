@@ -211,6 +211,8 @@ class Deployment:
             "CVAT_HOOKS_CVAT_POLL_SECONDS": "0.2", "CVAT_HOOKS_RECONCILE_MINUTES": "0",
             **(extra_env or {}),
         }
+        if "CVAT_ACCESS_TOKEN" in self.env:  # a personal access token instead of a login
+            self.env.pop("CVAT_USERNAME"), self.env.pop("CVAT_PASSWORD")
         self.receiver = ReceiverProc(self.env, directory / "logs").start()
         self.worker = WorkerProc(self.env, directory / "logs", kind="split").start()
 
@@ -286,6 +288,28 @@ class Deployment:
     def stop(self) -> None:
         for proc in (self.worker, self.receiver, self.redis):
             proc.stop()
+
+
+@pytest.fixture(scope="module")
+def access_token(run_id: str) -> Iterator[str]:
+    """A personal access token of the workers' account (made through CVAT's API, revoked after)."""
+    import base64
+    import urllib.request
+
+    url, user, password = configured() or ("", "", "")
+    user, password = service_account() or (user, password)
+    basic = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    def call(method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        request = urllib.request.Request(url + path, method=method, data=json.dumps(body).encode() if body else None,
+                                         headers={"Authorization": basic, "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            data = answer.read()
+        return json.loads(data) if data else None
+
+    made = call("POST", "/api/auth/access_tokens", {"name": f"cvat-hooks-test-{run_id}", "read_only": False})
+    yield made["value"]
+    _ignore(lambda: call("DELETE", f"/api/auth/access_tokens/{made['id']}"))
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,12 @@ def org(cvat: Any, run_id: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, org: str, s3_env: dict[str, str]) -> Iterator[Deployment]:
-    """This module's cvat-hooks acts in the organization: CVAT_ORG is its slug."""
-    deployment = Deployment(tmp_path_factory.mktemp("org-deployment"), extra_env={**s3_env, "CVAT_ORG": org})
+def deployment(tmp_path_factory: pytest.TempPathFactory, org: str, s3_env: dict[str, str],
+               access_token: str) -> Iterator[Deployment]:
+    """This module's cvat-hooks acts in the organization (CVAT_ORG is its slug), with a personal
+    access token (CVAT_ACCESS_TOKEN) rather than a login."""
+    env = {**s3_env, "CVAT_ORG": org, "CVAT_ACCESS_TOKEN": access_token}
+    deployment = Deployment(tmp_path_factory.mktemp("org-deployment"), extra_env=env)
     yield deployment
     deployment.stop()
 
