@@ -370,9 +370,11 @@ def _learn_states(cvat: Any, redis: Any, settings: Settings) -> None:
     from receiver.state import StateStore
     from receiver.state_sync import learn_states
     from workers.errors import ActionError
+    from workers.redaction import Redactor
 
     try:
-        report = learn_states(cvat, StateStore(redis, settings.state_seconds))
+        report = learn_states(cvat, StateStore(redis, settings.state_seconds,
+                                               redactor=Redactor(settings.sensitive_values())))
     except ActionError as exc:
         click.echo(f"warning: could not learn CVAT's current state ({exc}); the workers will try again", err=True)
         return

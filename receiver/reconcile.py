@@ -358,7 +358,7 @@ def _learn_states(settings: Settings, redis: Redis, redactor: Redactor) -> dict[
 
     try:
         with CvatClient(settings.workers.cvat) as gateway:
-            return learn_states(gateway, StateStore(redis, settings.state_seconds))
+            return learn_states(gateway, StateStore(redis, settings.state_seconds, redactor=redactor))
     except Exception as exc:  # noqa: BLE001 - the periodic job never raises (see scheduled_run)
         message = redactor.text(f"{type(exc).__name__}: {exc}")
         log.error("state: learning CVAT's current state failed: %s", message)

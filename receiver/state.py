@@ -9,11 +9,14 @@ arriving late (CVAT does not guarantee order) never moves the state backwards.
 
 from __future__ import annotations
 
+import base64
 import json
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from receiver.rules.model import TRACKED_RESOURCES
+from workers.redaction import Redactor
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -64,7 +67,6 @@ local function swap(key, new_u, new_d, new_s, ttl)
   return {'last-seen', st.s}
 end
 """
-_SWAP = SWAP_FUNCTION + "return swap(KEYS[1], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]))"
 
 # learn(keys..., ttl, u1, s1, u2, s2...) -> how many keys were new. Only a resource with no state yet
 # gets one: what a delivery taught us is never replaced, so an update still in flight (or waiting
@@ -93,19 +95,12 @@ class Seen:
 class StateStore:
     """Last-seen snapshots of tracked resources, in Redis, expiring after ``ttl_seconds`` idle."""
 
-    def __init__(self, redis: Redis, ttl_seconds: int) -> None:
+    def __init__(self, redis: Redis, ttl_seconds: int, *, redactor: Redactor | None = None) -> None:
         self.redis = redis
         self.ttl = ttl_seconds
-        self._swap = redis.register_script(_SWAP)
+        self.redact = redactor or Redactor()
+        """Masks configured secrets in every snapshot before it is stored (``Settings.sensitive_values``)."""
         self._learn = redis.register_script(_LEARN)
-
-    def observe(self, event: Event) -> Seen:
-        """Record this event's view of its resource and say what we had seen before it."""
-        swap = self.swap_for(event)
-        if swap is None:
-            return Seen("untracked", None)
-        key, args = swap
-        return seen_from(self._swap(keys=[key], args=args))
 
     def swap_for(self, event: Event) -> tuple[str, list[Any]] | None:
         """The key and arguments of ``swap`` for this event; ``None`` when its resource is not tracked."""
@@ -113,7 +108,7 @@ class StateStore:
         if event.resource not in TRACKED or obj is None or event.resource_id is None:
             return None
         key = KEY.format(resource=event.resource, id=event.resource_id)
-        return key, [event.updated_date or "", event.delivery_id, json.dumps(obj), self.ttl]
+        return key, [event.updated_date or "", event.delivery_id, self._pack(obj), self.ttl]
 
     def learn(self, resource: str, objects: list[dict[str, Any]]) -> int:
         """Keep CVAT's current view of resources we hold no state for; return how many were new.
@@ -127,17 +122,40 @@ class StateStore:
             if resource not in TRACKED or not isinstance(obj.get("id"), int):
                 continue
             keys.append(KEY.format(resource=resource, id=obj["id"]))
-            args += [str(obj.get("updated_date") or ""), json.dumps(obj)]
+            args += [str(obj.get("updated_date") or ""), self._pack(obj)]
         return int(self._learn(keys=keys, args=args)) if keys else 0
+
+    def _pack(self, obj: dict[str, Any]) -> str:
+        """A snapshot as stored: secrets masked, and compressed when that pays (the scripts never
+        look inside it, so it stays opaque text for them)."""
+        text = self.redact.dumps(obj)
+        if len(text) <= PACK_OVER:
+            return text
+        packed = PACKED + base64.b64encode(zlib.compress(text.encode("utf-8"), 6)).decode("ascii")
+        return packed if len(packed) < len(text) else text
 
     def last(self, resource: str, resource_id: int) -> dict[str, Any] | None:
         """The last snapshot seen of a resource (for the admin views and tests)."""
         raw = self.redis.get(KEY.format(resource=resource, id=resource_id))
-        return json.loads(json.loads(raw)["s"]) if raw else None
+        return unpack(json.loads(raw)["s"]) if raw else None
+
+
+PACKED = "z:"
+"""Prefix of a compressed snapshot (base64 of zlib; plain JSON starts with ``{``)."""
+PACK_OVER = 512
+"""Characters of JSON above which a snapshot is stored compressed."""
+
+
+def unpack(stored: str | bytes) -> dict[str, Any]:
+    """A stored snapshot back as the object (plain JSON, or compressed by ``StateStore._pack``)."""
+    text = stored.decode("utf-8") if isinstance(stored, bytes) else stored
+    if text.startswith(PACKED):
+        text = zlib.decompress(base64.b64decode(text[len(PACKED):])).decode("utf-8")
+    return json.loads(text)
 
 
 def seen_from(reply: list[Any]) -> Seen:
-    """Read ``swap``'s ``{source, previous-snapshot-json}``."""
+    """Read ``swap``'s ``{source, previous-snapshot}``."""
     source, previous = reply
     source = source.decode() if isinstance(source, bytes) else source
-    return Seen(source, json.loads(previous) if previous else None)
+    return Seen(source, unpack(previous) if previous else None)

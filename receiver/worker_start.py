@@ -85,7 +85,8 @@ def learn_now() -> dict[str, Any]:
     redis = job.connection if job is not None else connect(settings.redis_url)
     try:
         with CvatClient(settings.workers.cvat) as gateway:
-            return learn_states(gateway, StateStore(redis, settings.state_seconds))
+            return learn_states(gateway, StateStore(redis, settings.state_seconds,
+                                                    redactor=Redactor(settings.sensitive_values())))
     except Exception as exc:  # noqa: BLE001 - see the docstring
         message = Redactor(settings.sensitive_values()).text(f"{type(exc).__name__}: {exc}")
         log.warning("state: could not learn CVAT's current state at worker start: %s", message)

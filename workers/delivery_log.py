@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -84,6 +85,23 @@ _DONE = {ActionStatus.SUCCEEDED, ActionStatus.SKIPPED, ActionStatus.FAILED}
 
 def now() -> float:
     return time.time()
+
+
+RECORD_FIELD = "record"
+"""A delivery record's JSON, as it is."""
+PACKED_RECORD_FIELD = "record.z"
+"""A delivery record's JSON compressed with zlib: the payload is most of a record, and CVAT's JSON
+(repeated keys and URLs) shrinks to about a fifth, for the whole retention (``CVAT_HOOKS_RETENTION_DAYS``)."""
+PACK_OVER = 512
+"""Bytes of JSON above which a record is stored compressed (below, zlib saves too little to matter)."""
+
+
+def _packed(text: str) -> tuple[str, str | bytes]:
+    """The hash field and value that keep a record's JSON: compressed when that pays."""
+    data = text.encode("utf-8")
+    if len(data) <= PACK_OVER:
+        return RECORD_FIELD, text
+    return PACKED_RECORD_FIELD, zlib.compress(data, 6)
 
 
 def _text(value: Any) -> str | None:
@@ -181,7 +199,8 @@ class DeliveryLog:
         did = record["delivery_id"]
         key = record_key(did)
         record = {**record, "received_at": iso(at), "received_ts": at}
-        fields: dict[Any, str] = {"record": self.redact.dumps(record)}  # Any: redis-py's Mapping is invariant
+        # Any: redis-py's Mapping is invariant.
+        fields: dict[Any, str | bytes] = dict([_packed(self.redact.dumps(record))])
         for action in actions:
             state = {**action, "status": ActionStatus.QUEUED.value, "attempts": 0, "queued_at": iso(at)}
             fields[f"action:{action['job_id']}"] = self.redact.dumps(state)
@@ -298,7 +317,10 @@ class DeliveryLog:
         if not fields:
             return None
         decoded = {(k.decode() if isinstance(k, bytes) else k): v for k, v in fields.items()}
-        raw = decoded.pop("record", None)
+        raw = decoded.pop(RECORD_FIELD, None)
+        packed = decoded.pop(PACKED_RECORD_FIELD, None)
+        if packed is not None:
+            raw = zlib.decompress(packed)
         if raw is None:
             return None
         actions = {}

@@ -5,12 +5,18 @@ A destination is a URL (the export action's ``to``):
 - a bare path or ``file://`` URL: relative to the data directory (``CVAT_HOOKS_DATA_DIR``) or absolute.
   It must resolve, after ``..`` and symlinks, inside the data directory or one of
   ``CVAT_HOOKS_STORAGE_ROOTS``: a rule, or a value rendered into it, must not be a way to overwrite
-  any file the worker can reach. ``file:///abs/x.zip`` is absolute, ``file://exports/x.zip`` relative;
+  any file the worker can reach. ``file:///abs/x.zip`` is absolute, ``file://exports/x.zip`` relative.
+  A ``file://`` URL is percent-decoded first, and the decoded, resolved path is what is checked.
+  Even inside a root, the service's own files are refused (:func:`service_files`: webhook secrets,
+  the trial secret, the journal, the embedded Redis files, the staging directory, the rules file);
 - ``s3://bucket/key``: any S3-compatible endpoint, through boto3, which reads the usual AWS settings
   itself (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``,
-  ``~/.aws/config``);
+  ``~/.aws/config``). A key is taken literally, but one with a ``.`` or ``..`` segment (also once
+  percent-decoded) or a control character is refused: proxies and S3-compatible servers that
+  normalise paths would write it elsewhere;
 - ``cvat-cloud://<cloud_storage_id>/path``: CVAT writes the file to one of its own cloud storages;
   nothing passes through the worker, so there is nothing to stage here (see ``CloudDestination``).
+  Its path is checked like an S3 key, and may not start with ``/``.
 
 Local and S3 results are downloaded to a staging file first and then committed in one step
 (:meth:`Storage.staging`), so nobody ever sees half an export: locally the staging file sits in the
@@ -125,6 +131,51 @@ def parse_destination(url: Any, settings: WorkerSettings | None = None) -> Desti
     )
 
 
+SERVICE_FILES = ("webhook-secret", "webhook-secrets", "journal", "redis.rdb", "appendonly", "dump.rdb",
+                 "redis.socket", "redis.pid", TMP_DIR)
+"""Names of what the service keeps in its data directory (``receiver.settings`` ``SECRET_FILE`` and
+``SECRETS_FILE``, ``receiver.journal``, ``receiver.serve``'s embedded Redis, our staging directory).
+An export never writes an entry of the data directory whose name is one of these or starts with one
+followed by ``.``, ``-`` or ``_`` (``redis.rdb.settings``, ``journal-<ns>.draining``,
+``appendonly.aof``, ``appendonlydir``), nor anything inside such an entry."""
+
+
+def service_files(settings: WorkerSettings) -> tuple[Path, ...]:
+    """Files outside the data directory the service keeps, resolved: ``CVAT_HOOKS_SECRET_FILE`` and
+    the rules file (``CVAT_HOOKS_RULES``), wherever they are (they may sit inside a storage root).
+
+    Read from ``settings`` when it carries them, else from the environment: ``WorkerSettings`` has
+    no field for them yet (receiver-side settings), and a worker runs with the receiver's environment.
+    """
+    found: list[Path] = []
+    for attr, env, default in (("secret_file", "CVAT_HOOKS_SECRET_FILE", None),
+                               ("rules_path", "CVAT_HOOKS_RULES", "rules.yaml")):
+        value = getattr(settings, attr, None) or os.environ.get(env) or default
+        if value:
+            found.append(Path(value).expanduser().resolve())
+    return tuple(dict.fromkeys(found))
+
+
+def _is_service_name(name: str) -> bool:
+    """Whether a data-directory entry is the service's (a leading ``.`` is ignored: temporary files
+    such as ``.webhook-secrets.<random>.tmp`` become the real one by a rename)."""
+    name = name.lstrip(".")
+    if name.startswith(("appendonly", "redis.")):
+        return True
+    return any(name == own or (name.startswith(own) and name[len(own)] in ".-_") for own in SERVICE_FILES)
+
+
+def _check_not_service_file(path: Path, url: str, settings: WorkerSettings) -> None:
+    """Refuse a resolved destination that is, or is inside, one of the service's own files."""
+    data_dir = Path(settings.data_dir).expanduser().resolve()
+    own = path in service_files(settings)
+    if not own and path.is_relative_to(data_dir) and path != data_dir:
+        own = _is_service_name(path.relative_to(data_dir).parts[0])
+    if own:
+        raise PermanentError(f"destination {url!r} resolves to {path}, one of the service's own files "
+                             "(secrets, journal, Redis data, rules): choose another name")
+
+
 def storage_roots(settings: WorkerSettings) -> tuple[Path, ...]:
     """The resolved directories local destinations may be inside: the data directory first."""
     roots = (settings.data_dir, *settings.storage_roots)
@@ -159,6 +210,7 @@ def _local(raw: str, url: str, settings: WorkerSettings | None) -> LocalDestinat
     # that points elsewhere is judged by where it points.
     resolved = path.resolve()
     _check_inside(resolved, url, settings)
+    _check_not_service_file(resolved, url, settings)
     if resolved.is_dir():
         raise PermanentError(f"destination {url!r} is an existing directory")
     return LocalDestination(resolved)
@@ -170,7 +222,34 @@ def _s3(rest: str, url: str, *, shape_only: bool) -> S3Destination:
         raise PermanentError(f"destination {url!r}: expected s3://bucket/key, with a key naming an object")
     if not (shape_only and _PLACEHOLDER.search(bucket)) and not _BUCKET.fullmatch(bucket):
         raise PermanentError(f"destination {url!r}: {bucket!r} is not a valid S3 bucket name")
+    _check_object_path(key, url)
     return S3Destination(bucket, key)
+
+
+def _fully_decoded(text: str) -> str:
+    """``text`` percent-decoded until it no longer changes (``%252e`` is ``.`` after two rounds)."""
+    for _ in range(10):
+        decoded = unquote(text)
+        if decoded == text:
+            break
+        text = decoded
+    return text
+
+
+def _check_object_path(path: str, url: str) -> None:
+    """Refuse an object key or cloud path that a server normalising paths would read elsewhere.
+
+    Checked as written and fully percent-decoded: ``..`` or ``.`` segments (S3 path-style requests
+    through a normalising proxy, or MinIO, would climb to another prefix or bucket), backslashes
+    (a separator on some servers) and control characters.
+    """
+    for form in dict.fromkeys((path, _fully_decoded(path))):
+        if any(not c.isprintable() for c in form):
+            raise PermanentError(f"destination {url!r} contains a control character")
+        if any(part in (".", "..") for part in form.replace("\\", "/").split("/")):
+            raise PermanentError(f"destination {url!r}: '.' and '..' path segments are not allowed")
+        if form.startswith("/") or "\\" in form:
+            raise PermanentError(f"destination {url!r}: the path may not start with '/' or hold '\\'")
 
 
 def _cloud(rest: str, url: str) -> CloudDestination:
@@ -179,6 +258,7 @@ def _cloud(rest: str, url: str) -> CloudDestination:
         raise PermanentError(
             f"destination {url!r}: expected cvat-cloud://<cloud storage id>/<path>, the id a number"
         )
+    _check_object_path(filename, url)
     return CloudDestination(int(storage_id), filename)
 
 
@@ -300,7 +380,9 @@ class Storage:
             directory = destination.path.parent
             directory.mkdir(parents=True, exist_ok=True)
             # A directory swapped for a symlink since the destination was parsed must not redirect us.
-            _check_inside(directory.resolve() / destination.path.name, destination.uri, self.settings)
+            final = directory.resolve() / destination.path.name
+            _check_inside(final, destination.uri, self.settings)
+            _check_not_service_file(final.resolve(), destination.uri, self.settings)
             stem = f".{destination.path.name[:_MAX_NAME]}."
         else:
             directory = self.settings.data_dir / TMP_DIR

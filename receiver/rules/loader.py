@@ -25,6 +25,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 import workers.actions
 from receiver.cvat_events import EVENT_NAMES, expand, resource_of
+from receiver.rules.conditions import RegexError, compile_regex
 from receiver.rules.model import (
     OPERATORS,
     TRANSITION_OPERATORS,
@@ -257,7 +258,7 @@ class _Builder:
                 continue
             if op in TRANSITION_OPERATORS:
                 self.check_transition(path, op, onode, label, on)
-            pattern = re.compile(arg) if op == "regex" else None
+            pattern = compile_regex(arg) if op == "regex" else None
             checks.append(Check(path, op, tuple(arg) if op in ("in", "not_in") else arg, pattern))
         return checks
 
@@ -364,8 +365,8 @@ def _operand_problem(op: str, arg: Any) -> str | None:
         if not isinstance(arg, str):
             return "expects a regular expression string"
         try:
-            re.compile(arg)
-        except re.error as exc:
+            compile_regex(arg)
+        except RegexError as exc:
             return f"bad regex {arg!r}: {exc}"
     return None
 

@@ -6,7 +6,9 @@ Here a placeholder is only a dotted path of names and digits, looked up in plain
 and checked when ``rules.yaml`` loads. ``{{`` and ``}}`` are literal braces.
 
 Values substituted into a *path parameter* (``ActionSpec.path_params``, e.g. ``export.to``) are made
-path-safe, so a task named ``../../etc`` cannot steer a write outside its directory. The literal
+path-safe, so a task named ``../../etc`` cannot steer a write outside its directory, nor one named
+``..%2F..%2Fwebhook-secrets`` once storage percent-decodes a ``file://`` URL (``%`` is neutralised
+too: a value is made safe *before* the destination is decoded, so it must not carry escapes). The literal
 parts of the template are the rules author's and are checked by storage, not here.
 """
 
@@ -127,16 +129,22 @@ _COMPACT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=
 with options builds an encoder per call). It keeps no state between calls."""
 
 
+_UNSAFE = "/\\%"
+"""Characters of a substituted value replaced by ``_`` in a path parameter."""
+
+
 def path_safe(value: str) -> str:
     """A substituted value that cannot add a directory level or climb out of one.
 
-    Separators become ``_``, control characters (NUL included) are removed, and a value that would
-    be a special or empty path segment (``.``, ``..``, ``""``) becomes ``_``.
+    Separators, and ``%`` (storage percent-decodes ``file://`` URLs after rendering, so ``%2F`` would
+    be a separator and ``%2e%2e`` a ``..`` by then), become ``_``; control characters (NUL included)
+    are removed, and a value that would be a special or empty path segment (``.``, ``..``, ``""``)
+    becomes ``_``.
     """
-    if value.isprintable() and "/" not in value and "\\" not in value and value not in ("", ".", ".."):
+    if value.isprintable() and not any(c in value for c in _UNSAFE) and value not in ("", ".", ".."):
         return value  # already safe, as ids and most names are (printable: no control character)
     cleaned = "".join(
-        "_" if c in "/\\" else c for c in value if unicodedata.category(c) != "Cc"
+        "_" if c in _UNSAFE else c for c in value if unicodedata.category(c) != "Cc"
     )
     return "_" if cleaned in ("", ".", "..") else cleaned
 

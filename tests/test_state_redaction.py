@@ -1,0 +1,43 @@
+"""Last-seen state snapshots (``cvat-hooks:state:*``) never hold a configured secret."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from receiver.events import parse_event
+from receiver.receipts import Batch, Receipts
+from receiver.state import StateStore
+from workers.redaction import Redactor
+
+PAYLOADS = Path(__file__).resolve().parent / "payloads"
+SECRET = "tok-9f8e7d6c5b4a"
+
+
+def _event_with_secret(delivery: str = "update_job_completed.json") -> object:
+    """A captured CVAT delivery whose job carries the secret in text (a name, a URL's password)."""
+    payload = json.loads(json.loads((PAYLOADS / "cvat-2.73" / delivery).read_text())["body_raw"])
+    payload["job"]["url"] = f"https://bot:{SECRET}@cvat.example/api/jobs/1"
+    payload["job"]["note"] = f"token is {SECRET}"
+    return parse_event(json.dumps(payload).encode())
+
+
+def _stored(redis: object) -> bytes:
+    """Every byte under the state keys."""
+    return b"".join(redis.get(key) or b"" for key in redis.keys("cvat-hooks:state:*"))  # type: ignore[attr-defined]
+
+
+def test_snapshots_written_through_receipts_are_redacted(redis: object) -> None:
+    """A delivery's snapshot, stored by the receipt script, has the secret and URL credentials masked."""
+    receipts = Receipts(redis, StateStore(redis, 60, redactor=Redactor([SECRET])))  # type: ignore[arg-type]
+    receipts.begin(_event_with_secret(), Batch())  # type: ignore[arg-type]
+    stored = _stored(redis)
+    assert stored and SECRET.encode() not in stored and b"bot:" not in stored
+
+
+def test_snapshots_learned_from_cvat_are_redacted(redis: object) -> None:
+    """Snapshots learned from CVAT's API are masked too."""
+    store = StateStore(redis, 60, redactor=Redactor([SECRET]))  # type: ignore[arg-type]
+    store.learn("job", [{"id": 41, "updated_date": "2026-01-01", "name": f"x {SECRET}"}])
+    assert store.last("job", 41) == {"id": 41, "updated_date": "2026-01-01", "name": "x ***"}
+    assert SECRET.encode() not in _stored(redis)
