@@ -76,10 +76,12 @@ def test_symlink_to_a_service_file_is_refused(cfg: WorkerSettings) -> None:
 
 
 def test_secret_and_rules_files_named_in_the_environment_are_refused_in_any_root(
-        cfg: WorkerSettings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        cfg: WorkerSettings, tmp_path: Path) -> None:
     """CVAT_HOOKS_SECRET_FILE and the rules file are protected even inside an extra storage root."""
-    monkeypatch.setenv("CVAT_HOOKS_SECRET_FILE", str(tmp_path / "archive" / "my-secrets"))
-    monkeypatch.setenv("CVAT_HOOKS_RULES", str(tmp_path / "archive" / "rules.yaml"))
+    env = {"CVAT_HOOKS_DATA_DIR": str(cfg.data_dir), "CVAT_HOOKS_STORAGE_ROOTS": ",".join(map(str, cfg.storage_roots)),
+           "CVAT_HOOKS_SECRET_FILE": str(tmp_path / "archive" / "my-secrets"),
+           "CVAT_HOOKS_RULES": str(tmp_path / "archive" / "rules.yaml")}
+    cfg = WorkerSettings.from_env(env)
     for name in ("my-secrets", "rules.yaml"):
         with pytest.raises(PermanentError, match="service's own files"):
             parse_destination((tmp_path / "archive" / name).as_uri(), cfg)

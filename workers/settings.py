@@ -123,6 +123,9 @@ class WorkerSettings:
     worker was killed and restarted (issue 6)."""
     recycle: Recycle = field(default_factory=Recycle)
     """When a child of the default ``split`` worker is replaced by a fresh one (``workers.supervisor``)."""
+    protected_files: tuple[Path, ...] = ()
+    """Files of the service outside the data directory that no export may replace: the secrets file
+    (``CVAT_HOOKS_SECRET_FILE``) and the rules file (``CVAT_HOOKS_RULES``)."""
     light_processes: int = 1
     """Children of the default ``split`` worker that run light actions. Each runs one action at a
     time, and light actions mostly wait on CVAT or a notified host: more children run more of them
@@ -162,4 +165,6 @@ class WorkerSettings:
             recycle=Recycle(max_rss_mb=int(env.get("CVAT_HOOKS_WORKER_MAX_RSS_MB") or DEFAULT_MAX_RSS_MB),
                             max_jobs=int(env.get("CVAT_HOOKS_WORKER_MAX_JOBS") or 0)),
             light_processes=_positive(env, "CVAT_HOOKS_LIGHT_PROCESSES", 1),
+            protected_files=tuple(Path(p) for p in (env.get("CVAT_HOOKS_SECRET_FILE"),
+                                                    env.get("CVAT_HOOKS_RULES") or "rules.yaml") if p),
         )

@@ -141,19 +141,9 @@ followed by ``.``, ``-`` or ``_`` (``redis.rdb.settings``, ``journal-<ns>.draini
 
 
 def service_files(settings: WorkerSettings) -> tuple[Path, ...]:
-    """Files outside the data directory the service keeps, resolved: ``CVAT_HOOKS_SECRET_FILE`` and
-    the rules file (``CVAT_HOOKS_RULES``), wherever they are (they may sit inside a storage root).
-
-    Read from ``settings`` when it carries them, else from the environment: ``WorkerSettings`` has
-    no field for them yet (receiver-side settings), and a worker runs with the receiver's environment.
-    """
-    found: list[Path] = []
-    for attr, env, default in (("secret_file", "CVAT_HOOKS_SECRET_FILE", None),
-                               ("rules_path", "CVAT_HOOKS_RULES", "rules.yaml")):
-        value = getattr(settings, attr, None) or os.environ.get(env) or default
-        if value:
-            found.append(Path(value).expanduser().resolve())
-    return tuple(dict.fromkeys(found))
+    """Files outside the data directory the service keeps, resolved (``WorkerSettings.protected_files``):
+    they may sit inside a storage root."""
+    return tuple(dict.fromkeys(Path(p).expanduser().resolve() for p in settings.protected_files))
 
 
 def _is_service_name(name: str) -> bool:
