@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from flask import Flask
 from redis import Redis
 
@@ -11,11 +13,15 @@ from receiver.dispatch import Intake
 from receiver.journal import Journal
 from receiver.receipts import Receipts
 from receiver.rules import RuleStore
+from receiver.rules.store import LastGoodRules
 from receiver.settings import Settings
 from receiver.state import StateStore
+from workers import metrics
 from workers.delivery_log import DeliveryLog
 from workers.redaction import Redactor
-from workers.redis_conn import connect
+from workers.redis_conn import DurabilityCheck, connect
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, *, redis: Redis | None = None) -> Flask:
@@ -37,13 +43,28 @@ def init_intake(app: Flask, settings: Settings, redis: Redis | None = None) -> I
     intake = Intake(
         settings=settings,
         redis=redis,
-        rules=RuleStore(settings.rules_path),
+        rules=RuleStore(settings.rules_path, last_good=LastGoodRules(settings.data_dir, redis)),
         deliveries=DeliveryLog(redis, retention_seconds=settings.workers.retention_seconds, redactor=redactor),
-        receipts=Receipts(redis, StateStore(redis, settings.state_seconds)),
+        receipts=Receipts(redis, StateStore(redis, settings.state_seconds, redactor=redactor)),
         redactor=redactor,
-        journal=Journal(settings.data_dir / "journal", max_bytes=settings.journal_max_bytes),
+        journal=Journal(settings.data_dir / "journal", max_bytes=settings.journal_max_bytes,
+                        on_damaged=lambda reason: metrics.safe_inc(redis, "cvat_hooks_rejected_total",
+                                                                   reason="journal_damaged")),
     )
     if intake.journal.pending():
         intake.start_journal_drain()  # left over from a receiver that stopped while Redis was down
     app.extensions["cvat_hooks"] = intake
+    app.extensions["cvat_hooks_durability"] = warn_if_redis_can_lose_data(DurabilityCheck(redis))
     return intake
+
+
+def warn_if_redis_can_lose_data(check: DurabilityCheck) -> DurabilityCheck:
+    """Say loudly at start when Redis can drop what we acknowledge (``/readyz`` refuses an evicting one)."""
+    verdict = check.get()
+    if problem := verdict.eviction_problem():
+        log.error("redis: NOT READY: %s", problem)
+    if problem := verdict.persistence_problem():
+        log.warning("redis: %s", problem)
+    if verdict.unchecked:
+        log.info("redis: durability could not be fully checked: %s", verdict.unchecked)
+    return check

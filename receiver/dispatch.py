@@ -85,6 +85,12 @@ class Intake:
             log.warning("delivery rejected: %s (%d bytes from %s)", exc, len(body), peer)
             metrics.safe_inc(self.redis, "cvat_hooks_rejected_total", reason="bad_json")
             return Answer(400, {"error": str(exc)})
+        self.rules.maybe_reload()
+        if not self.rules.usable:
+            # Started on a refused rules file with no good rules kept anywhere: judging the event by no
+            # rules would lose it, so CVAT is asked to send it again once the file is fixed.
+            log.error("delivery %s: no usable rules (see /readyz); asking CVAT to retry", event.delivery_id)
+            return Answer(503, {"error": "no usable rules; retry later", "delivery_id": event.delivery_id})
         try:
             answer = self._accept(event)
         except RedisError as exc:

@@ -405,6 +405,7 @@ def _redis(settings: Settings, redis: Redis, report: Report) -> None:
         report.checks.append(Check("redis", Status.FAIL, f"unreachable: {type(exc).__name__}: {exc}"))
         return
     report.checks.append(Check("redis", Status.OK, "reachable"))
+    report.checks.append(_durability(redis))
     try:
         workers = Worker.all(connection=redis, serializer=SERIALIZER)
         queues = {name: queue(name, redis) for name in QUEUES}
@@ -426,6 +427,28 @@ def _redis(settings: Settings, redis: Redis, report: Report) -> None:
                                f"{total} failed job(s)" + (": `cvat-hooks deliveries list --status failed`"
                                                            if total else ""), {"failed": failed}))
     report.checks.append(_reconcile(settings, runs[0] if runs else None))
+
+
+def _durability(redis: Redis) -> Check:
+    """Can this Redis lose what the receiver acknowledged (eviction: FAIL; no persistence: WARN)?"""
+    from redis.exceptions import RedisError
+
+    from workers.redis_conn import check_durability
+
+    name = "redis durability"
+    try:
+        verdict = check_durability(redis)
+    except RedisError as exc:
+        return Check(name, Status.WARN, f"could not check: {type(exc).__name__}: {exc}")
+    details = {"maxmemory_policy": verdict.policy, "appendonly": verdict.aof, "save": verdict.save}
+    if problem := verdict.eviction_problem():
+        return Check(name, Status.FAIL, f"{problem}; the receiver reports not ready until then", details)
+    if problem := verdict.persistence_problem():
+        return Check(name, Status.WARN, problem, details)
+    if verdict.unchecked:
+        return Check(name, Status.WARN, f"could not check everything: {verdict.unchecked}", details)
+    return Check(name, Status.OK, f"maxmemory-policy noeviction, "
+                 f"{'AOF' if verdict.aof else 'RDB save ' + repr(verdict.save)}", details)
 
 
 def _reconcile(settings: Settings, last: dict[str, Any] | None) -> Check:

@@ -63,16 +63,24 @@ def healthz():  # type: ignore[no-untyped-def]
 
 @bp.get("/readyz")
 def readyz():  # type: ignore[no-untyped-def]
-    """Ready to take deliveries: Redis answers and rules are loaded."""
+    """Ready to take deliveries: Redis answers and cannot evict our keys, and good rules are loaded."""
     checks: dict[str, str] = {}
     try:
         intake().redis.ping()
         checks["redis"] = "ok"
     except RedisError as exc:
         checks["redis"] = f"unreachable: {type(exc).__name__}"
-    rules = intake().rules.current
-    checks["rules"] = f"{len(rules.rules)} rule(s) loaded"
-    ok = checks["redis"] == "ok"
+    durability = current_app.extensions.get("cvat_hooks_durability")
+    if checks["redis"] == "ok" and durability is not None:
+        # Cached for a minute: an evicting Redis drops acknowledged jobs and dedupe keys.
+        if problem := durability.get().eviction_problem():
+            checks["redis"] = f"can lose acknowledged deliveries: {problem}"
+    store = intake().rules
+    store.maybe_reload()  # a fixed file makes a worker that started without rules ready again
+    checks["rules"] = f"{len(store.current.rules)} rule(s) loaded"
+    if store.problem:
+        checks["rules"] += f"; {store.problem}"
+    ok = checks["redis"] == "ok" and store.usable
     return jsonify({"status": "ready" if ok else "not ready", "checks": checks}), 200 if ok else 503
 
 

@@ -64,7 +64,9 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "yes"],
+             # An RDB save point (never reached in a test run) makes it a Redis that persists, as the
+             # receiver requires of a production one (workers.redis_conn's durability check).
+             "--save", "3600 1", "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "yes"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = Redis.from_url(self.url)
         for _ in range(200):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 from redis import Redis
@@ -360,3 +361,18 @@ def test_own_update_does_not_retrigger_its_rule_but_chains_to_others(settings, r
     stopped_line = ("rule send-to-acceptance not matched: caused by cvat-hooks's own CVAT account (admin) "
                     "and this rule's action update_job causes update:job")
     assert (stopped_line in caplog.text) is ("send-to-acceptance" not in fired)
+
+
+def test_without_any_good_rules_deliveries_are_refused_until_the_file_is_fixed(settings, redis):
+    """A receiver that started on a broken rules file with no good rules kept anywhere answers 503
+    (CVAT retries) rather than judging events by no rules; once the file is fixed it queues again."""
+    good = settings.rules_path.read_text()
+    settings.rules_path.write_text("version: 1\nrules: [{id: broken}]\n")
+    client = create_app(settings).test_client()
+    body, headers = capture("update_job_completed.json")
+    refused = post(client, body, {"X-Signature-256": headers["X-Signature-256"]})
+    assert refused.status_code == 503 and "rules" in refused.json["error"]
+    assert DeliveryLog(redis, retention_seconds=60).get(refused.json["delivery_id"]) is None
+    settings.rules_path.write_text(good)
+    time.sleep(1.1)  # the store looks at the file at most once a second
+    assert post(client, body, {"X-Signature-256": headers["X-Signature-256"]}).status_code == 202

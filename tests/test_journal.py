@@ -115,3 +115,105 @@ def test_concurrent_appends_lose_nothing(tmp_path):
     d.join()
     journal.drain(lambda body, t: got.append(json.loads(body)["n"]))
     assert sorted(got) == sorted(k * 1000 + i for k in range(4) for i in range(50))
+
+
+# -- a disk that cuts writes short, and damaged entries ------------------------------------------
+
+FSIZE_SCRIPT = r"""
+import json, resource, sys
+from pathlib import Path
+from receiver.journal import Journal
+journal = Journal(Path(sys.argv[1]))
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # SIGXFSZ is ignored by Python: EFBIG / short writes
+acked = []
+for n in range(int(sys.argv[3])):
+    try:
+        journal.append(json.dumps({"n": n, "pad": "x" * (n % 7) * 10}).encode(), float(n))
+    except OSError:
+        continue
+    acked.append(n)
+print(json.dumps(acked))
+"""
+
+
+@pytest.mark.parametrize("limit", [700, 1000, 1999], ids=["tiny", "mid-entry", "later"])
+def test_short_writes_are_never_acknowledged_and_never_block_the_rest(tmp_path, limit):
+    """Under a file-size limit, appends that do not fit raise; every acknowledged entry drains, none blocks."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, str(tmp_path), str(limit), "38"],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    acked = json.loads(run.stdout)
+    assert 0 < len(acked) < 38, "the limit should cut the run short"
+    journal = Journal(tmp_path)
+    journal.append(b'{"n": 100}', 100.0)  # after the disk has room again: must not be swallowed
+    got: list[int] = []
+    journal.drain(lambda body, t: got.append(json.loads(body)["n"]))
+    assert got == [*acked, 100]
+    assert journal.quarantined() == 0, "a failed append leaves nothing behind to quarantine"
+
+
+def test_receiver_answers_503_not_202_when_the_disk_cuts_the_journal_short(tmp_path, rules_file):
+    """With Redis down and a full disk, a delivery is 202 only if its entry is whole: each 202 drains."""
+    import subprocess
+    import sys
+
+    script = r"""
+import json, resource, sys
+from pathlib import Path
+from receiver.app import create_app
+from receiver.settings import Settings
+from tests.conftest import capture, signed
+app = create_app(Settings.from_env())
+client = app.test_client()
+body, _ = capture("update_job_completed.json")
+resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+out = []
+for n in range(38):
+    b = body + b" " * n  # a different delivery each time (the delivery id hashes the body)
+    out.append(client.post("/webhooks/cvat", data=b, headers=signed(b)).status_code)
+print(json.dumps(out))
+"""
+    from tests.conftest import SECRET, free_port
+
+    env = {"CVAT_HOOKS_SECRET": SECRET, "CVAT_HOOKS_RULES": str(rules_file),
+           "CVAT_HOOKS_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "CVAT_HOOKS_DATA_DIR": str(tmp_path / "d"),
+           "CVAT_HOOKS_LOG_FORMAT": "text"}
+    import os
+
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, **env}, cwd=Path(__file__).resolve().parents[1])
+    statuses = json.loads(run.stdout.strip().splitlines()[-1])
+    assert set(statuses) == {202, 503} and statuses.index(503) > 0
+    got: list[bytes] = []
+    Journal(tmp_path / "d" / "journal").drain(lambda body, t: got.append(body))
+    assert len(got) == statuses.count(202)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda line: line[: len(line) // 2],                       # torn: cut mid-entry, no end of line
+    lambda line: line[: len(line) // 2] + b"\n",               # torn, then a line end: unreadable JSON
+    lambda line: line.replace(b'"b": "', b'"b": "QUFB'),       # body changed: checksum mismatch
+    lambda line: b"\x00" * len(line),                          # zeroes, as after a crash on some filesystems
+], ids=["torn", "torn-line", "bad-checksum", "zeroes"])
+def test_a_damaged_middle_entry_is_quarantined_and_the_rest_drain(tmp_path, damage):
+    """A damaged entry between good ones is set aside, logged and counted; the later entries still drain."""
+    journal = Journal(tmp_path)
+    journal.append(b'{"n": 0}', 0.0)
+    good = journal.current.read_bytes()
+    from receiver.journal import encode_entry
+
+    with journal.current.open("ab") as fh:
+        fh.write(damage(encode_entry(b'{"n": 1}', 1.0)))
+    for n in (2, 3):
+        journal.append(json.dumps({"n": n}).encode(), float(n))
+    assert journal.current.read_bytes().startswith(good)
+    counted: list[str] = []
+    journal.on_damaged = counted.append
+    got: list[int] = []
+    assert journal.drain(lambda body, t: got.append(json.loads(body)["n"])) == 3
+    assert got == [0, 2, 3]
+    assert journal.quarantined() == 1 and len(counted) == 1
+    assert not journal.pending() or not list(tmp_path.glob("journal*"))

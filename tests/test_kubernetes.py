@@ -110,3 +110,48 @@ def test_containers_run_as_non_root_with_read_only_root(docs):
         assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
         assert container(deployment)["securityContext"]["readOnlyRootFilesystem"] is True
         assert any(m["mountPath"] == "/data" for m in container(deployment)["volumeMounts"])
+
+
+def _redis_is_durable_with(args: list[str], tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Run a real redis-server with a deploy file's arguments; it must neither evict nor forget on restart."""
+    import subprocess
+    import time
+
+    from redis import Redis
+
+    from tests.conftest import free_port, redis_binary
+    from workers.redis_conn import check_durability
+
+    assert args[0] == "redis-server"
+    # Explicit, not the image's default: another image or redis.conf may evict (e.g. a cache preset).
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert args[args.index("--appendonly") + 1] == "yes"
+    port = free_port()
+    proc = subprocess.Popen([redis_binary(), *args[1:], "--port", str(port), "--bind", "127.0.0.1",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = Redis(port=port)
+    try:
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except Exception:
+                time.sleep(0.02)
+        verdict = check_durability(client)
+        assert verdict.policy == "noeviction" and verdict.evicting is False
+        assert verdict.aof is True and verdict.persistent is True
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait(10)
+
+
+def test_the_kubernetes_redis_neither_evicts_nor_forgets(docs, tmp_path):
+    """The StatefulSet's redis-server arguments give AOF and maxmemory-policy noeviction (checked on a real one)."""
+    _redis_is_durable_with(container(docs[("StatefulSet", "cvat-hooks-redis")])["args"], tmp_path)
+
+
+def test_the_compose_redis_neither_evicts_nor_forgets(tmp_path):
+    """docker-compose.yml's redis-server command gives AOF and maxmemory-policy noeviction (on a real one)."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    _redis_is_durable_with(compose["services"]["redis"]["command"], tmp_path)

@@ -160,3 +160,81 @@ def test_install_sighup_off_the_main_thread_is_a_no_op(tmp_path: Path) -> None:
     thread.join()
     assert result == [False]
     assert signal.getsignal(signal.SIGHUP) == before
+
+
+# -- a worker that boots while the file is bad ---------------------------------------------------
+
+
+def kept_store(path: Path, directory: Path, redis: Any = None) -> RuleStore:
+    """A store that keeps its last good rules in ``directory`` (and Redis), as the receiver's does."""
+    from receiver.rules.store import LastGoodRules
+
+    loader = functools.partial(load_rules, validate_action=fake_validate)
+    return RuleStore(path, loader=loader, clock=Clock(), last_good=LastGoodRules(directory, redis))
+
+
+@pytest.mark.parametrize("broken", [BAD, None, "version: [\n", "\xff\xfe"],
+                         ids=["invalid", "deleted", "yaml-error", "not-utf8"])
+def test_a_store_started_on_a_bad_file_uses_the_last_good_rules(tmp_path: Path, broken: str | None) -> None:
+    """A new store (a restarted worker) on a refused file starts with the last rules that loaded, and says so."""
+    path = tmp_path / "rules.yaml"
+    write(path, rules_text("a", "b"), tick=0)
+    kept_store(path, tmp_path / "data")
+    if broken is None:
+        path.unlink()
+    else:
+        write(path, broken, tick=1)
+    store = kept_store(path, tmp_path / "data")
+    assert [r.id for r in store.current.rules] == ["a", "b"]
+    assert store.usable and store.problem and "last good" in store.problem
+
+
+def test_the_last_good_rules_follow_successful_reloads_only(tmp_path: Path) -> None:
+    """A reload that succeeds updates the kept copy; one that fails does not."""
+    path = tmp_path / "rules.yaml"
+    write(path, rules_text("a"), tick=0)
+    store = kept_store(path, tmp_path / "data")
+    write(path, rules_text("c"), tick=1)
+    assert store.reload() and store.problem is None
+    write(path, BAD, tick=2)
+    assert not store.reload() and store.problem
+    assert [r.id for r in kept_store(path, tmp_path / "data").current.rules] == ["c"]
+
+
+def test_a_new_pod_takes_the_last_good_rules_from_redis(tmp_path: Path, redis: Any) -> None:
+    """With an empty data volume (a new pod), the copy kept in Redis is used."""
+    path = tmp_path / "rules.yaml"
+    write(path, rules_text("r"), tick=0)
+    kept_store(path, tmp_path / "pod-1", redis)
+    write(path, BAD, tick=1)
+    store = kept_store(path, tmp_path / "pod-2", redis)
+    assert [r.id for r in store.current.rules] == ["r"] and store.usable
+
+
+def test_no_good_rules_at_all_starts_empty_and_not_usable(tmp_path: Path) -> None:
+    """Never any good rules: the store starts (a worker must boot) with none, unusable, saying why."""
+    path = tmp_path / "rules.yaml"
+    write(path, BAD, tick=0)
+    store = kept_store(path, tmp_path / "data")
+    assert store.current.rules == () and not store.usable
+    assert store.problem and "no last good rules" in store.problem
+    write(path, rules_text("fixed"), tick=1)
+    assert store.reload() and store.usable and store.problem is None
+
+
+def test_readyz_says_why_rules_are_missing_or_stale(settings: Any, rules_file: Path) -> None:
+    """/readyz: 503 with the reason without good rules; 200 naming the refused file with last good ones."""
+    from dataclasses import replace
+
+    from receiver.app import create_app
+
+    good = rules_file.read_text()
+    rules_file.write_text(BAD)
+    fresh = replace(settings, workers=replace(settings.workers, data_dir=settings.data_dir / "fresh"))
+    answer = create_app(fresh).test_client().get("/readyz")
+    assert answer.status_code == 503 and "no last good rules" in answer.json["checks"]["rules"]
+    rules_file.write_text(good)
+    create_app(settings)  # loads them: kept
+    rules_file.write_text(BAD)
+    answer = create_app(settings).test_client().get("/readyz")
+    assert answer.status_code == 200 and "refused" in answer.json["checks"]["rules"]
