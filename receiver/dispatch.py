@@ -74,7 +74,7 @@ class Intake:
     def receive(self, body: bytes, signature: str | None, *, peer: str = "-") -> Answer:
         """Handle one POSTed delivery (body size already checked by the view)."""
         verdict = self.secrets.verify(body, signature)
-        if verdict is not Verdict.VALID and not self.settings.insecure_no_signature:
+        if verdict is not Verdict.VALID:
             # Never log the header or the secrets: only what kind of failure it was.
             log.warning("delivery rejected: %s %s (%d bytes from %s)", HEADER, verdict.value, len(body), peer)
             metrics.safe_inc(self.redis, "cvat_hooks_rejected_total", reason=f"signature_{verdict.value}")

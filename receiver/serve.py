@@ -23,6 +23,13 @@ from receiver.settings import Settings
 log = logging.getLogger(__name__)
 
 
+WORKER_CONNECTIONS = 1000
+"""Connections one gunicorn worker holds at most (slow ones included); more wait in the backlog."""
+ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss "%(a)s"'
+"""gunicorn's default access line without the query string (``%(U)s`` is the path alone) and
+without the Referer: either may carry a token someone put in a URL (security issue, item 11)."""
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     host: str = "127.0.0.1"
@@ -63,7 +70,10 @@ def gunicorn_command(opts: ServeOptions) -> list[str]:
         "--bind", f"{opts.host}:{opts.port}",
         "--workers", str(opts.workers),
         "--threads", str(opts.threads),
-        "--worker-class", "gthread",
+        # gthread, with request heads read by the event loop, not by a thread (security issue, item 3):
+        # slow clients hold a socket each, never a thread, and are cut off after HEAD_SECONDS.
+        "--worker-class", "receiver.http_worker.HeadFirstWorker",
+        "--worker-connections", str(WORKER_CONNECTIONS),
         "--timeout", "30",
         "--graceful-timeout", "20",
         "--keep-alive", "5",
@@ -71,6 +81,7 @@ def gunicorn_command(opts: ServeOptions) -> list[str]:
         "--limit-request-fields", "100",
         "--limit-request-field_size", "8190",
         "--access-logfile", "-",
+        "--access-logformat", ACCESS_LOG_FORMAT,
         "--error-logfile", "-",
         "--no-control-socket",  # not used, and two receivers on one host would fight over its path
         # Heartbeat files in memory: works with a read-only root filesystem, and is faster than disk.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets as _secrets
 from collections.abc import Mapping
@@ -26,6 +27,8 @@ SECRETS_FILE = "webhook-secrets"
 (unless ``CVAT_HOOKS_SECRET_FILE`` names another); receivers always read it too."""
 DEFAULT_RECONCILE_MINUTES = 5
 """Minutes between two periodic ``reconcile`` runs on the workers' scheduler (0: never)."""
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(RuntimeError):
@@ -56,6 +59,16 @@ class Settings:
     reconcile_minutes: float = DEFAULT_RECONCILE_MINUTES
     """``CVAT_HOOKS_RECONCILE_MINUTES``: period of the workers' reconcile run; 0 disables it."""
 
+    def __post_init__(self) -> None:
+        """With a secret, the insecure flag is void: it may only admit unsigned deliveries when there
+        is nothing to check them against (security issue, item 9)."""
+        if self.secrets and self.insecure_no_signature:
+            object.__setattr__(self, "insecure_no_signature", False)
+            object.__setattr__(self, "insecure_flag_ignored", True)
+
+    insecure_flag_ignored: bool = field(default=False, init=False, repr=False, compare=False)
+    """The insecure flag was set but voided by a configured secret (logged at start)."""
+
     @property
     def redis_url(self) -> str | None:
         return self.workers.redis_url
@@ -82,7 +95,17 @@ class Settings:
         return tuple(v for v in values if v)
 
     def require_secret(self) -> None:
-        """Refuse to start without a secret, unless insecure mode was asked for explicitly."""
+        """Refuse to start without a secret, unless insecure mode was asked for explicitly (and say so:
+        the flag is logged as a warning at every start)."""
+        if self.insecure_no_signature or self.insecure_flag_ignored:
+            log.warning("CVAT_HOOKS_INSECURE_NO_SIGNATURE is set: %s", "a webhook secret is configured, so "
+                        "every delivery must still carry a valid signature" if self.secrets else
+                        "unsigned deliveries are accepted while no webhook secret exists (never in production)")
+        if self.admin_token:
+            from receiver.admin.auth import disabled_reason
+
+            if reason := disabled_reason(self):
+                log.warning("%s", reason)
         if not self.secrets and not self.insecure_no_signature:
             raise ConfigError(
                 "no webhook secret configured: set CVAT_HOOKS_SECRET to the secret entered in CVAT's "

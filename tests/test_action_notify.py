@@ -77,10 +77,14 @@ def hook() -> Iterator[Hook]:
     thread.join(5)
 
 
+LOOPBACK = WorkerSettings(notify_allowed_hosts=("127.0.0.1",))
+"""The test hook listens on loopback, which notify refuses unless the allow-list names it."""
+
+
 def send(params: dict[str, Any], redis: Redis, *, settings: WorkerSettings | None = None,
          run: int = 0) -> tuple[dict[str, Any], Any]:
     ctx = make_context("notify", params, event=job_event(), redis=redis,
-                       settings=settings or WorkerSettings(), run=run)
+                       settings=settings or LOOPBACK, run=run)
     return notify.run(ctx), ctx
 
 
@@ -266,3 +270,98 @@ def test_every_post_of_a_run_carries_its_idempotency_key(hook: Hook, redis: Redi
     keys = [r.headers["Idempotency-Key"] for r in hook.requests]
     assert keys[0] == keys[1] != keys[2]
     assert keys[0].startswith("cvh-") and keys[2].endswith("-r1")
+
+
+# -- where the POST really goes (security issue, item 2) ------------------------------------------
+
+def _port(hook: Hook) -> int:
+    return int(hook.url.split(":")[2].split("/")[0])
+
+
+AMBIGUOUS = [
+    # (id, URL as rendered; {port} is the hook's) -- each must be refused before anything is sent
+    ("backslash-before-at", "http://hooks.slack.com\\@127.0.0.1:{port}/x"),
+    ("backslash-in-path", "http://127.0.0.1:{port}\\@hooks.slack.com/x"),
+    ("userinfo", "http://hooks.slack.com@127.0.0.1:{port}/x"),
+    ("userinfo-with-port", "http://hooks.slack.com:443@127.0.0.1:{port}/x"),
+    ("encoded-backslash-userinfo", "http://hooks.slack.com%5C@127.0.0.1:{port}/x"),
+    ("tab-in-host", "http://hooks.slack.com\t@127.0.0.1:{port}/x"),
+    ("newline", "http://127.0.0.1:{port}/x\r\nX-Injected: 1"),
+    ("space", "http://hooks.slack.com /@127.0.0.1:{port}/x"),
+    ("file-scheme", "file:///etc/passwd"),
+]
+
+
+@pytest.mark.parametrize("url", [u for _, u in AMBIGUOUS], ids=[i for i, _ in AMBIGUOUS])
+def test_ambiguous_urls_are_refused_and_nothing_is_sent(url: str, hook: Hook, redis: Redis) -> None:
+    """A URL two parsers could read differently (rendered from a payload or not) fails permanently."""
+    settings = WorkerSettings(notify_allowed_hosts=("hooks.slack.com", "127.0.0.1"))
+    with pytest.raises(PermanentError):
+        send({"url": url.format(port=_port(hook)), "text": "hi"}, redis, settings=settings)
+    assert hook.requests == []
+
+
+@pytest.mark.parametrize("url", [u for _, u in AMBIGUOUS[:5]], ids=[i for i, _ in AMBIGUOUS[:5]])
+def test_ambiguous_urls_fail_validation(url: str) -> None:
+    """Rules with such a URL are refused when they load."""
+    assert validate_params("notify", {"url": url.format(port=8000), "text": "hi"}) != []
+
+
+INTERNAL = [
+    # (id, host as written in the URL) -- all reach this machine or a private network
+    ("loopback", "127.0.0.1"),
+    ("short-loopback", "127.1"),
+    ("localhost-name", "localhost"),
+    ("ipv6-loopback", "[::1]"),
+    ("ipv4-mapped", "[::ffff:127.0.0.1]"),
+    ("unspecified", "0.0.0.0"),
+]
+
+
+@pytest.mark.parametrize("host", [h for _, h in INTERNAL], ids=[i for i, _ in INTERNAL])
+def test_internal_addresses_are_refused_unless_listed(host: str, hook: Hook, redis: Redis) -> None:
+    """Without the address (or its network) in the allow-list, non-public addresses are refused."""
+    url = f"http://{host}:{_port(hook)}/x"
+    for allowed in ((), ("localhost", "127.1", "*.slack.com")):
+        with pytest.raises(PermanentError):
+            send({"url": url, "text": "hi"}, redis, settings=WorkerSettings(notify_allowed_hosts=allowed))
+    assert hook.requests == []
+
+
+@pytest.mark.parametrize(("ip", "allowed", "expected"), [
+    ("8.8.8.8", (), True),
+    ("169.254.169.254", (), False),
+    ("10.1.2.3", (), False),
+    ("10.1.2.3", ("10.0.0.0/8",), True),
+    ("192.168.1.1", ("10.0.0.0/8",), False),
+    ("::ffff:169.254.169.254", (), False),
+    ("fd00::1", (), False),
+], ids=["public", "metadata", "private", "listed-network", "other-network", "mapped-metadata", "ula"])
+def test_address_allowed(ip: str, allowed: tuple[str, ...], expected: bool) -> None:
+    """Public addresses pass; internal ones only within a listed network."""
+    import ipaddress
+
+    assert notify.address_allowed(ipaddress.ip_address(ip), allowed) is expected
+
+
+def test_name_is_resolved_once_and_that_address_used(hook: Hook, redis: Redis,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: a second lookup answering another address is never made; the POST goes to
+    the checked address with the name as Host."""
+    import socket
+
+    real = socket.getaddrinfo
+    lookups: list[str] = []
+
+    def rebinding(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "rebind.test":
+            lookups.append(host)
+            host = "127.0.0.1" if len(lookups) == 1 else "127.0.0.2"  # nobody listens on .2
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    port = _port(hook)
+    settings = WorkerSettings(notify_allowed_hosts=("rebind.test", "127.0.0.1"))
+    result, _ = send({"url": f"http://rebind.test:{port}/x", "text": "hi"}, redis, settings=settings)
+    assert result["status"] == 200 and lookups == ["rebind.test"]
+    assert hook.requests[0].headers["Host"] == f"rebind.test:{port}"

@@ -17,7 +17,7 @@ from workers.contract import EXPORT_QUEUE, ActionCall
 from workers.delivery_log import INDEX_KEY, DeliveryLog
 from workers.queueing import queue
 
-ADMIN = "admin-token-for-tests-8c1f0e"
+ADMIN = "admin-token-for-tests-8c1f0e-4b7d2a9e6f13"
 """The admin token of these tests (never the webhook secret, ``SECRET``)."""
 BEARER = {"Authorization": f"Bearer {ADMIN}"}
 XSS = "<script>alert('pwned')</script>"

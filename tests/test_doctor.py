@@ -113,7 +113,8 @@ def test_doctor_all_ok(cli, registered, redis, settings, worker_alive, cvat_serv
     found = checks(result)
     assert {name: c["status"] for name, c in found.items()} == {
         "rules": "OK", "cvat": "OK", "token": "OK", "webhook 1 (project 1)": "OK", "secrets": "OK",
-        "redis": "OK", "redis durability": "OK", "workers": "OK", "queues": "OK", "failed jobs": "OK", "reconcile": "OK"}
+        "redis": "OK", "redis durability": "OK", "workers": "OK", "queues": "OK", "failed jobs": "OK",
+        "reconcile": "OK"}
     assert "2.73.0" in found["cvat"]["reason"] and "admin" in found["token"]["reason"]
     assert found["webhook 1 (project 1)"]["details"]["recent_statuses"] == {"200": 1}
     secret = cvat_server.state.webhooks[1]["secret"]

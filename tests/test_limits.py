@@ -213,3 +213,73 @@ def test_slow_clients_are_cut_off_and_others_served(receiver: Gunicorn, clients:
         assert client.cut_after is not None and client.cut_after < BODY_SECONDS + 5.0, client.cut_after
     status, answer = post(receiver.port, json.dumps({"event": "ping", "after": clients}).encode())
     assert (status, json.loads(answer)["status"]) == (200, "ping")
+
+
+class SlowHead(threading.Thread):
+    """Sends a delivery's request line and headers one byte every ``pause`` seconds; gives up by
+    itself after ``give_up`` seconds (the test never leaves a thread or a socket behind)."""
+
+    def __init__(self, port: int, pause: float = 2.0, give_up: float = 30.0) -> None:
+        super().__init__(daemon=True)
+        self.port, self.pause, self.give_up = port, pause, give_up
+        self.answer: bytes | None = None
+        self.cut_after: float | None = None
+        self.connected = threading.Event()
+
+    def run(self) -> None:
+        head = b"POST /webhooks/cvat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" * 20
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+            sock.settimeout(self.pause)
+            for byte in head:
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    break
+                self.connected.set()
+                try:
+                    self.answer = sock.recv(4096)
+                    break  # an answer, or the server closed: cut off
+                except TimeoutError:
+                    if time.monotonic() - started > self.give_up:
+                        break
+                except OSError:
+                    self.answer = b""
+                    break
+            self.cut_after = time.monotonic() - started
+
+
+def test_slow_heads_do_not_delay_real_deliveries(receiver: Gunicorn) -> None:
+    """100 clients sending their headers one byte every 2 s hold no thread: signed deliveries are
+    answered well within CVAT's 10 s meanwhile, and the slow clients are cut off with a 408."""
+    from receiver.http_worker import HEAD_SECONDS
+
+    slow = [SlowHead(receiver.port) for _ in range(100)]
+    for client in slow:
+        client.start()
+    assert all(c.connected.wait(10) for c in slow)
+    time.sleep(0.5)  # every slow client has sent a byte: under gthread each would now hold a thread
+    for n in range(5):
+        started = time.monotonic()
+        status, answer = post(receiver.port, json.dumps({"event": "ping", "slow_heads": n}).encode())
+        assert (status, json.loads(answer)["status"]) == (200, "ping")
+        assert time.monotonic() - started < 2.0
+    for client in slow:
+        client.join(timeout=HEAD_SECONDS + 15)
+        assert not client.is_alive(), "the slow client was never cut off"
+        assert client.cut_after is not None and client.cut_after < HEAD_SECONDS + 3.0, client.cut_after
+        assert client.answer is not None and status_of(client.answer) in (408, None), client.answer
+    assert sum(status_of(c.answer or b"") == 408 for c in slow) >= 90
+
+
+def test_access_log_never_shows_query_strings_or_referers(receiver: Gunicorn) -> None:
+    """A token sent in a query string (or a Referer) does not reach gunicorn's access log."""
+    conn = http.client.HTTPConnection("127.0.0.1", receiver.port, timeout=5)
+    try:
+        conn.request("GET", "/healthz?token=QueryTok3nInTheUrl&x=1",
+                     headers={"Referer": "http://x/ui/?token=RefererTok3nInTheUrl"})
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+    assert wait_for(lambda: '"GET /healthz HTTP/1.1" 200' in receiver.log_text(), timeout=5)
+    assert "Tok3nInTheUrl" not in receiver.log_text()

@@ -37,7 +37,7 @@ from tests.procs import children, clean_env, descendants, http, wait_for
 
 SANDBOX = Path(__file__).with_name("readonly_sandbox.py")
 ENTRYPOINT = ROOT / "deploy" / "docker-entrypoint.sh"
-ADMIN_TOKEN = "readonly-root-admin-token"
+ADMIN_TOKEN = "readonly-root-admin-token-0123456789"
 IMAGE_DATA = "/data"
 """The data volume's path in the image (the static tests check the Dockerfile agrees)."""
 

@@ -42,7 +42,7 @@ from workers.delivery_log import DeliveryLog
 WEBHOOK_SECRET = "Wq7dK2pZ9xR4mT8vB3nY6cL1"
 CVAT_TOKEN = "Hq4uW9eRt2yU7iO0aS5dF8gJ"
 CVAT_PASSWORD = "Zx8cV6bN4mQ2wE9rT1yU3iO5"
-ADMIN_TOKEN = "Pl5oK3iJ1uH9yG7tF2rD4eS6"
+ADMIN_TOKEN = "Pl5oK3iJ1uH9yG7tF2rD4eS6wQ8zX0cV2bN4"
 AWS_SECRET = "Tg6fR4eD2sA0qW8eR5tY7uI9"
 NOTIFY_SECRET = "Mn7bV5cX3zL1kJ9hG2fD4sA8"
 SECRETS = {"webhook secret": WEBHOOK_SECRET, "CVAT access token": CVAT_TOKEN, "CVAT password": CVAT_PASSWORD,
@@ -120,6 +120,7 @@ class World:
         env = {"CVAT_HOOKS_REDIS_URL": self.redis.url, "CVAT_HOOKS_SECRET": WEBHOOK_SECRET,
                "CVAT_HOOKS_RULES": str(self.tmp / "rules.yaml"), "CVAT_HOOKS_DATA_DIR": str(self.tmp / "data"),
                "CVAT_HOOKS_ADMIN_TOKEN": ADMIN_TOKEN, "CVAT_URL": self.cvat.url,
+               "CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS": "127.0.0.1",  # the sink: loopback must be listed
                "CVAT_HOOKS_CVAT_POLL_SECONDS": "0.1", "CVAT_HOOKS_RECONCILE_MINUTES": "0",
                "CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS": "2",
                "AWS_ENDPOINT_URL": self.s3, "AWS_ACCESS_KEY_ID": "leak-check-key-id",

@@ -26,7 +26,7 @@ from workers.queueing import queue
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ADMIN = "browser-admin-token-5d2a91"
+ADMIN = "browser-admin-token-5d2a91-c0ffee-1234567"
 SCREENSHOTS = os.environ.get("CVAT_HOOKS_UI_SCREENSHOTS")
 """A directory to keep ``ui-list.png`` and ``ui-detail.png`` in, for a human to look at (optional)."""
 

@@ -10,17 +10,29 @@
   another HMAC of the session's nonce, so it needs no server-side state and dies with the session.
 - Every comparison is :func:`hmac.compare_digest` of SHA-256 digests (no timing, not even the length).
 - Tokens are never logged or echoed; failures say only what kind of failure it was.
+- A token shorter than :data:`MIN_TOKEN_CHARS` keeps both closed (security issue, item 10: ``x``
+  was accepted), and :data:`MAX_FAILURES` wrong tokens from one client address within
+  :data:`FAILURE_WINDOW` seconds make every further try from it a 429 until the window ends (the
+  right token too: otherwise guesses would still be checked). The count lives in Redis, so all
+  gunicorn workers and receivers share it (a per-process count would multiply the allowance by the
+  number of processes); without Redis a failure is not counted, and nothing else works either.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from typing import TYPE_CHECKING
 
+from redis.exceptions import RedisError
+from werkzeug.exceptions import TooManyRequests
+
 if TYPE_CHECKING:
+    from redis import Redis
+
     from receiver.settings import Settings
 
 SESSION_COOKIE = "cvh_admin"
@@ -35,6 +47,16 @@ CLOCK_SKEW = 60
 """Seconds a session may appear to be issued in the future (several receivers, slightly apart)."""
 CSRF_FIELD = "csrf_token"
 """Name of the hidden field every UI POST form carries."""
+MIN_TOKEN_CHARS = 32
+"""Characters an admin token needs at least (``secrets.token_urlsafe(32)`` gives 43)."""
+MAX_FAILURES = 10
+"""Wrong tokens one client address may send within :data:`FAILURE_WINDOW` before it gets 429s."""
+FAILURE_WINDOW = 300
+"""Seconds over which failures are counted (and a locked-out address waits)."""
+FAILURE_KEY = "cvat-hooks:admin:failures:"
+"""Redis key prefix of the failure counts, one key per client address (expiring with the window)."""
+
+log = logging.getLogger(__name__)
 
 
 def disabled_reason(settings: Settings) -> str | None:
@@ -43,6 +65,10 @@ def disabled_reason(settings: Settings) -> str | None:
     if not token:
         return ("the admin API and UI are disabled: set CVAT_HOOKS_ADMIN_TOKEN to a long random value "
                 "(for example the output of `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    if len(token) < MIN_TOKEN_CHARS:
+        return (f"the admin API and UI are disabled: CVAT_HOOKS_ADMIN_TOKEN is shorter than {MIN_TOKEN_CHARS} "
+                "characters, too easy to guess; set a long random value (for example the output of "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
     if any(_same(token, secret) for secret in settings.secrets):
         return ("the admin API and UI are disabled: CVAT_HOOKS_ADMIN_TOKEN must differ from the webhook "
                 "secret (CVAT_HOOKS_SECRET), which CVAT and its administrators know")
@@ -65,17 +91,50 @@ def _mac(token: str, *parts: str) -> str:
     return hmac.new(key, "|".join(parts).encode(), hashlib.sha256).hexdigest()
 
 
+def _client() -> tuple[Redis | None, str]:
+    """The Redis of the running app and the client address (outside a request: none, ``-``)."""
+    from flask import current_app, has_request_context, request
+
+    if not has_request_context():
+        return None, "-"
+    intake = current_app.extensions.get("cvat_hooks")
+    return getattr(intake, "redis", None), request.remote_addr or "-"
+
+
+def _throttled(check: bool) -> bool:
+    """Run one token check under the per-address failure limit: 429 (``TooManyRequests``) while the
+    address is locked out, else the check's verdict, a failure counted."""
+    redis, client = _client()
+    if redis is None:
+        return check
+    key = FAILURE_KEY + client
+    try:
+        failures = int(redis.get(key) or 0)
+        if failures >= MAX_FAILURES:
+            wait = max(int(redis.ttl(key)), 1)
+            log.warning("admin: %s locked out after %d wrong tokens (%d s left)", client, failures, wait)
+            raise TooManyRequests(f"too many wrong admin tokens from this address: try again in {wait} s",
+                                  retry_after=wait)
+        if not check:
+            with redis.pipeline() as pipe:
+                pipe.incr(key)
+                pipe.expire(key, FAILURE_WINDOW, nx=True)
+                pipe.execute()
+    except RedisError:
+        pass  # nothing to count with; the admin pages need Redis and say it is down
+    return check
+
+
 def bearer_ok(header: str | None, token: str) -> bool:
-    """Whether an ``Authorization`` header carries the admin token as a Bearer token."""
+    """Whether an ``Authorization`` header carries the admin token as a Bearer token (throttled)."""
     scheme, _, given = (header or "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
-        return False
-    return _same(given.strip(), token)
+    ok = scheme.lower() == "bearer" and bool(given.strip()) and _same(given.strip(), token)
+    return _throttled(ok)
 
 
 def token_ok(given: str | None, token: str) -> bool:
-    """Whether the token typed into the login form is the admin token."""
-    return bool(given) and _same(given.strip(), token)  # type: ignore[union-attr]
+    """Whether the token typed into the login form is the admin token (throttled)."""
+    return _throttled(bool(given) and _same(given.strip(), token))  # type: ignore[union-attr]
 
 
 def new_session(token: str, *, now: float | None = None) -> str:

@@ -22,10 +22,20 @@ A 2xx answer is success; the rest is classified as everywhere (``workers.errors.
 and 429 are retried, other statuses fail at once), connection errors and timeouts are retried.
 Redirects are not followed: a redirect could lead to a host the allow-list would have refused.
 
-``CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS``, when set, is checked here at run time: a rule (or a value
-rendered into its URL) must not be a way to make the worker, which sits inside the network, POST to
-internal addresses such as a cloud metadata service or an admin port. ``*.example.com`` allows any
-subdomain of example.com.
+Where the POST goes is decided once, at run time, on the rendered URL (a value rendered into it
+from the payload included), and the request is built from that decision (security issue, item 2):
+
+- the URL is parsed once, with urllib3's own parser (the sending client's), and refused if it holds
+  a backslash, a control character or a space, userinfo (``user@``), a scheme other than http(s),
+  or no host: a URL two parsers could read differently never gets as far as a host check;
+- ``CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS``, when set, must list that host (``*.example.com`` allows any
+  subdomain of example.com; an IP address or a network such as ``10.0.0.0/8`` allows those);
+- the host is resolved once and the address checked: a loopback, private, link-local (cloud
+  metadata), multicast or otherwise non-public address is refused unless the allow-list names it
+  (or a network holding it), so a rule cannot make the worker, which sits inside the network, POST
+  to an internal address;
+- the connection goes to that very address, with the name as ``Host`` header and TLS server name
+  (certificate checked against the name), so a second DNS answer cannot swap the address.
 
 Webhook URLs are secrets (a Slack URL is its own credential), so results, notes and errors only
 ever show ``scheme://host/first-segment/…``, never the rest of the path or the query.
@@ -42,8 +52,11 @@ Result: ``{"url": <redacted>, "status", "format", "bytes"}``.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import socket
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -90,17 +103,106 @@ def public_params(params: Mapping[str, Any]) -> dict[str, Any]:
     return shown
 
 
+def _network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """An allow-list entry as an address or network (``10.0.0.0/8``, ``127.0.0.1``), else ``None``."""
+    try:
+        return ipaddress.ip_network(entry.strip().strip("[]"), strict=False)
+    except ValueError:
+        return None
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A host that is an IP literal (IPv4-mapped IPv6 as its IPv4 address), else ``None``."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
-    """Whether ``host`` is in the allow-list (exact, case-insensitive; ``*.x.com`` for subdomains)."""
+    """Whether ``host`` is in the allow-list (exact, case-insensitive; ``*.x.com`` for subdomains;
+    an IP literal also when a listed network holds it)."""
     host = host.lower().rstrip(".")
+    ip = _address(host)
     for entry in allowed:
         entry = entry.lower().strip().rstrip(".")
-        if entry.startswith("*."):
+        network = _network(entry)
+        if network is not None:
+            if ip is not None and ip.version == network.version and ip in network:
+                return True
+        elif entry.startswith("*."):
             if host.endswith(entry[1:]) and host != entry[2:]:
                 return True
         elif host == entry:
             return True
     return False
+
+
+def address_allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allowed: tuple[str, ...]) -> bool:
+    """Whether the worker may connect to ``ip``: a public address, or one the allow-list names (as
+    an address or within a network); loopback, private, link-local and the like are refused."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_global and not ip.is_multicast:
+        return True
+    for entry in allowed:
+        network = _network(entry)
+        if network is not None and ip.version == network.version and ip in network:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a notification goes, as the one parser read it; the request is built from this alone."""
+
+    scheme: str
+    host: str
+    """Lower-case name or IP literal (IPv6 without brackets)."""
+    port: int
+    request_uri: str
+    """Path and query, as sent on the request line."""
+
+    @property
+    def host_header(self) -> str:
+        """The ``Host`` header: the name, with the port when it is not the scheme's default."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def parse_target(url: str) -> Target:
+    """Parse a rendered URL with urllib3's parser (the sender's), refusing anything ambiguous.
+
+    Raises ``ValueError`` with a message that never quotes the URL (it is a secret).
+    """
+    from urllib3.exceptions import LocationParseError
+    from urllib3.util import parse_url
+
+    if "\\" in url:
+        raise ValueError("url holds a backslash (parsers disagree on where its host ends)")
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        raise ValueError("url holds a space or a control character")
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        raise ValueError("url must start with http:// or https://")
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if "@" in authority:
+        raise ValueError("url must not hold userinfo (user@host): put credentials in headers")
+    if not authority.isascii():
+        raise ValueError("url host must be ASCII (IDNA-encode it)")
+    try:
+        parsed = parse_url(url)
+    except LocationParseError:
+        raise ValueError("url cannot be parsed") from None
+    if parsed.auth or not parsed.host or (parsed.scheme or "").lower() not in ("http", "https"):
+        raise ValueError("url names no host")
+    scheme = parsed.scheme.lower()  # type: ignore[union-attr]
+    port = parsed.port or (443 if scheme == "https" else 80)
+    return Target(scheme, parsed.host.lower().strip("[]").rstrip("."), port, parsed.request_uri)
 
 
 def validate(params: Mapping[str, Any]) -> list[str]:
@@ -109,8 +211,13 @@ def validate(params: Mapping[str, Any]) -> list[str]:
     url = params.get("url")
     if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
         problems.append("url is required and must start with http:// or https://")
-    elif not has_placeholder(url.split("/")[2]) and not urlsplit(url).hostname:
-        problems.append(f"url {redact_url(url)!r} names no host")
+    elif not has_placeholder(url):
+        try:
+            parse_target(url)
+        except ValueError as exc:
+            problems.append(f"url {redact_url(url)!r}: {exc}")
+    elif "\\" in url or "@" in url.split("/")[2]:
+        problems.append(f"url {redact_url(url)!r} holds a backslash or userinfo")
     if not isinstance(params.get("text"), str) or not params["text"].strip():
         problems.append("text is required (the message; placeholders such as {job_id} are rendered)")
     if params.get("format", "json") not in FORMATS:
@@ -147,17 +254,51 @@ def body(fmt: str, message: str, ctx: ActionContext) -> dict[str, Any]:
             **{name: event.get(name) for name in _CONTEXT_KEYS}}
 
 
-def post(url: str, payload: dict[str, Any], *, timeout: float, headers: Mapping[str, str]) -> int:
-    """POST JSON once (no retries, no redirects) and return the status; errors say only the redacted URL."""
+def resolve(target: Target, allowed: tuple[str, ...]) -> str:
+    """The one address the POST will go to: the host's first address the worker may reach.
+
+    Resolved once, here; :func:`post` connects to this address and never resolves the name again.
+    """
+    literal = _address(target.host)
+    if literal is not None:
+        candidates = [str(literal)]
+    else:
+        try:
+            infos = socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise TransientError(f"host {target.host!r} does not resolve ({type(exc).__name__})") from None
+        candidates = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    refused = []
+    for candidate in candidates:
+        ip = ipaddress.ip_address(candidate.split("%")[0])
+        if address_allowed(ip, allowed):
+            return candidate
+        refused.append(candidate)
+    raise PermanentError(f"host {target.host!r} resolves to {', '.join(refused)}: not a public address; list it "
+                         "(or its network) in CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS to allow it")
+
+
+def post(target: Target, address: str, payload: dict[str, Any], *, timeout: float,
+         headers: Mapping[str, str], shown: str) -> int:
+    """POST JSON once to ``address`` (no retries, no redirects, no second DNS lookup) with the
+    target's name as ``Host`` and TLS server name; errors say only the redacted URL."""
     import urllib3  # lazily: the receiver imports this module to validate rules
 
-    shown = redact_url(url)
     data = json.dumps(payload).encode()
-    all_headers = {**headers, "Content-Type": "application/json", "User-Agent": "cvat-hooks"}
+    all_headers = {**{k: v for k, v in headers.items() if k.lower() != "host"},
+                   "Host": target.host_header, "Content-Type": "application/json", "User-Agent": "cvat-hooks"}
+    pool_options: dict[str, Any] = {"port": target.port, "retries": False, "maxsize": 1,
+                                    "timeout": urllib3.Timeout(total=timeout)}
+    pool: urllib3.HTTPConnectionPool
+    if target.scheme == "https":
+        pool = urllib3.HTTPSConnectionPool(address, server_hostname=target.host, assert_hostname=target.host,
+                                           **pool_options)
+    else:
+        pool = urllib3.HTTPConnectionPool(address, **pool_options)
     try:
-        with urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(total=timeout)) as http:
-            response = http.request("POST", url, body=data, headers=all_headers, redirect=False,
-                                    preload_content=True)
+        with pool:
+            response = pool.urlopen("POST", target.request_uri, body=data, headers=all_headers, redirect=False,
+                                    retries=False, assert_same_host=False, preload_content=True)
     except (urllib3.exceptions.SSLError, urllib3.exceptions.LocationValueError) as exc:
         # Raised from None: urllib3's messages quote the full URL, a secret.
         raise PermanentError(f"notify {shown}: {type(exc).__name__}") from None
@@ -182,7 +323,11 @@ def run(ctx: ActionContext) -> dict[str, Any]:
         raise PermanentError("; ".join(problems))
     url: str = params["url"]
     shown = redact_url(url)
-    host = urlsplit(url).hostname or ""
+    try:
+        target = parse_target(url)
+    except ValueError as exc:
+        raise PermanentError(f"notify {shown}: {exc}") from None
+    host = target.host
     allowed = ctx.settings.notify_allowed_hosts
     if allowed and not host_allowed(host, allowed):
         raise PermanentError(f"notify {shown}: host {host!r} is not in CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS "
@@ -197,7 +342,11 @@ def run(ctx: ActionContext) -> dict[str, Any]:
     payload = body(fmt, params["text"], ctx)
     timeout = float(params.get("timeout") or ctx.settings.notify_timeout)
     headers = {IDEMPOTENCY_HEADER: ctx.call.job_id, **(params.get("headers") or {})}
-    status = post(url, payload, timeout=timeout, headers=headers)
+    try:
+        address = resolve(target, allowed)
+    except (PermanentError, TransientError) as exc:
+        raise type(exc)(f"notify {shown}: {exc}") from None
+    status = post(target, address, payload, timeout=timeout, headers=headers, shown=shown)
     if not 200 <= status < 300:
         kind = classify(_StatusError(status))
         error = TransientError if kind is ErrorKind.TRANSIENT else PermanentError
