@@ -11,6 +11,13 @@ The body has its own deadline in the app (``CVAT_HOOKS_BODY_SECONDS``).
 
 Kept-alive connections go through the same head phase for their next request. TLS connections
 (gunicorn's ``--certfile``) keep gunicorn's own path: their bytes cannot be read before the handshake.
+
+This steers ``ThreadWorker`` below its documented surface (its poller, ``TConn``, the parser's
+unreader), so it is kept to this one module, and
+``tests/test_limits.py::test_slow_heads_do_not_delay_real_deliveries`` runs it under real slow
+clients on every CI run: it fails when a gunicorn release changes what this relies on. gunicorn has
+no deadline for a request head (benoitc/gunicorn#2652); PR #3519 (24.1) only defers connections that
+send nothing at all, not ones that trickle. Remove this once gunicorn bounds the head read itself.
 """
 
 from __future__ import annotations
