@@ -16,7 +16,7 @@ This steers ``ThreadWorker`` below its documented surface (its poller, ``TConn``
 unreader), so it is kept to this one module, and
 ``tests/test_limits.py::test_slow_heads_do_not_delay_real_deliveries`` runs it under real slow
 clients on every CI run: it fails when a gunicorn release changes what this relies on. gunicorn has
-no deadline for a request head (benoitc/gunicorn#2652); PR #3519 (24.1) only defers connections that
+no deadline for a request head (benoitc/gunicorn#2652); PR #3519 only defers connections that
 send nothing at all, not ones that trickle. Remove this once gunicorn bounds the head read itself.
 """
 
