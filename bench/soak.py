@@ -392,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         env = {"CVAT_HOOKS_REDIS_URL": redis.url, "CVAT_HOOKS_SECRET": SECRET,
                "CVAT_HOOKS_RULES": str(work / "rules.yaml"), "CVAT_HOOKS_DATA_DIR": str(work / "data"),
                "CVAT_URL": cvat.url, "CVAT_ACCESS_TOKEN": DEFAULT_TOKEN, "CVAT_HOOKS_RECONCILE_MINUTES": "0",
-               "CVAT_HOOKS_LIGHT_PROCESSES": str(args.light_processes)}
+               "CVAT_HOOKS_LIGHT_PROCESSES": str(args.light_processes),
+               # The sink is on loopback, which notify reaches only when the address is listed.
+               "CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS": "127.0.0.1"}
         receiver = ReceiverProc(env, logs)
         workers = [WorkerProc(env, logs, kind=args.worker_class, name=f"worker{i}") for i in range(args.workers)]
         procs = [receiver, *workers]
