@@ -23,8 +23,9 @@ STOP_SECONDS = 10.0
 
 
 @pytest.mark.parametrize("kind", ["split", "fork", "simple"])
-def test_a_worker_stops_within_seconds_of_sigterm(kind: str, redis_server, tmp_path: Path):
-    """SIGTERM to an idle worker: it exits by itself, well before anyone would SIGKILL it."""
+def test_a_worker_stops_within_seconds_of_sigterm(kind: str, redis_server, redis, tmp_path: Path):
+    """SIGTERM to an idle worker (``redis``: an empty database): it exits by itself, well before
+    anyone would SIGKILL it."""
     rules = tmp_path / "rules.yaml"
     shutil.copy(ROOT / "rules.yaml", rules)
     env = {"CVAT_HOOKS_REDIS_URL": redis_server.url, "CVAT_HOOKS_SECRET": SECRET,
