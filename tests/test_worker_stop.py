@@ -39,4 +39,6 @@ def test_a_worker_stops_within_seconds_of_sigterm(kind: str, redis_server, redis
     finally:
         worker.stop(timeout=1)
     assert took < STOP_SECONDS, f"{kind} worker took {took:.1f} s to stop:\n{worker.log_text()[-2000:]}"
-    assert code == 0, worker.log_text()[-2000:]
+    # 0 after a warm shutdown; -SIGTERM when the signal came before RQ installed its handlers (the
+    # default action: a prompt stop too). Anything else is a crash.
+    assert code in (0, -signal.SIGTERM), (code, worker.log_text()[-2000:])

@@ -208,7 +208,10 @@ class Supervisor:
             self._bury(child, pid, code)
             # A burst is one pass (what a crash left is retried by RQ), but a recycled child's queue is not done.
             if self.stopping or (self.burst and code != RECYCLED):
-                failed = failed or code not in (0, RECYCLED)
+                # Asked to stop, a child that had not yet installed RQ's handlers ends by SIGTERM's
+                # default action: stopped as asked, not failed.
+                stopped = self.stopping and code == -signal.SIGTERM
+                failed = failed or (code not in (0, RECYCLED) and not stopped)
                 continue
             if code == RECYCLED:
                 log.info("worker %s (%s) stopped at its recycling limits; starting a fresh one", child.name,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 from rq import Queue, Worker
+from rq.exceptions import StopRequested
 from rq.job import JobStatus
 from rq.registry import StartedJobRegistry
 from rq.worker import BaseWorker
@@ -112,6 +113,10 @@ class _Rescuing:
             for rescue in (rescue_unstarted, requeue_stuck):
                 try:
                     rescue(queue_)
+                except StopRequested:
+                    # RQ's SIGTERM handler raises this wherever the worker is when it is idle: it must
+                    # reach RQ's loop, or the worker goes on until it is cold-stopped a minute later.
+                    raise
                 except Exception as exc:  # maintenance must go on: RQ's own cleanup follows
                     log.warning("worker: %s on %s failed: %s", rescue.__name__, queue_.name, exc)
         super().clean_registries()  # type: ignore[misc]

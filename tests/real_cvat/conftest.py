@@ -209,6 +209,8 @@ class Deployment:
             "CVAT_HOOKS_RULES": str(self.rules_path), "CVAT_HOOKS_DATA_DIR": str(self.data_dir),
             "CVAT_URL": url, "CVAT_USERNAME": user, "CVAT_PASSWORD": password,
             "CVAT_HOOKS_CVAT_POLL_SECONDS": "0.2", "CVAT_HOOKS_RECONCILE_MINUTES": "0",
+            # notify's listener in these tests is on loopback, which notify reaches only when listed.
+            "CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS": "127.0.0.1",
             **(extra_env or {}),
         }
         if "CVAT_ACCESS_TOKEN" in self.env:  # a personal access token instead of a login
