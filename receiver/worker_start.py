@@ -1,8 +1,8 @@
-"""What ``cvat-hooks worker`` does once before it serves: the periodic reconcile, who it is in CVAT,
-and a first look at CVAT's current state.
+"""What ``cvat-hooks worker`` does once before it serves: schedule the periodic reconcile, and queue
+one job that asks CVAT who the workers are and takes a first look at CVAT's current state.
 
-Each step logs and never raises: a worker must start and run actions even when CVAT is down at
-that moment (the periodic job and the next start try again).
+Nothing here raises or waits on CVAT: a worker must start and run actions even when CVAT is slow or
+down at that moment (the periodic job and the next start try again).
 """
 
 from __future__ import annotations
@@ -34,15 +34,7 @@ def at_start(settings: Settings, redis: Redis) -> None:
     schedule_periodic(settings, redis)
     if not settings.workers.cvat.configured:
         return
-    from workers.cvat_client import CvatClient
-    from workers.service_account import learn
-
-    try:
-        with CvatClient(settings.workers.cvat) as gateway:
-            learn(gateway, redis, configured=settings.workers.cvat.service_account)
-    except Exception as exc:  # noqa: BLE001 - see the module docstring
-        log.warning("worker start: could not ask CVAT who the workers are: %s", type(exc).__name__)
-    try:
+    try:  # queued, not done here: a slow CVAT must not hold up the worker's start
         queue_learning(redis)
     except Exception as exc:  # noqa: BLE001 - see the module docstring
         log.warning("worker start: could not queue learning CVAT's state: %s: %s", type(exc).__name__, exc)
@@ -66,7 +58,8 @@ def queue_learning(redis: Redis) -> bool:
 
 
 def learn_now() -> dict[str, Any]:
-    """The queued job: learn the state of every project, task and job the receiver never saw.
+    """The queued job: learn who the workers are in CVAT (``workers.service_account``), then the
+    state of every project, task and job the receiver never saw.
 
     Never raises: a CVAT that is down now is no failed action to list among the dead letters, and the
     periodic run tries again.
@@ -77,6 +70,7 @@ def learn_now() -> dict[str, Any]:
     from receiver.state_sync import learn_states
     from workers.cvat_client import CvatClient
     from workers.redis_conn import connect
+    from workers.service_account import learn
 
     settings = Settings.from_env()
     if not settings.workers.cvat.configured:
@@ -85,6 +79,7 @@ def learn_now() -> dict[str, Any]:
     redis = job.connection if job is not None else connect(settings.redis_url)
     try:
         with CvatClient(settings.workers.cvat) as gateway:
+            learn(gateway, redis, configured=settings.workers.cvat.service_account)
             return learn_states(gateway, StateStore(redis, settings.state_seconds,
                                                     redactor=Redactor(settings.sensitive_values())))
     except Exception as exc:  # noqa: BLE001 - see the docstring

@@ -5,7 +5,7 @@ background request, ``request.owner``) set to the user who made it. The receiver
 name so a rule is not fired again by the change its own action made (``receiver.rules.own_events``).
 
 - ``CVAT_HOOKS_SERVICE_ACCOUNT`` (or ``CVAT_USERNAME``) names it: nothing to ask.
-- With a personal access token, the workers ask CVAT at start (:func:`learn`, ``GET /api/users/self``)
+- With a personal access token, the workers ask CVAT when they start (:func:`learn`, ``GET /api/users/self``)
   and leave the answer under :data:`KEY` for the receivers, which may run elsewhere.
 - The receivers read it through :class:`ServiceAccount`: the setting first, else :data:`KEY`, kept
   in process for :data:`CACHE_SECONDS` so a delivery costs no Redis round trip for it.
@@ -42,7 +42,8 @@ class CurrentUser(Protocol):
 
 
 def learn(gateway: CurrentUser, redis: Redis, *, configured: str | None = None) -> str | None:
-    """Ask CVAT who the workers are and store the username under :data:`KEY`; call it at worker start.
+    """Ask CVAT who the workers are and store the username under :data:`KEY` (the job a worker queues
+    when it starts, ``receiver.worker_start.learn_now``).
 
     Returns the username, or ``None`` when CVAT or Redis could not be asked (logged, never raised: a
     worker without it still runs actions, only the loop guard is off until the next start). When a
