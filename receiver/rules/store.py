@@ -58,13 +58,7 @@ class LastGoodRules:
             return
         if hashlib.sha256(raw).hexdigest() != digest:
             return  # changed again since it loaded: the next reload saves it
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(raw)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            log.warning("rules: could not keep the last good rules in %s: %s", self.path, exc)
+        self._write(raw)
         if self.redis is not None:
             try:
                 self.redis.hset(self.KEY, mapping={"text": raw, "digest": digest, "saved_at": time.time()})
@@ -85,16 +79,22 @@ class LastGoodRules:
             except Exception as exc:
                 log.warning("rules: could not read the last good rules from Redis: %s", exc)
                 kept = {}
-            if kept.get(b"text") is not None and float(kept.get(b"saved_at", 0)) > disk_time:
-                try:
-                    self.path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-                    tmp.write_bytes(kept[b"text"])
-                    os.replace(tmp, self.path)
-                    disk_time = 0.0
-                except OSError as exc:
-                    log.warning("rules: could not write the last good rules to %s: %s", self.path, exc)
+            if kept.get(b"text") is not None and float(kept.get(b"saved_at", 0)) > disk_time and \
+                    self._write(kept[b"text"]):
+                disk_time = 0.0
         return self.path if disk_time >= 0 else None
+
+    def _write(self, raw: bytes) -> bool:
+        """Replace the kept file with ``raw`` atomically; whether it worked (a failure is logged)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(raw)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("rules: could not keep the last good rules in %s: %s", self.path, exc)
+            return False
+        return True
 
 
 def _signature(path: Path) -> Signature:
