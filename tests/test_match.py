@@ -46,6 +46,7 @@ class FakeSpec:
 
     queue: str
     path_params: frozenset[str] = frozenset()
+    secret_params: frozenset[str] = frozenset()
 
 
 ACTIONS = {

@@ -131,6 +131,14 @@ class WorkerSettings:
     time, and light actions mostly wait on CVAT or a notified host: more children run more of them
     at once, sharing the parent's preloaded pages, where another container would load its own."""
 
+    environment: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    """The process environment as read at start: where ``${NAME}`` references in rules come from
+    (``workers.rule_secrets``)."""
+
+    def rule_secret(self, name: str) -> str | None:
+        """The value a rule's ``${name}`` stands for (``None`` when unset or empty)."""
+        return self.environment.get(name) or None
+
     @property
     def retention_seconds(self) -> int:
         return self.retention_days * 86400
@@ -165,6 +173,7 @@ class WorkerSettings:
             recycle=Recycle(max_rss_mb=int(env.get("CVAT_HOOKS_WORKER_MAX_RSS_MB") or DEFAULT_MAX_RSS_MB),
                             max_jobs=int(env.get("CVAT_HOOKS_WORKER_MAX_JOBS") or 0)),
             light_processes=_positive(env, "CVAT_HOOKS_LIGHT_PROCESSES", 1),
+            environment=dict(env),
             protected_files=tuple(Path(p) for p in (env.get("CVAT_HOOKS_SECRET_FILE"),
                                                     env.get("CVAT_HOOKS_RULES") or "rules.yaml") if p),
         )

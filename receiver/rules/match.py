@@ -34,6 +34,9 @@ class ActionInfo(Protocol):
     @property
     def path_params(self) -> Collection[str]: ...
 
+    @property
+    def secret_params(self) -> Collection[str]: ...
+
 
 @dataclass(frozen=True)
 class PlannedAction:
@@ -79,7 +82,8 @@ def _plan(rule: Rule, variables: Mapping[str, Any], registry: Mapping[str, Actio
             errors.append(f"{where}: no such action is registered")
             continue
         try:
-            params = render_params(decl.params, variables, path_params=spec.path_params)
+            params = render_params(decl.params, variables, path_params=spec.path_params,
+                                   secret_params=spec.secret_params)
         except RenderError as exc:
             errors.append(f"{where}: {exc}")
             continue

@@ -10,6 +10,12 @@ path-safe, so a task named ``../../etc`` cannot steer a write outside its direct
 ``..%2F..%2Fwebhook-secrets`` once storage percent-decodes a ``file://`` URL (``%`` is neutralised
 too: a value is made safe *before* the destination is decoded, so it must not carry escapes). The literal
 parts of the template are the rules author's and are checked by storage, not here.
+
+Parameters that may hold credentials (``ActionSpec.secret_params``: ``notify``'s URL and headers) are
+rendered *sealed*: ``${NAME}`` (an upper-case name) stays a reference that only the worker resolves,
+from its own environment, when it sends (``workers.rule_secrets``), so the value never reaches the
+RQ job, the delivery record or Redis; every other ``$`` becomes ``$$``, so a payload value can never
+smuggle in a reference of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 
 from receiver.events import Event
 from receiver.rules.conditions import getter, is_missing
+from workers.rule_secrets import NAME as SECRET_NAME
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _INDEX = re.compile(r"[0-9]+")
@@ -149,40 +156,60 @@ def path_safe(value: str) -> str:
     return "_" if cleaned in ("", ".", "..") else cleaned
 
 
-def render(text: str, variables: Mapping[str, Any], *, safe_for_path: bool = False) -> str:
-    """Render one template string (``RenderError`` if a placeholder's path is not in ``variables``)."""
+def _secret_ref(parts: tuple[Part, ...], i: int) -> str | None:
+    """The name when ``parts[i]`` is the ``{NAME}`` of a ``${NAME}`` reference, else ``None``."""
+    part = parts[i]
+    if not isinstance(part, Placeholder) or not SECRET_NAME.fullmatch(part.path) or i == 0:
+        return None
+    before = parts[i - 1]
+    return part.path if isinstance(before, str) and before.endswith("$") else None
+
+
+def render(text: str, variables: Mapping[str, Any], *, safe_for_path: bool = False, sealed: bool = False) -> str:
+    """Render one template string (``RenderError`` if a placeholder's path is not in ``variables``);
+    ``sealed``: keep ``${NAME}`` references and escape every other ``$`` (see the module docstring)."""
     parts = parse_template(text)
-    if len(parts) == 1 and isinstance(parts[0], str):  # no placeholder, as most parameters
+    if not sealed and len(parts) == 1 and isinstance(parts[0], str):  # no placeholder, as most parameters
         return parts[0]
     out: list[str] = []
-    for part in parts:
+    for i, part in enumerate(parts):
+        ref = _secret_ref(parts, i + 1) if sealed and i + 1 < len(parts) else None
         if isinstance(part, str):
-            out.append(part)
+            literal = part[:-1] if ref is not None else part
+            out.append(literal.replace("$", "$$") if sealed else literal)
+            continue
+        if sealed and _secret_ref(parts, i) is not None:
+            out.append(f"${{{part.path}}}")
             continue
         value = getter(part.path)(variables)
         if is_missing(value):
             raise RenderError(f"placeholder {{{part.path}}} not found in the event")
         rendered = to_text(value)
-        out.append(path_safe(rendered) if safe_for_path else rendered)
+        rendered = path_safe(rendered) if safe_for_path else rendered
+        out.append(rendered.replace("$", "$$") if sealed else rendered)
     return "".join(out)
 
 
-def render_value(value: Any, variables: Mapping[str, Any], *, safe_for_path: bool = False) -> Any:
+def render_value(value: Any, variables: Mapping[str, Any], *, safe_for_path: bool = False,
+                 sealed: bool = False) -> Any:
     """Render every string inside a value (recursing through dicts and lists); other values pass."""
     if isinstance(value, str):
-        return render(value, variables, safe_for_path=safe_for_path)
+        return render(value, variables, safe_for_path=safe_for_path, sealed=sealed)
     if isinstance(value, Mapping):
-        return {k: render_value(v, variables, safe_for_path=safe_for_path) for k, v in value.items()}
+        return {k: render_value(v, variables, safe_for_path=safe_for_path, sealed=sealed) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [render_value(v, variables, safe_for_path=safe_for_path) for v in value]
+        return [render_value(v, variables, safe_for_path=safe_for_path, sealed=sealed) for v in value]
     return value
 
 
 def render_params(
-    params: Mapping[str, Any], variables: Mapping[str, Any], *, path_params: Collection[str] = frozenset()
+    params: Mapping[str, Any], variables: Mapping[str, Any], *, path_params: Collection[str] = frozenset(),
+    secret_params: Collection[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Render an action's parameters; values substituted into ``path_params`` are made path-safe."""
-    return {k: render_value(v, variables, safe_for_path=k in path_params) for k, v in params.items()}
+    """Render an action's parameters; values substituted into ``path_params`` are made path-safe, and
+    ``secret_params`` are rendered sealed."""
+    return {k: render_value(v, variables, safe_for_path=k in path_params, sealed=k in secret_params)
+            for k, v in params.items()}
 
 
 def template_variables(event: Event, *, now: datetime) -> dict[str, Any]:

@@ -42,6 +42,9 @@ class ActionSpec:
     path_params: frozenset[str] = frozenset()
     """Parameters that are file or object paths: placeholder values rendered into them cannot
     contain ``/`` or ``..``, so an event cannot steer a write outside its directory."""
+    secret_params: frozenset[str] = frozenset()
+    """Parameters that may hold credentials: rendered sealed, so they may reference ``${NAME}``
+    values the worker reads from its environment at run time (``workers.rule_secrets``)."""
     summary: str = ""
     causes: tuple[str, ...] = ()
     """CVAT events the action's own changes make CVAT send back (the one table of them): a rule
@@ -66,7 +69,7 @@ REGISTRY: dict[str, ActionSpec] = {
         ActionSpec("check_labels", "workers.actions.check_labels",
                    summary="compare a task's labels with a required set; report, add or fail",
                    causes=("update:task", "update:project")),
-        ActionSpec("notify", "workers.actions.notify",
+        ActionSpec("notify", "workers.actions.notify", secret_params=frozenset({"url", "headers"}),
                    summary="POST a templated message (JSON, Slack or Teams)"),
         # A job PATCH is update:job; CVAT then recomputes the task's status from its jobs and saves
         # the task when it changed, which is update:task (cvat/apps/engine/signals.py,

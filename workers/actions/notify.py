@@ -6,7 +6,10 @@ Parameters::
     text: "Job {job_id} of task {task_id} is {job.state}"   # placeholders rendered by the receiver
     format: json | slack | teams                # default json
     timeout: 5                                  # seconds; default CVAT_HOOKS_NOTIFY_TIMEOUT
-    headers: {Authorization: "Bearer ..."}      # optional extra request headers
+    headers: {Authorization: "Bearer ${API_TOKEN}"}   # optional extra request headers
+
+``url`` and ``headers`` may reference the worker's environment as ``${NAME}`` (``workers.rule_secrets``):
+the credential then never leaves the worker's memory (not the RQ job, the delivery record, Redis).
 
 Bodies:
 
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,6 +67,7 @@ from urllib.parse import urlsplit
 from workers.actions._params import call_key, has_placeholder, text, unknown_params
 from workers.context import ActionContext
 from workers.errors import ErrorKind, PermanentError, TransientError, classify
+from workers.rule_secrets import forbidden, references, unseal
 
 PARAMS = ("url", "text", "format", "timeout", "headers")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -75,6 +80,10 @@ _SEGMENT_CHARS = 24
 """Characters of the first path segment kept in a redacted URL."""
 _CONTEXT_KEYS = ("event", "resource", "resource_id", "updated_date", "webhook_id",
                  "project_id", "task_id", "job_id", "org_id", "object")
+
+
+_REFERENCE = re.compile(r"\$\{[A-Z][A-Z0-9_]*\}")
+"""A URL that is a whole ``${NAME}`` reference: its name is no secret and tells webhooks apart."""
 
 
 def redact_url(url: str) -> str:
@@ -97,7 +106,8 @@ def public_params(params: Mapping[str, Any]) -> dict[str, Any]:
     header values masked (an ``Authorization`` header is as secret as the URL)."""
     shown = dict(params)
     if isinstance(shown.get("url"), str):
-        shown["url"] = redact_url(shown["url"])
+        url = shown["url"]
+        shown["url"] = url if _REFERENCE.fullmatch(url) else redact_url(url)
     if isinstance(shown.get("headers"), Mapping):
         shown["headers"] = {name: "***" for name in shown["headers"]}
     return shown
@@ -209,7 +219,10 @@ def validate(params: Mapping[str, Any]) -> list[str]:
     """URL scheme, text, format, timeout and header types (the host allow-list is checked at run time)."""
     problems = unknown_params(params, PARAMS)
     url = params.get("url")
-    if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+    problems += _reference_problems(params)
+    if isinstance(url, str) and url.startswith("${"):
+        pass  # the worker's environment supplies it: checked when it is resolved, at run time
+    elif not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
         problems.append("url is required and must start with http:// or https://")
     elif not has_placeholder(url):
         try:
@@ -231,6 +244,26 @@ def validate(params: Mapping[str, Any]) -> list[str]:
             isinstance(k, str) and isinstance(v, str) for k, v in headers.items())):
         problems.append("headers must be a mapping of header names to strings")
     return problems
+
+
+def _reference_problems(params: Mapping[str, Any]) -> list[str]:
+    """``${NAME}`` references the rules may not make (the service's own credentials)."""
+    templates = [params.get("url")]
+    if isinstance(params.get("headers"), Mapping):
+        templates += list(params["headers"].values())
+    return [why for template in templates if isinstance(template, str)
+            for name in references(template) if (why := forbidden(name)) is not None]
+
+
+def unsealed(params: Mapping[str, Any], lookup: Any) -> dict[str, Any]:
+    """``params`` with the sealed URL and header values resolved (``workers.rule_secrets.unseal``)."""
+    resolved = dict(params)
+    if isinstance(params.get("url"), str):
+        resolved["url"] = unseal(params["url"], lookup)
+    if isinstance(params.get("headers"), Mapping):
+        resolved["headers"] = {k: unseal(v, lookup) if isinstance(v, str) else v
+                               for k, v in params["headers"].items()}
+    return resolved
 
 
 def body(fmt: str, message: str, ctx: ActionContext) -> dict[str, Any]:
@@ -317,7 +350,7 @@ class _StatusError(Exception):
 
 def run(ctx: ActionContext) -> dict[str, Any]:
     """Send the notification once; see the module docstring."""
-    params = ctx.params
+    params = unsealed(ctx.params, ctx.settings.rule_secret)
     problems = validate(params)
     if problems:
         raise PermanentError("; ".join(problems))
