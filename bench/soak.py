@@ -43,7 +43,7 @@ from typing import Any
 
 from receiver.events import delivery_id_of
 from receiver.signature import sign
-from tests.conftest import capture
+from tests.captures import capture
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, WebhookSink, jsonb_order
 from tests.procs import ReceiverProc, RedisProc, Sampler, WorkerProc, wait_for
 

