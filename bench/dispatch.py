@@ -14,6 +14,12 @@ metrics, RQ registries) around an action that does nothing but note its start ti
 - crash probe: an action that kills its process (``os._exit``, what a segfault or the OOM killer
   does), followed by a no-op: who survives, what runs next, when the crashed job is retried.
 
+``stock`` is RQ's own ``SimpleWorker`` (``rq worker -w rq.SimpleWorker``, with RQ's scheduler) running a
+job function that does what ``bench_noop`` does (note its start time) with none of cvat-hooks'
+bookkeeping, queued with the same RQ options: the baseline of the target "a no-op action costs
+cvat-hooks' worker at most :data:`STOCK_RATIO_TARGET` x RQ's stock SimpleWorker's CPU, in the same
+run" (issue 16), printed PASS or MISS.
+
 Nothing is pinned: two worker processes need both cores to show scale-out.
 """
 
@@ -37,18 +43,24 @@ from bench.procs import MB, Proc, RedisProc
 
 SHIPPED = "split"
 """The class ``cvat-hooks worker`` runs by default: the setup issue 5's dispatch targets are about."""
-SETUPS: tuple[tuple[str, int], ...] = ((SHIPPED, 1), (SHIPPED, 2), ("split2", 1), ("fork", 1), ("fork", 2),
-                                       ("simple", 1), ("simple", 2))
+STOCK = "stock"
+"""RQ's own SimpleWorker and a job function without cvat-hooks' bookkeeping: the baseline."""
+STOCK_QUEUE = "bench-stock"
+STOCK_RATIO_TARGET = 1.25
+"""Most worker CPU per no-op job cvat-hooks' shipped worker may spend, as a multiple of stock's."""
+SETUPS: tuple[tuple[str, int], ...] = ((STOCK, 1), (SHIPPED, 1), (SHIPPED, 2), ("split2", 1), ("fork", 1),
+                                       ("fork", 2), ("simple", 1), ("simple", 2))
 """(setup, processes): ``cvat-hooks worker`` as :data:`KINDS` says, scaled by processes."""
 KINDS: dict[str, tuple[str, dict[str, str], int]] = {
-    SHIPPED: (SHIPPED, {}, 2),
-    "split2": (SHIPPED, {"CVAT_HOOKS_LIGHT_PROCESSES": "2"}, 3),
+    STOCK: (STOCK, {}, 1),
+    SHIPPED: (SHIPPED, {}, 3),
+    "split2": (SHIPPED, {"CVAT_HOOKS_LIGHT_PROCESSES": "2"}, 4),
     "fork": ("fork", {}, 1),
     "simple": ("simple", {}, 1),
 }
-"""setup -> (``--class``, its environment, RQ workers it registers). ``split`` has a light and an
-export child; ``split2`` is one ``split`` command with two light children, the way to run two
-light processes in one container."""
+"""setup -> (``--class``, its environment, RQ workers it registers). ``split`` has a light child and
+one per long-running queue (exports, auto-annotation); ``split2`` is one ``split`` command with two
+light children, the way to run two light processes in one container."""
 
 
 def _calls(n: int, *, tag: str, crash: bool = False, attempts: int = 0, queue: str | None = None) -> list[Any]:
@@ -101,13 +113,51 @@ class Queuer:
             pipe.execute()
 
 
+def stock_noop(job_id: str) -> dict[str, bool]:
+    """The stock baseline's job: what ``bench_noop`` does (note its start), nothing of cvat-hooks."""
+    from rq import get_current_job
+
+    started = time.time()
+    job = get_current_job()
+    assert job is not None
+    job.connection.hset(STARTS_KEY, job_id, repr(started))
+    return {"noop": True}
+
+
+class StockQueuer:
+    """Queues a stock job per call, with the RQ options ``workers.queueing.enqueue`` gives ours."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.retention = 86400
+
+    def queue(self, calls: list[Any]) -> None:
+        """All ``calls`` in one transaction, as :class:`Queuer` does."""
+        from rq import Callback, Queue
+
+        from workers.contract import FAILURE_CALLBACK, job_timeout
+        from workers.queueing import queue
+
+        datas = [Queue.prepare_data(stock_noop, args=(call.job_id,), job_id=call.job_id,
+                                    on_failure=Callback(FAILURE_CALLBACK), timeout=job_timeout(call.queue),
+                                    result_ttl=self.retention, failure_ttl=self.retention,
+                                    description=f"stock no-op {call.job_id[:12]}")
+                 for call in calls]
+        with self.redis.pipeline(transaction=True) as pipe:
+            queue(STOCK_QUEUE, self.redis).enqueue_many(datas, pipeline=pipe)
+            pipe.execute()
+
+
 def _finished(redis: Redis) -> int:
-    """Jobs of the light queue that finished or failed (RQ's registries)."""
+    """Jobs of the light (or the stock) queue that finished or failed (RQ's registries)."""
     from workers.contract import LIGHT_QUEUE
     from workers.queueing import queue
 
-    q = queue(LIGHT_QUEUE, redis)
-    return int(redis.zcard(q.finished_job_registry.key)) + int(redis.zcard(q.failed_job_registry.key))
+    done = 0
+    for name in (LIGHT_QUEUE, STOCK_QUEUE):
+        q = queue(name, redis)
+        done += int(redis.zcard(q.finished_job_registry.key)) + int(redis.zcard(q.failed_job_registry.key))
+    return done
 
 
 def _worker_count(redis: Redis) -> int:
@@ -128,9 +178,12 @@ def workers(redis: RedisProc, kind: str, count: int, work: Path, *, extra_env: d
     started: list[Proc] = []
     try:
         for i in range(count):
-            started.append(procs.start(f"worker-{kind}-{count}-{i}", [sys.executable, "-m", "bench.worker",
-                                                                      "--class", worker_class],
-                                       env=env, log_dir=work / "logs", cpu=cpu))
+            argv = ([sys.executable, "-m", "rq.cli", "worker", "-u", redis.url, "-w", "rq.worker.SimpleWorker",
+                     "-S", "rq.serializers.JSONSerializer", "--with-scheduler", STOCK_QUEUE]
+                    if worker_class == STOCK else
+                    [sys.executable, "-m", "bench.worker", "--class", worker_class])
+            started.append(procs.start(f"worker-{kind}-{count}-{i}", argv, env=env, log_dir=work / "logs",
+                                       cpu=cpu))
         deadline = time.monotonic() + 60
         while _worker_count(redis.client) < before + count * per_process:
             for proc in started:
@@ -146,7 +199,7 @@ def workers(redis: RedisProc, kind: str, count: int, work: Path, *, extra_env: d
             proc.stop()
 
 
-def drain(redis: RedisProc, queuer: Queuer, n: int, started: list[Proc] | None = None) -> dict[str, Any]:
+def drain(redis: RedisProc, queuer: Queuer | StockQueuer, n: int, started: list[Proc] | None = None) -> dict[str, Any]:
     """Queue ``n`` jobs at once; time until every one has finished, and the CPU the workers used."""
     def cpu() -> tuple[float, float]:
         return (sum(procs.tree_cpu(p.pid) for p in started or ()), procs.tree_cpu(redis.proc.pid))
@@ -183,7 +236,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def latency(redis: RedisProc, queuer: Queuer, *, rate: float, seconds: float) -> dict[str, Any]:
+def latency(redis: RedisProc, queuer: Queuer | StockQueuer, *, rate: float, seconds: float) -> dict[str, Any]:
     """One event every ``1/rate`` s; event-to-action-start latency of each."""
     n = int(rate * seconds)
     calls = _calls(n, tag="latency")
@@ -203,7 +256,7 @@ def latency(redis: RedisProc, queuer: Queuer, *, rate: float, seconds: float) ->
     deadline = time.monotonic() + 60
     while redis.client.hlen(STARTS_KEY) < len(queued_at) and time.monotonic() < deadline:
         time.sleep(0.02)
-    raw = redis.client.hgetall(STARTS_KEY)
+    raw: dict[bytes, bytes] = redis.client.hgetall(STARTS_KEY)  # type: ignore[assignment]
     starts = {k.decode(): float(v) for k, v in raw.items()}
     lat = [(starts[j] - t) * 1000 for j, t in queued_at.items() if j in starts]
     return {"events": n, "rate": rate, "achieved_rate": round(n / sent_seconds, 1), "late_sends": behind,
@@ -263,7 +316,8 @@ def crash_probe(redis: RedisProc, queuer: Queuer, kind: str, work: Path, *,
         record = deliveries.get(crash.delivery_id)
         steps = [(st["step"], st["t"]) for st in (record.timeline if record else []) if st["step"] != "note"]
         q = queue(crash.queue, redis.client)
-        wip = redis.client.zrange(q.started_job_registry.key, 0, -1, withscores=True)
+        wip: list[tuple[bytes, float]] = redis.client.zrange(  # type: ignore[assignment]
+            q.started_job_registry.key, 0, -1, withscores=True)
         retry_in = None
         for member, score in wip:
             if member.decode().startswith(crash.job_id):
@@ -296,10 +350,10 @@ def run(work: Path, *, jobs: int, latency_seconds: float, rate: float = 100.0, d
     out: dict[str, Any] = {"jobs": jobs, "rate": rate, "latency_seconds": latency_seconds, "shipped": SHIPPED,
                            "drains": drains, "setups": {}}
     with RedisProc(work / "redis") as redis:
-        queuer = Queuer(redis.client)
         for kind, count in setups:
             name = f"{kind}x{count}"
             redis.flush()
+            queuer: Queuer | StockQueuer = StockQueuer(redis.client) if kind == STOCK else Queuer(redis.client)
             with workers(redis, kind, count, work, extra_env=worker_env) as started:
                 # A short warm-up burst: imports, connections and the first fork out of the way.
                 drain(redis, queuer, min(50, jobs))
@@ -319,10 +373,32 @@ def run(work: Path, *, jobs: int, latency_seconds: float, rate: float = 100.0, d
                 rss = sum(procs.tree_memory(p.pid).rss for p in started)
             out["setups"][name] = {"kind": kind, "processes": count, "drain": d, "latency": lat,
                                    "rss_mb_after": round(rss / MB, 1)}
+        out["stock"] = stock_ratio(out["setups"], log)
         if crash:
+            queuer = Queuer(redis.client)
             out["crash"] = {}
-            for kind in sorted({KINDS[k][0] for k, _ in setups}):
+            for kind in sorted({KINDS[k][0] for k, _ in setups} - {STOCK}):
                 probe = crash_probe(redis, queuer, kind, work)
                 out["crash"][kind] = probe
                 log(f"dispatch: crash probe {kind}: {probe}")
     return out
+
+
+def stock_ratio(setups: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Worker CPU per no-op job of each one-process cvat-hooks setup over stock's; the shipped
+    setup's ratio is the target's, printed PASS or MISS."""
+    stock = setups.get(f"{STOCK}x1")
+    if not stock:
+        return None
+    base = stock["drain"]["worker_cpu_ms_per_job"]
+    ratios = {name: round(s["drain"]["worker_cpu_ms_per_job"] / base, 2) for name, s in setups.items()
+              if s["processes"] == 1 and s["kind"] != STOCK and base}
+    shipped = ratios.get(f"{SHIPPED}x1")
+    verdict = None if shipped is None else ("PASS" if shipped <= STOCK_RATIO_TARGET else "MISS")
+    log(f"dispatch: worker CPU per no-op job vs RQ's stock SimpleWorker ({base} ms): "
+        + ", ".join(f"{name} {ratio}x" for name, ratio in ratios.items())
+        + (f"; target {SHIPPED} <= {STOCK_RATIO_TARGET}x: {verdict}" if verdict else ""))
+    measured = (f"{setups[f'{SHIPPED}x1']['drain']['worker_cpu_ms_per_job']:.2f} vs {base:.2f} ms of worker CPU "
+                "per no-op" if shipped is not None else "")
+    return {"ratio": shipped, "measured": measured, "stock_ms": base, "ratios": ratios,
+            "target": STOCK_RATIO_TARGET, "verdict": verdict}

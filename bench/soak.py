@@ -18,7 +18,7 @@ answered, and the peak RSS of each process. The figures are saved
 to ``bench/results/soak-<date>.json``.
 
 A killed worker's in-flight job is retried by RQ once it deems it abandoned, about 75 s after the
-kill (``workers.inprocess.JOB_BEAT_SECONDS`` + 60), at the next
+kill (``workers.worker.JOB_MONITORING_SECONDS`` + 60), at the next
 maintenance (30 s); a job taken off a queue but not yet registered, by RQ's intermediate-queue
 cleanup (over a minute). The drain therefore takes that long at least.
 """

@@ -54,6 +54,7 @@ def init_intake(app: Flask, settings: Settings, redis: Redis | None = None) -> I
     if intake.journal.pending():
         intake.start_journal_drain()  # left over from a receiver that stopped while Redis was down
     app.extensions["cvat_hooks"] = intake
+    intake.rules.watch()  # per process: each gunicorn worker holds, reloads and reports its own rules
     app.extensions["cvat_hooks_durability"] = warn_if_redis_can_lose_data(DurabilityCheck(redis))
     return intake
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ def main() -> None:
     from workers.redaction import Redactor
 
     settings = _settings()
-    configure(settings.log_format, redactor=Redactor(settings.sensitive_values()))
+    configure(settings.log_format, redactor=Redactor(settings.sensitive_values()), level=settings.log_level)
 
 
 @main.command()
@@ -75,6 +76,8 @@ def worker(burst: bool, queues: tuple[str, ...], kind: str) -> None:
     from workers.worker import run
 
     settings = _settings()
+    if problem := settings.cvat_problem:
+        logging.getLogger("receiver.cli").warning("worker: %s", problem)
     at_start = partial(start_hook, settings)
     try:
         if kind == "split":
@@ -102,11 +105,20 @@ def rules() -> None:
 
 @rules.command("check")
 @click.argument("path", required=False, type=click.Path(path_type=Path))
-def rules_check(path: Path | None) -> None:
-    """Validate a rules file; exit 1 listing every problem."""
+@click.option("--online", is_flag=True,
+              help="also check export formats against the configured CVAT's own list (CVAT_URL)")
+def rules_check(path: Path | None, online: bool) -> None:
+    """Validate a rules file; exit 1 listing every problem.
+
+    Offline (the default, as the receiver loads it) formats are checked against the CVAT names
+    shipped with cvat-hooks; --online asks the configured CVAT for its own.
+    """
     from receiver.rules import RulesError, load_rules
 
-    path = path or _settings().rules_path
+    settings = _settings() if path is None or online else None
+    if path is None:
+        assert settings is not None
+        path = settings.rules_path
     try:
         ruleset = load_rules(path)
     except RulesError as exc:
@@ -114,7 +126,16 @@ def rules_check(path: Path | None) -> None:
         sys.exit(1)
     for warning in ruleset.warnings:
         click.echo(str(warning), err=True)
-    click.echo(f"{path}: {len(ruleset.rules)} rule(s) OK")
+    if online:
+        from receiver.rules.server_formats import format_problems
+
+        assert settings is not None
+        with _cvat(settings) as cvat:
+            problems = format_problems(ruleset, "export", cvat.annotation_formats())
+        if problems:
+            click.echo("\n".join(str(p) for p in problems), err=True)
+            sys.exit(1)
+    click.echo(f"{path}: {len(ruleset.rules)} rule(s) OK" + (" (formats checked with CVAT)" if online else ""))
     click.echo("CVAT events to subscribe: " + ", ".join(sorted(ruleset.events_needed())))
 
 
@@ -170,15 +191,58 @@ def read_body(path: Path) -> bytes:
     return raw
 
 
+def _signing_secret(given: str | None) -> str:
+    """``--secret``, else the first secret the service accepts (CVAT_HOOKS_SECRET, then the secrets
+    store, where ``register`` and the trial keep theirs)."""
+    if given:
+        return given.split(",")[0].strip()
+    settings = _settings()
+    if not settings.secrets:
+        raise click.ClickException(
+            f"no webhook secret to sign with: give --secret, set CVAT_HOOKS_SECRET, or start the trial once "
+            f"(`./dev run` keeps one in {settings.registered_secrets_file})")
+    return settings.secrets[0]
+
+
 @main.command()
 @click.argument("payload", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--secret", required=True, envvar="CVAT_HOOKS_SECRET", help="the webhook secret")
-def sign(payload: Path, secret: str) -> None:
+@click.option("--secret", help="the webhook secret (default: the service's own, as `send` uses)")
+def sign(payload: Path, secret: str | None) -> None:
     """Print the X-Signature-256 header CVAT would send for a payload file's exact bytes."""
     from receiver.signature import HEADER
     from receiver.signature import sign as sign_body
 
-    click.echo(f"{HEADER}: {sign_body(read_body(payload), secret.split(',')[0])}")
+    click.echo(f"{HEADER}: {sign_body(read_body(payload), _signing_secret(secret))}")
+
+
+@main.command()
+@click.argument("payload", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--url", help="the receiver's base or webhook URL  [default: the local one, on --port]")
+@click.option("--port", default=8000, show_default=True, type=int, envvar="CVAT_HOOKS_PORT",
+              help="the local receiver's port, without --url")
+@click.option("--secret", help="sign with this secret (default: the service's own: CVAT_HOOKS_SECRET, else "
+                               "the secrets store, the trial's included)")
+def send(payload: Path, url: str | None, port: int, secret: str | None) -> None:
+    """Send a payload file to the receiver as CVAT would: signed, with CVAT's headers; print the answer.
+
+    The file is a raw body (examples/payloads/) or a capture with "body_raw". Exits 1 unless the
+    answer is 2xx."""
+    from receiver.send import SendError, target_url
+    from receiver.send import send as do_send
+
+    try:
+        url = target_url(url or f"http://127.0.0.1:{port}")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--url") from exc
+    try:
+        answer = do_send(read_body(payload), url, _signing_secret(secret))
+    except SendError as exc:
+        raise click.ClickException(f"{exc} (is the receiver running? `cvat-hooks serve`, or `./dev run`)") from exc
+    click.echo(f"{answer.status} {answer.reason}")
+    click.echo(answer.body.rstrip("\n"))
+    if answer.status == 401:
+        click.echo("the receiver does not accept this secret: give the one it uses with --secret", err=True)
+    sys.exit(0 if 200 <= answer.status < 300 else 1)
 
 
 @main.group()
@@ -263,21 +327,76 @@ def deliveries_show(delivery_id: str, as_json: bool) -> None:
 
 
 @deliveries.command("replay")
-@click.argument("delivery_id")
+@click.argument("delivery_id", required=False)
 @click.option("--force", is_flag=True, help="also re-run actions that already succeeded")
-def deliveries_replay(delivery_id: str, force: bool) -> None:
-    """Re-run a delivery's actions as a new, recorded run (failed ones only, unless --force)."""
-    from workers.replay import NothingToReplay, replay
+@click.option("--rematch", is_flag=True,
+              help="judge the delivery again with the current rules and run what matches now")
+@click.option("--status", type=click.Choice(["no_match", "pending", "succeeded", "failed"]),
+              help="bulk: every delivery with this status (e.g. failed)")
+@click.option("--since", help="bulk: received since (ISO time, or 30m, 2h, 7d back)")
+@click.option("--until", help="bulk: received until (ISO time, or a duration back)")
+@click.option("--rule", help="bulk: only deliveries that matched this rule id")
+@click.option("--event", help="bulk: event name or pattern, e.g. 'update:*'")
+@click.option("--dry-run", is_flag=True, help="say what would be replayed, queue nothing")
+@click.option("--yes", "-y", is_flag=True, help="bulk: do not ask for confirmation")
+def deliveries_replay(delivery_id: str | None, force: bool, rematch: bool, status: str | None, since: str | None,
+                      until: str | None, rule: str | None, event: str | None, dry_run: bool, yes: bool) -> None:
+    """Re-run a delivery's actions as new, recorded runs (failed ones only, unless --force).
 
+    With --rematch the delivery is judged again with the current rules (after fixing a rule), and
+    the actions that match now are run. Without an ID, every delivery the filters select is
+    replayed (after outages): the count is shown first and confirmed unless --yes.
+    """
+    from receiver.bulk_replay import MAX_BULK, replay_all, replay_one
+    from workers.replay import NothingToReplay
+
+    bulk = any((status, since, until, rule, event))
+    if bool(delivery_id) == bulk:
+        raise click.UsageError("give a delivery ID, or filters (--status, --since, --rule...) for a bulk replay")
     log = _log()
-    delivery = log.find(delivery_id)
-    if delivery is None:
-        raise click.ClickException(f"no delivery {delivery_id!r} (unknown, or older than the retention)")
-    try:
-        jobs = replay(log, delivery, force=force)
-    except NothingToReplay as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"delivery {delivery.id}: queued {len(jobs)} job(s): {', '.join(jobs)}")
+    options = _replay_options(log, rematch, force, dry_run)
+    if delivery_id:
+        delivery = log.find(delivery_id)
+        if delivery is None:
+            raise click.ClickException(f"no delivery {delivery_id!r} (unknown, or older than the retention)")
+        try:
+            jobs = replay_one(log, delivery, **options)
+        except NothingToReplay as exc:
+            raise click.ClickException(f"nothing to replay: {exc}") from exc
+        verb = "would queue" if dry_run else "queued"
+        click.echo(f"delivery {delivery.id}: {verb} {len(jobs)} job(s): {', '.join(jobs) or '-'}")
+        return
+    found = log.list(limit=MAX_BULK, event=event, rule=rule, status=status, since=_when(since),
+                     until=_when(until), scan=MAX_BULK * 5)
+    click.echo(f"{len(found)} deliver{'y' if len(found) == 1 else 'ies'} selected"
+               + (" (re-matched with the current rules)" if rematch else ""))
+    if not found:
+        return
+    if not (dry_run or yes):
+        click.confirm(f"replay {len(found)} deliveries?", abort=True)
+    with click.progressbar(length=len(found), label="replaying", file=sys.stderr) as bar:
+        report = replay_all(log, found, step=lambda d, j: bar.update(1), **options)
+    verb = "would replay" if dry_run else "replayed"
+    click.echo(f"{verb} {report.replayed}, skipped {report.skipped}, "
+               f"{'would queue' if dry_run else 'queued'} {len(report.jobs)} job(s)")
+    for did, reason in report.reasons.items():
+        click.echo(f"  skipped {did[:12]}: {reason}")
+
+
+def _replay_options(log: Any, rematch: bool, force: bool, dry_run: bool) -> dict[str, Any]:
+    """The rules (with --rematch) and service account a replay judges with, and its flags."""
+    options: dict[str, Any] = {"force": force, "dry_run": dry_run}
+    if rematch:
+        from receiver.rules import RulesError, load_rules
+        from workers.service_account import ServiceAccount
+
+        settings = _settings()
+        try:
+            options["rules"] = load_rules(settings.rules_path)
+        except RulesError as exc:
+            raise click.ClickException(f"--rematch needs rules that load: {exc}") from exc
+        options["service_account"] = ServiceAccount(settings.workers.cvat.service_account, log.redis).name()
+    return options
 
 
 # -- operations: CVAT webhooks, ping, doctor, reconcile ---------------------------------------------
@@ -511,6 +630,29 @@ def reconcile(since: str, dry_run: bool, max_tries: int, as_json: bool) -> None:
     else:
         click.echo("\n".join(report.lines()))
     sys.exit(1 if report.errors else 0)
+
+
+@main.group()
+def actions() -> None:
+    """The actions rules can use: built-in and plugins."""
+
+
+@actions.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def actions_list(as_json: bool) -> None:
+    """Built-in actions and installed plugin actions (entry points of the group cvat_hooks.actions),
+    with their parameters; exits 1 when a plugin cannot be used (shown with why)."""
+    from workers.actions import list_actions
+    from workers.actions.plugins import listing_lines
+
+    found = list_actions()
+    if as_json:
+        _echo_json(found)
+    else:
+        click.echo("\n".join(listing_lines(found["actions"])))
+        for problem in found["problems"]:
+            click.echo(f"error: {problem['name']}: {problem['error']}", err=True)
+    sys.exit(1 if found["problems"] else 0)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,14 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from redis.exceptions import RedisError
 
 from receiver.events import BadEvent, Event, parse_event
 from receiver.journal import Journal, JournalFull
-from receiver.receipts import Batch, Receipts
+from receiver.receipts import Batch, Claim, Receipts
 from receiver.rules import Explanation, Match, Previous, RuleStore, match, previous_from_payload
 from receiver.secrets_store import SecretStore
 from receiver.settings import Settings
@@ -34,6 +34,9 @@ from workers.delivery_log import DeliveryLog, Outcome
 from workers.queueing import enqueue
 from workers.redaction import Redactor
 from workers.service_account import ServiceAccount
+
+if TYPE_CHECKING:
+    from redis.client import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -133,35 +136,43 @@ class Intake:
     def _accept(self, event: Event) -> Answer:
         now = time.time()
         if_duplicate = self._duplicate_writes(event, now)
-        if event.is_ping:
-            return self._store(event, [], Previous(None, None, "untracked"), now, Outcome.PING, if_duplicate)
-        begun = self.receipts.begin(event, if_duplicate)
-        if begun.duplicate:
-            return self._duplicate(event)
-        self.rules.maybe_reload()
-        previous = transitions_for(event, begun.seen)
-        stopped: list[Explanation] = []
-        matches = match(self.rules.current, event, previous, datetime.fromtimestamp(now, UTC),
-                        service_account=self.service_account.name(), stopped=stopped)
-        for rule in stopped:
-            log.info("delivery %s: rule %s %s", event.delivery_id, rule.rule_id, rule.reasons[-1])
-        return self._store(event, matches, previous, now, Outcome.QUEUED if matches else Outcome.NO_MATCH,
-                           if_duplicate)
+        with self.receipts.claim(event) as claim:
+            if event.is_ping:
+                if claim.stored_before():
+                    self.receipts.note_duplicate(event, if_duplicate)
+                    return self._duplicate(event)
+                return self._store(claim, event, [], Previous(None, None, "untracked"), now, Outcome.PING,
+                                   if_duplicate)
+            begun = self.receipts.begin(event, if_duplicate)
+            if begun.duplicate:
+                return self._duplicate(event)
+            self.rules.maybe_reload()
+            previous = transitions_for(event, begun.seen)
+            stopped: list[Explanation] = []
+            matches = match(self.rules.current, event, previous, datetime.fromtimestamp(now, UTC),
+                            service_account=self.service_account.name(), stopped=stopped)
+            for rule in stopped:
+                log.info("delivery %s: rule %s %s", event.delivery_id, rule.rule_id, rule.reasons[-1])
+            return self._store(claim, event, matches, previous, now,
+                               Outcome.QUEUED if matches else Outcome.NO_MATCH, if_duplicate)
 
-    def _store(self, event: Event, matches: list[Match], previous: Previous, now: float,
+    def _store(self, claim: Claim, event: Event, matches: list[Match], previous: Previous, now: float,
                outcome: Outcome, if_duplicate: Batch) -> Answer:
-        """Record the delivery and enqueue its jobs in one atomic step, unless it was stored meanwhile."""
+        """Record the delivery and enqueue its jobs in one transaction, unless it was stored meanwhile."""
         calls = calls_for(event, matches)
         record = delivery_record(event, matches, calls, previous, outcome)
-        writes = Batch()
-        self.deliveries.add_received(writes, record, record_actions(calls), now)
-        if outcome is Outcome.NO_MATCH:
-            self.deliveries.expire(writes, event.delivery_id, NO_MATCH_RETENTION)
-        job_ids = enqueue(calls, self.redis, writes, failure_ttl=self.settings.workers.retention_seconds)
-        metrics.inc(writes, "cvat_hooks_deliveries_total", event=event.name, outcome=outcome.value)
-        if not self.receipts.commit(event, int(now), self.settings.dedupe_seconds, writes, if_duplicate):
+
+        def writes(pipe: Pipeline) -> None:
+            self.deliveries.add_received(pipe, record, record_actions(calls), now)
+            if outcome is Outcome.NO_MATCH:
+                self.deliveries.expire(pipe, event.delivery_id, NO_MATCH_RETENTION)
+            enqueue(calls, self.redis, pipe, failure_ttl=self.settings.workers.retention_seconds)
+            metrics.inc(pipe, "cvat_hooks_deliveries_total", event=event.name, outcome=outcome.value)
+
+        if not claim.commit(int(now), self.settings.dedupe_seconds, writes, if_duplicate):
             # Another receiver stored this very event since our first look.
             return self._duplicate(event)
+        job_ids = [call.job_id for call in calls]
         if outcome is Outcome.PING:
             log.info("delivery %s: ping from webhook %s", event.delivery_id, event.webhook_id)
             return Answer(200, {"status": "ping", "delivery_id": event.delivery_id})

@@ -22,7 +22,7 @@ from receiver.events import delivery_id_of
 from receiver.reconcile import recent_runs
 from receiver.rules import RulesError, load_rules
 from receiver.secrets_store import SecretStore
-from receiver.settings import Settings
+from receiver.settings import LEGACY_TRIAL_SECRET_FILE, Settings
 from workers import webhook_registry as registry
 from workers.contract import QUEUES
 from workers.cvat_webhooks import (
@@ -379,8 +379,17 @@ def _webhook(gateway: WebhookGateway, hook: Webhook, needed: set[str] | None) ->
 
 
 def _secrets(settings: Settings, report: Report) -> None:
+    """The secrets every receiver of these settings accepts: ``CVAT_HOOKS_SECRET`` and the secrets
+    store, where ``register`` writes and the trial keeps its generated secret."""
     count = len(SecretStore.for_settings(settings).current())
     files = ", ".join(str(p) for p in settings.secret_files)
+    legacy = settings.data_dir / LEGACY_TRIAL_SECRET_FILE
+    if legacy.exists():
+        report.checks.append(Check("secrets", Status.WARN if count else Status.FAIL,
+                                   f"{legacy} holds a trial secret of an older cvat-hooks: the next `cvat-hooks "
+                                   f"serve` (`./dev run`) moves it into {settings.registered_secrets_file}",
+                                   {"count": count}))
+        return
     if count:
         report.checks.append(Check("secrets", Status.OK, f"{count} webhook secret(s) accepted "
                                    f"(CVAT_HOOKS_SECRET and {files})", {"count": count}))

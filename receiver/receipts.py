@@ -1,28 +1,32 @@
-"""A delivery's two round trips to Redis, each one Lua script, so the receiver answers fast.
+"""A delivery's three round trips to Redis, so the receiver answers fast and stores an event once.
 
-``begin``: was this event stored before? Then note the duplicate (delivery log, metric) and stop.
-Otherwise swap the resource's last-seen state (``receiver.state``) and say what was there, which the
-rules need. ``commit``: claim the event (``SET NX`` on its seen key) and, only if this call claimed
-it, apply the delivery record, its RQ jobs and the metrics; if another receiver claimed it first,
-note a duplicate instead. Both are atomic like MULTI, but one round trip each and with the check
-inside, where WATCH/EXISTS/MULTI/EXEC took four and a separate call per duplicate (issue 5).
+:meth:`Receipts.claim` watches the event's seen key (``WATCH``) for the whole delivery. ``begin``
+(one Lua script): was this event stored before? Then note the duplicate (delivery log, metric) and
+stop. Otherwise swap the resource's last-seen state (``receiver.state``) and say what was there,
+which the rules need. :meth:`Claim.commit`: one ``MULTI``/``EXEC`` on a real redis-py pipeline that
+marks the event seen and holds the delivery record, the metrics and its RQ jobs, written there by
+RQ's own ``Queue.enqueue_many``; if another receiver stored the event since the ``WATCH``, Redis
+applies none of it and a duplicate is noted instead (issue 5: one script per step and no separate
+call per duplicate).
 
-The writes are collected in a :class:`Batch` by the code that owns them: the delivery log, the
-metrics, and RQ's own ``Queue.enqueue_many``, which is given the batch as its pipeline, so queued
-jobs are exactly what RQ writes.
+A duplicate's writes (delivery log, metric) are collected in a :class:`Batch` and applied inside the
+``begin`` script, only when the event turns out to be one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import WatchError
 
 from receiver.state import SWAP_FUNCTION, Seen, StateStore, seen_from
 
 if TYPE_CHECKING:
     from redis import Redis
+    from redis.client import Pipeline
 
     from receiver.events import Event
 
@@ -61,22 +65,9 @@ if KEYS[2] == '' then return {'untracked', ''} end
 return swap(KEYS[2], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]))
 """
 
-# KEYS: seen key. ARGV: seen value, seconds, n = length of the new event's ops, its ops, then the
-# duplicate's ops. Returns 1 when this call stored the event, 0 when it was a duplicate.
-_COMMIT = _APPLY + """
-local split = 3 + tonumber(ARGV[3])
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  apply(4, split)
-  return 1
-end
-apply(split + 1, #ARGV)
-return 0
-"""
-
-
 class Batch:
-    """Redis writes to apply later inside a script: the part of a pipeline's interface that our
-    delivery log and metrics use, and that RQ's ``enqueue_many`` uses with a pipeline."""
+    """Redis writes to apply later inside the ``begin`` script: the part of a pipeline's interface
+    that the delivery log and the metrics use for a duplicate."""
 
     def __init__(self) -> None:
         self.args: list[Any] = []
@@ -152,13 +143,20 @@ class Begun:
 
 
 class Receipts:
-    """Runs the two scripts of a delivery (see the module docstring)."""
+    """Runs a delivery's round trips (see the module docstring)."""
 
     def __init__(self, redis: Redis, state: StateStore) -> None:
         self.redis = redis
         self.state = state
         self._begin = redis.register_script(_BEGIN)
-        self._commit = redis.register_script(_COMMIT)
+
+    @contextmanager
+    def claim(self, event: Event) -> Iterator[Claim]:
+        """Watch ``event``'s seen key while inside: :meth:`Claim.commit` stores the event only if no
+        one stored it since."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.watch(SEEN_KEY.format(event.delivery_id))
+            yield Claim(self, event, pipe)
 
     def begin(self, event: Event, if_duplicate: Batch) -> Begun:
         """Check for a duplicate (applying ``if_duplicate`` then) and swap the last-seen state."""
@@ -170,8 +168,34 @@ class Receipts:
             return Begun(True, Seen("untracked", None))
         return Begun(False, seen)
 
-    def commit(self, event: Event, seen_value: int, seconds: int, writes: Batch, if_duplicate: Batch) -> bool:
-        """Claim the event and apply ``writes``; ``False`` (and ``if_duplicate`` applied) if it was taken."""
-        stored = self._commit(keys=[SEEN_KEY.format(event.delivery_id)],
-                              args=[seen_value, seconds, len(writes), *writes.args, *if_duplicate.args])
-        return bool(stored)
+    def note_duplicate(self, event: Event, if_duplicate: Batch) -> None:
+        """Apply ``if_duplicate``, the event being stored already (the ``begin`` script, untracked)."""
+        self._begin(keys=[SEEN_KEY.format(event.delivery_id), ""], args=["", "", "", 0, *if_duplicate.args])
+
+
+@dataclass
+class Claim:
+    """One delivery's watched transaction (:meth:`Receipts.claim`)."""
+
+    receipts: Receipts
+    event: Event
+    pipe: Pipeline
+
+    def stored_before(self) -> bool:
+        """Whether the event was stored already (for an event ``begin`` does not look at: a ping)."""
+        return bool(self.pipe.exists(SEEN_KEY.format(self.event.delivery_id)))
+
+    def commit(self, seen_value: int, seconds: int, writes: Callable[[Pipeline], object],
+               if_duplicate: Batch) -> bool:
+        """Mark the event seen for ``seconds`` and apply ``writes`` (queued on a real MULTI pipeline:
+        the delivery record, the metrics, RQ's jobs) in one transaction, unless the event was stored
+        since the claim began; then ``if_duplicate`` is applied instead and this returns False."""
+        self.pipe.multi()
+        self.pipe.set(SEEN_KEY.format(self.event.delivery_id), seen_value, ex=seconds)
+        writes(self.pipe)
+        try:
+            self.pipe.execute()
+        except WatchError:
+            self.receipts.note_duplicate(self.event, if_duplicate)
+            return False
+        return True

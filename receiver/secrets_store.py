@@ -104,6 +104,22 @@ def add_secret(path: Path, secret: str, note: str) -> None:
             os.close(dir_fd)
 
 
+def take_in_legacy(old: Path, store: Path) -> tuple[str, ...]:
+    """Move the secrets of a file the trial used to keep apart (``var/webhook-secret``) into the
+    store, once, and delete that file: the webhook a trial user set up with it keeps working, and
+    ``doctor``, ``serve``, ``register`` and ``send`` read one place. Returns the secrets moved."""
+    try:
+        text = old.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ()
+    have = set(read_secrets([store]))
+    moved = tuple(s for s in parse_secrets(text) if s not in have)
+    for secret in moved:
+        add_secret(store, secret, f"trial secret, moved here from {old.name}")
+    old.unlink()
+    return moved
+
+
 def _stamp(paths: Sequence[Path]) -> tuple[tuple[int, int, int] | None, ...]:
     """What changes when a file is rewritten: inode (a rename), size and modification time."""
     stamps: list[tuple[int, int, int] | None] = []

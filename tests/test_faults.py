@@ -36,6 +36,7 @@ import pytest
 from redis import Redis
 from rq.executions import Execution
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+from rq.scheduler import RQScheduler
 
 from receiver.app import create_app
 from receiver.events import delivery_id_of
@@ -44,7 +45,7 @@ from tests.conftest import SECRET, capture, signed
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, jsonb_order
 from tests.cvat_server import exports as cvat_exports
 from tests.procs import ReceiverProc, RedisProc, WorkerProc, children, clean_env, cli_argv, wait_for
-from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE
+from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE, QUEUES
 from workers.delivery_log import DeliveryLog
 from workers.queueing import queue
 from workers.settings import WorkerSettings
@@ -167,8 +168,8 @@ def age_dead_worker(redis: Redis, queue_name: str) -> None:
     entries = redis.zrange(registry.key, 0, -1)
     assert entries, "the killed worker left no started job"
     redis.zadd(registry.key, {entry: time.time() - 1 for entry in entries})
-    for name in (LIGHT_QUEUE, EXPORT_QUEUE):
-        redis.pexpire(f"rq:scheduler-lock:{name}", 1)
+    for name in QUEUES:
+        redis.pexpire(RQScheduler.get_locking_key(name), 1)
 
 
 # -- a worker killed in the middle of an export ----------------------------------------------------
@@ -267,8 +268,9 @@ def test_whole_worker_killed_mid_export_is_retried_by_the_next_worker(stack: Sta
 
 def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_run(stack: Stack):
     """The state a worker SIGKILLed (or cut off from Redis) between taking a job and starting it
-    leaves: off its queue, in the StartedJobRegistry, still 'queued'. Once RQ deems it abandoned, a
-    worker's maintenance runs it again (RQ 3.0 on its own drops it: bench/soak.py lost one so)."""
+    leaves: off its queue, in the StartedJobRegistry, still 'queued'. Once its registration runs out,
+    a worker's maintenance puts it back on its queue and it runs once, without spending a retry (RQ
+    on its own drops it: bench/soak.py lost one so)."""
     stack.set_rules(LABELS_RULE)
     body, _ = capture("create_task.json")
     answer = stack.app().post("/webhooks/cvat", data=body, headers=signed(body)).json
@@ -283,14 +285,18 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_run(stack: Stac
     assert light.fetch_job(job_id).get_status() == "queued"
     # Aged before the worker starts: a jump of RQ's clock in the middle of a maintenance round (after
     # the rescue looked, before RQ's cleanup did) is a race only a test can make; real time passing
-    # is covered by the rescue looking ahead (workers.worker.RESCUE_AHEAD_SECONDS).
+    # is covered by the rescue looking ahead (workers.rq_gaps.LOOK_AHEAD_SECONDS).
     age_dead_worker(redis, LIGHT_QUEUE)
     stack.worker("fork")
     log = stack.log()
     assert wait_for(lambda: log.get(answer["delivery_id"]).status.value == "succeeded", timeout=20), \
         (steps(log.get(answer["delivery_id"])), stack.logs())
-    assert steps(log.get(answer["delivery_id"])) == [("received", None), ("retrying", "AbandonedJobError"),
-                                                     ("started", None), ("succeeded", None)]
+    time.sleep(2 * MAINTENANCE_SECONDS + 1)  # a second run would show by now
+    delivery = log.get(answer["delivery_id"])
+    assert steps(delivery) == [("received", None), ("started", None), ("succeeded", None)]
+    assert "taken by a worker that stopped before starting it; queued again" in [
+        s["message"] for s in delivery.timeline if s["step"] == "note"]
+    assert light.failed_job_registry.count == 0
 
 
 TAKE_AND_DIE = """
@@ -311,7 +317,7 @@ def test_a_job_taken_by_a_one_queue_worker_killed_before_registering_it_is_run(s
     several queues RQ pops with BLPOP and the job is then only in the dead process's memory (lost:
     bench/soak.py found one). A worker of one queue, as each child of the default ``split`` setup
     is, pops with LMOVE into RQ's intermediate queue. A live worker's maintenance puts the job back
-    on its queue (``workers.worker.requeue_stuck``): it runs once, without spending a retry; with
+    on its queue (``workers.rq_gaps.requeue_stuck``): it runs once, without spending a retry; with
     no retries, as here, RQ's own cleanup would have failed it without ever running it."""
     stack.set_rules(LABELS_RULE.replace("retry: {attempts: 2, backoff: [2]}", "retry: {attempts: 0}"))
     body, _ = capture("create_task.json")
@@ -338,7 +344,6 @@ def test_a_job_taken_by_a_one_queue_worker_killed_before_registering_it_is_run(s
         "taken by a worker that stopped before starting it; queued again"]
     assert light.count == 0 and not light.intermediate_queue.get_job_ids()
     assert light.failed_job_registry.count == 0
-    assert not redis.exists(light.intermediate_queue.get_first_seen_key(job_id))
 
 
 # -- Redis restarted ---------------------------------------------------------------------------------
@@ -396,7 +401,8 @@ def test_split_worker_waits_for_redis_instead_of_restarting_children_every_secon
     stack.set_rules(LABELS_RULE)
     worker = stack.worker("split", name="split")
     stack.redis.kill()
-    assert wait_for(lambda: len(children(worker.pid)) == 2, timeout=20), children(worker.pid)
+    # A child per queue, and the scheduler's.
+    assert wait_for(lambda: len(children(worker.pid)) == len(QUEUES) + 1, timeout=20), children(worker.pid)
     os.kill(children(worker.pid)[0], signal.SIGKILL)  # either child: what matters is a death while Redis is down
     time.sleep(8)  # without the wait, the restarted child died and was restarted again about every second
     down = worker.log_text()
@@ -409,6 +415,37 @@ def test_split_worker_waits_for_redis_instead_of_restarting_children_every_secon
     assert wait_for(lambda: log.get(answer["delivery_id"]).status.value == "succeeded", timeout=45), stack.logs()
     assert worker.running and "Redis answers again" in worker.log_text()
     assert worker.log_text().count(" died (exit ") <= 2, worker.log_text()[-4000:]
+
+
+def test_a_delayed_retry_runs_within_seconds_of_redis_coming_back(stack: Stack):
+    """Redis SIGKILLed while a retry waits in RQ's scheduled registry, and restarted after the retry
+    was due: RQ's scheduler, which ends on a Redis error, is back within seconds (its own child of
+    the split worker, restarted as soon as Redis answers), not at the workers' next maintenance
+    round (30 s here, as by default), and the retry runs once."""
+    stack.set_rules(LABELS_RULE)
+    env = {**stack.env, "CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS": "30"}
+    worker = WorkerProc(env, stack.tmp / "logs", kind="split", name="split")
+    stack.procs.append(worker)
+    worker.start()
+    stack.started_up()
+    stack.cvat.fail_next(1, 503, path="/api/")
+    body, _ = capture("create_task.json")
+    answer = stack.app().post("/webhooks/cvat", data=body, headers=signed(body)).json
+    scheduled = ScheduledJobRegistry(LIGHT_QUEUE, connection=stack.client())
+    assert wait_for(lambda: scheduled.get_job_ids() == answer["jobs"], timeout=20), stack.logs()
+    stack.redis.kill()
+    time.sleep(3)  # the retry (2 s) falls due while Redis is away
+    stack.redis.start()
+    back = time.monotonic()
+    log = stack.log()
+    assert wait_for(lambda: log.get(answer["delivery_id"]).status.value == "succeeded", timeout=30), \
+        (steps(log.get(answer["delivery_id"])), stack.logs())
+    took = time.monotonic() - back
+    assert took < 10, f"the retry ran {took:.1f} s after Redis came back:\n{stack.logs()}"
+    assert steps(log.get(answer["delivery_id"])) == [("received", None), ("started", None),
+                                                     ("retrying", "TransientError"), ("started", None),
+                                                     ("succeeded", None)]
+    assert worker.running
 
 
 # -- the receiver killed under load -----------------------------------------------------------------

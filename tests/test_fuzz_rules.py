@@ -44,7 +44,7 @@ rules:
         - any:
             - job.assignee.username: {regex: "^a"}
             - not: {job.id: {lt: 0}}
-        - task.name: {exists: true}
+        - job.task_name: {exists: true}
         - job.id: {gte: 1, lte: 1000000}
     do:
       - action: update_job
@@ -90,6 +90,12 @@ def readme_rules() -> list[str]:
 
 
 SEEDS = [(ROOT / "rules.yaml").read_text(), RICH, *readme_rules()]
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=[f"seed-{i}" for i in range(len(SEEDS))])
+def test_every_seed_loads(seed: str) -> None:
+    """The mutations start from valid files: a seed the loader refuses would only fuzz its first error."""
+    assert parse_rules(seed).rules
 
 
 def load_events() -> list:  # type: ignore[type-arg]

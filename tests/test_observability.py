@@ -4,10 +4,14 @@ and JSON logs carry the delivery id on each line."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
+
+import pytest
 
 from tests.conftest import capture, post, signed
 
@@ -73,3 +77,134 @@ def test_json_logs_carry_the_delivery_id(client, redis, worker_env):
     assert lines, result.stderr
     ours = [line for line in lines if line.get("delivery_id") == delivery_id]
     assert any("check_labels" in line["message"] and line["level"] == "warning" for line in ours)
+
+
+# -- what the service says about itself (issue 18, items 4 and 10) -------------------------------
+
+
+def test_root_says_what_the_service_is_and_where_to_look(client):
+    """GET / names the service and its version and links to readiness, metrics, the admin UI and the
+    README: JSON for a program, HTML for a browser; the linked README is served."""
+    from importlib import metadata
+
+    as_json = client.get("/", headers={"Accept": "application/json"})
+    assert as_json.status_code == 200 and as_json.json["service"] == "cvat-hooks"
+    assert as_json.json["version"] == metadata.version("cvat-hooks")
+    links = {name: link["href"] for name, link in as_json.json["links"].items()}
+    assert {"readyz": "/readyz", "metrics": "/metrics", "admin": "/ui/", "readme": "/readme"}.items() <= links.items()
+    page = client.get("/", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
+    assert page.status_code == 200 and page.content_type.startswith("text/html")
+    html = page.get_data(as_text=True)
+    assert all(f'href="{href}"' in html for href in links.values())
+    readme = client.get(links["readme"])
+    assert readme.status_code == 200 and readme.get_data(as_text=True).startswith("# cvat-hooks")
+
+
+def test_readyz_says_actions_needing_cvat_will_fail_and_stays_ready(client, settings, redis):
+    """Without CVAT_URL, /readyz has a cvat check saying actions that call CVAT will fail, yet stays ready
+    (receiving and recording still work); with CVAT configured the check says so."""
+    from receiver.app import create_app
+    from tests.conftest import with_settings
+    from workers.settings import CvatSettings
+
+    answer = client.get("/readyz")
+    assert answer.status_code == 200 and answer.json["status"] == "ready"
+    assert "CVAT_URL is not set" in answer.json["checks"]["cvat"]
+    assert "will fail" in answer.json["checks"]["cvat"]
+    cvat = CvatSettings(url="http://127.0.0.1:9", access_token="a-token-for-readyz-only")
+    configured = create_app(with_settings(settings, workers=replace(settings.workers, cvat=cvat)), redis=redis)
+    assert configured.test_client().get("/readyz").json["checks"]["cvat"] == "configured"
+
+
+def test_a_413_is_logged(client, settings, caplog):
+    """A body over CVAT_HOOKS_MAX_BODY is refused with 413 and one warning line saying so and from whom."""
+    body = b'{"event": "ping", "pad": "' + b"x" * settings.max_body + b'"}'
+    with caplog.at_level(logging.WARNING, logger="receiver.views"):
+        answer = post(client, body)
+    assert answer.status_code == 413
+    [line] = [r.getMessage() for r in caplog.records if r.name == "receiver.views"]
+    assert "413 for POST /webhooks/cvat" in line and f"{len(body)} bytes" in line
+    assert "CVAT_HOOKS_MAX_BODY" in line
+
+
+# -- one log format for every process (issue 18, item 10) ------------------------------------------
+
+TIMESTAMPED = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
+
+
+def test_every_worker_line_is_timestamped(worker_env):
+    """Every line a `cvat-hooks worker` writes, RQ's own included, starts with the time, level and logger."""
+    proc = subprocess.run([sys.executable, "-m", "receiver.cli", "worker", "--burst", "--class", "simple"],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert any(" INFO rq.worker: " in line for line in lines), lines
+    assert [line for line in lines if not TIMESTAMPED.match(line)] == []
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_rq_registry_maintenance_is_logged_at_debug_only(redis, capsys, level):
+    """RQ's "cleaning registries" lines (every 30 s per worker) are DEBUG lines, shown only at
+    CVAT_HOOKS_LOG_LEVEL=debug; RQ's other lines stay at INFO."""
+    from rq import Queue, SimpleWorker
+
+    from workers.logs import configure
+
+    root = logging.getLogger()
+    handlers, root_level = root.handlers[:], root.level
+    try:
+        configure("text", level=level)
+        worker = SimpleWorker([Queue("maintenance-log", connection=redis)], connection=redis)
+        worker.work(burst=True, logging_level="INFO")  # RQ's maintenance runs once at start, then it quits
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
+    lines = capsys.readouterr().err.splitlines()
+    assert any(" INFO rq.worker: " in line and "started" in line for line in lines), lines
+    cleaning = [line for line in lines if "cleaning registries" in line]
+    if level == "debug":
+        assert cleaning and all(TIMESTAMPED.match(line) and " DEBUG rq.worker: " in line for line in cleaning)
+    else:
+        assert cleaning == []
+
+
+def test_gunicorn_and_the_receiver_log_json_when_asked(settings, tmp_path):
+    """With CVAT_HOOKS_LOG_FORMAT=json a real `cvat-hooks serve` writes only JSON lines, each with a time:
+    gunicorn's own, its access log, and the receiver's (a 413 among them)."""
+    from tests.conftest import SECRET, free_port
+    from tests.procs import clean_env, wait_for
+
+    port = free_port()
+    env = clean_env({"CVAT_HOOKS_LOG_FORMAT": "json", "CVAT_HOOKS_REDIS_URL": settings.redis_url or "",
+                     "CVAT_HOOKS_SECRET": SECRET, "CVAT_HOOKS_RULES": str(settings.rules_path),
+                     "CVAT_HOOKS_DATA_DIR": str(settings.data_dir), "CVAT_HOOKS_MAX_BODY": "1000"})
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "receiver.cli", "serve", "--port", str(port), "--workers", "1",
+                                 "--no-worker"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: _status(base + "/healthz") == 200, timeout=30), log.read_text()
+        assert _status(base + "/webhooks/cvat", b"{" + b" " * 2000 + b"}") == 413
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    assert all(re.match(r"^\d{4}-\d\d-\d\dT[\d:.]+Z$", r["time"]) for r in records)
+    loggers = {r["logger"] for r in records}
+    assert {"gunicorn.error", "gunicorn.access", "receiver.views"} <= loggers, loggers
+    assert any(r["logger"] == "gunicorn.access" and '"GET /healthz HTTP/1.1" 200' in r["message"] for r in records)
+
+
+def _status(url: str, body: bytes | None = None) -> int | None:
+    """The HTTP status of a GET (or POST of ``body``), ``None`` when nothing answers."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=5) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from receiver.secrets_store import read_secrets
 from receiver.signature import sign
 from tests.conftest import ROOT, capture, free_port
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer
@@ -305,7 +306,7 @@ def test_the_service_runs_non_root_on_a_read_only_root_with_one_writable_volume(
     assert {uid for pid in processes for uid in host_uids(pid)} == {service.mode.host_uid}
     assert service.mode.host_uid != 0
 
-    secret = (service.data / "webhook-secret").read_text().strip()
+    secret = read_secrets([service.data / "webhook-secrets"])[0]
     body, _ = capture("update_job_completed.json")
     status, receipt = http(service.url + "/webhooks/cvat", body,
                            {"X-Signature-256": sign(body, secret), "Content-Type": "application/json"})

@@ -1,4 +1,4 @@
-"""The receiver's two scripts per delivery (receiver.receipts) against a real redis-server, and the
+"""The receiver's round trips per delivery (receiver.receipts) against a real redis-server, and the
 redactor's fast path that the delivery record goes through."""
 
 from __future__ import annotations
@@ -28,15 +28,23 @@ def writes(*ops: tuple) -> Batch:
     return batch
 
 
+def pushes(key: str, value: str):
+    """Commit writes: push ``value`` on ``key`` and count it (on the claim's real pipeline)."""
+    def queue(pipe) -> None:
+        pipe.rpush(key, value)
+        pipe.hincrby("t:n", "new", 1)
+    return queue
+
+
 def test_commit_applies_writes_once_and_the_loser_gets_the_duplicate_writes(redis):
-    """Two receivers committing the same event: one stores it, the other only notes a duplicate."""
+    """Two receivers holding a claim on the same event at once: the first to commit stores it, the
+    other's writes are not applied (its transaction is refused) and it notes a duplicate instead."""
     receipts = Receipts(redis, StateStore(redis, 60))
     ev = event()
-    first = receipts.commit(ev, 1, 60, writes(("rpush", "t:new", "a"), ("hincrby", "t:n", "new", 1)),
-                            writes(("hincrby", "t:n", "dup", 1)))
-    second = receipts.commit(ev, 2, 60, writes(("rpush", "t:new", "b"), ("hincrby", "t:n", "new", 1)),
-                             writes(("hincrby", "t:n", "dup", 1)))
-    assert (first, second) == (True, False)
+    with receipts.claim(ev) as first, receipts.claim(ev) as second:
+        won = first.commit(1, 60, pushes("t:new", "a"), writes(("hincrby", "t:n", "dup", 1)))
+        lost = second.commit(2, 60, pushes("t:new", "b"), writes(("hincrby", "t:n", "dup", 1)))
+    assert (won, lost) == (True, False)
     assert redis.lrange("t:new", 0, -1) == [b"a"]
     assert redis.hgetall("t:n") == {b"new": b"1", b"dup": b"1"}
     assert redis.get(SEEN_KEY.format(ev.delivery_id)) == b"1"
@@ -44,14 +52,19 @@ def test_commit_applies_writes_once_and_the_loser_gets_the_duplicate_writes(redi
 
 
 def test_begin_reports_a_duplicate_and_applies_only_then_its_writes(redis):
+    """begin applies a duplicate's writes only once the event is stored."""
     receipts = Receipts(redis, StateStore(redis, 60))
     ev = event()
     dup = writes(("hincrby", "t:n", "dup", 1))
     assert receipts.begin(ev, dup).duplicate is False
     assert redis.hget("t:n", "dup") is None
-    receipts.commit(ev, 1, 60, Batch(), dup)
+    with receipts.claim(ev) as claim:
+        assert claim.stored_before() is False
+        assert claim.commit(1, 60, lambda pipe: None, dup)
     assert receipts.begin(ev, dup).duplicate is True
     assert redis.hget("t:n", "dup") == b"1"
+    with receipts.claim(ev) as claim:
+        assert claim.stored_before() is True
 
 
 def test_begin_swaps_the_last_seen_state(redis):
@@ -65,36 +78,49 @@ def test_begin_swaps_the_last_seen_state(redis):
 
 
 def test_if_exists_skips_its_writes_when_the_key_is_missing(redis):
+    """A duplicate's writes inside ``if_exists`` apply only while that key exists (an expired record
+    gets no steps), the ones after it always."""
     batch = Batch()
     with batch.if_exists("t:record"):
         batch.hincrby("t:record", "count", 1)
         batch.rpush("t:steps", "x")
     batch.rpush("t:after", "y")
     receipts = Receipts(redis, StateStore(redis, 60))
-    receipts.commit(event(), 1, 60, batch, Batch())
+    redis.set(SEEN_KEY.format(event().delivery_id), 1)  # a duplicate's writes apply to a stored event
+    receipts.note_duplicate(event(), batch)
     assert not redis.exists("t:record", "t:steps")
     assert redis.lrange("t:after", 0, -1) == [b"y"]
 
     redis.hset("t:record", "count", 5)
-    redis.delete(SEEN_KEY.format(event().delivery_id))
-    receipts.commit(event(), 1, 60, batch, Batch())
+    receipts.note_duplicate(event(), batch)
     assert redis.hget("t:record", "count") == b"6"
     assert redis.lrange("t:steps", 0, -1) == [b"x"]
     assert redis.lrange("t:after", 0, -1) == [b"y", b"y"]
 
 
-def test_batch_writes_what_a_pipeline_would(redis):
-    """Every command the batch offers lands as redis-py's pipeline method of that name would."""
-    batch = writes(("hset", "b:h", "f", "v"), ("set", "b:s", 1.5, 30), ("sadd", "b:set", "a", "b"),
-                   ("lpush", "b:l", "x"), ("zadd", "b:z", {"m": 2.5}), ("hincrbyfloat", "b:h", "g", 0.5),
-                   ("zremrangebyscore", "b:z", "-inf", 1), ("expire", "b:h", 40))
-    batch.hset("b:h", mapping={"k1": b"\x00\xff", "k2": 3})
-    Receipts(redis, StateStore(redis, 60)).commit(event(), 1, 60, batch, Batch())
-    assert redis.hgetall("b:h") == {b"f": b"v", b"g": b"0.5", b"k1": b"\x00\xff", b"k2": b"3"}
-    assert (redis.get("b:s"), 0 < redis.ttl("b:s") <= 30) == (b"1.5", True)
-    assert redis.smembers("b:set") == {b"a", b"b"}
-    assert redis.zrange("b:z", 0, -1, withscores=True) == [(b"m", 2.5)]
-    assert 0 < redis.ttl("b:h") <= 40
+def test_jobs_are_what_rqs_enqueue_many_writes_on_a_real_pipeline(redis):
+    """A delivery's jobs are queued by RQ's own ``enqueue_many`` in the commit's transaction: RQ reads
+    them back as queued jobs with their retry; a commit refused as a duplicate queues nothing."""
+    import dataclasses
+
+    from rq.job import Job
+
+    from workers.contract import LIGHT_QUEUE, ActionCall
+    from workers.queueing import SERIALIZER, enqueue, queue
+    from workers.retry import RetryPolicy
+
+    call = ActionCall(delivery_id="d" * 40, rule_id="r", index=0, action="notify", params={}, event={},
+                      retry=RetryPolicy(attempts=2, backoff=(1.0,)))
+    receipts = Receipts(redis, StateStore(redis, 60))
+    ev = event()
+    with receipts.claim(ev) as first, receipts.claim(ev) as second:
+        assert first.commit(1, 60, lambda pipe: enqueue([call], redis, pipe, failure_ttl=60), Batch())
+        again = dataclasses.replace(call, rule_id="other")
+        assert not second.commit(1, 60, lambda pipe: enqueue([again], redis, pipe, failure_ttl=60), Batch())
+    assert queue(LIGHT_QUEUE, redis).job_ids == [call.job_id]
+    job = Job.fetch(call.job_id, connection=redis, serializer=SERIALIZER)
+    assert job.get_status() == "queued" and job.retries_left == 2 and list(job.args) == [call.to_json()]
+    assert not redis.exists(Job.key_for(again.job_id))
 
 
 SECRETS = ["s3cr3t-token", 'quo"te\\key', "ünïcode-secret"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 from tests.conftest import ROOT, SECRET, RedisServer, capture, signed
@@ -43,5 +44,37 @@ def test_a_worker_restarted_while_the_rules_file_is_bad_boots_on_the_last_good_r
         status, ready = http(receiver.url + "/readyz")
         assert status == 200 and "last good" in ready["checks"]["rules"], ready
         assert "Worker failed to boot" not in receiver.log_text()
+    finally:
+        receiver.stop()
+
+
+def test_every_worker_notices_an_edit_at_once_and_it_is_logged_once(tmp_path: Path, redis_server: RedisServer):
+    """Real gunicorn, 2 workers, no delivery: a refused edit is logged once at ERROR, a fix once at INFO, and
+    /readyz (either worker) shows the failing check, then the new version."""
+    rules = tmp_path / "rules.yaml"
+    shutil.copy(ROOT / "rules.yaml", rules)
+    env = {"CVAT_HOOKS_REDIS_URL": redis_server.url, "CVAT_HOOKS_SECRET": SECRET,
+           "CVAT_HOOKS_RULES": str(rules), "CVAT_HOOKS_DATA_DIR": str(tmp_path / "data")}
+    receiver = ReceiverProc(env, tmp_path / "logs", http_workers=2).start()
+    try:
+        assert wait_for(lambda: receiver.log_text().count(": loaded ") == 2, timeout=20), receiver.log_text()
+        good = rules.read_text()
+        rules.write_text(BAD)
+        assert wait_for(lambda: "reload failed" in receiver.log_text(), timeout=20), receiver.log_text()[-3000:]
+        time.sleep(3)  # both workers have looked at the file by now (once a second)
+        refused = [line for line in receiver.log_text().splitlines() if "reload failed" in line]
+        assert len(refused) == 1, refused  # the other worker's line is at DEBUG
+        assert f"{rules}:5: rule 'broken'" in refused[0]
+        for _ in range(6):  # several connections: whichever worker answers knows
+            status, ready = http(receiver.url + "/readyz")
+            assert status == 200 and ready["failing"] == ["rules"], ready
+        rules.write_text(good + "\n# fixed\n")
+        assert wait_for(lambda: "reloaded: version" in receiver.log_text(), timeout=20)
+        time.sleep(3)
+        loaded = [line for line in receiver.log_text().splitlines() if "reloaded: version" in line]
+        assert len(loaded) == 1, loaded
+        for _ in range(6):
+            status, ready = http(receiver.url + "/readyz")
+            assert status == 200 and ready["failing"] == [] and not ready["rules"]["reload_failed"], ready
     finally:
         receiver.stop()

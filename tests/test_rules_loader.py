@@ -218,17 +218,16 @@ def test_every_problem_is_reported_at_once() -> None:
         (6, "export-finished-jobs", "error"),
         (7, "export-finished-jobs", "error"),
         (9, "export-finished-jobs", "error"),
-        (12, "second", "warning"),
+        (12, "second", "error"),
         (13, "second", "error"),
         (14, "export-finished-jobs", "error"),
         (17, "export-finished-jobs", "error"),
     ]
-    assert len(error.errors) == 6
+    assert len(error.errors) == 7
     text = str(error).splitlines()
     assert text[0].startswith(
         "rules.yaml:6: rule 'export-finished-jobs': unknown operator 'eq' on 'job.state' (known: ")
-    assert text[3] == ("rules.yaml:12: warning: rule 'second': on 'update:jbo' matches no known CVAT event "
-                       "(did you mean 'update:job'?)")
+    assert text[3] == "rules.yaml:12: rule 'second': on 'update:jbo' matches no CVAT event (did you mean 'update:job'?)"
     assert text[6] == ("rules.yaml:17: rule 'export-finished-jobs': action #1 (teleport): unknown action "
                        "'teleport' (known: check_labels, export, notify, update_job)")
 
@@ -257,13 +256,21 @@ def test_unsafe_tags_are_refused(tag: str) -> None:
     assert str(error).startswith("rules.yaml:3: YAML error: ")
 
 
-def test_unknown_event_is_a_warning_not_an_error() -> None:
-    """An ``on`` name that matches no known CVAT event loads, with a warning kept on the rule set."""
-    rules = load(HEAD.replace("update:job", "[update:job, created:taks]") + DO)
-    assert [str(w) for w in rules.warnings] == [
-        "rules.yaml:4: warning: rule 'r': on 'created:taks' matches no known CVAT event "
-        "(did you mean 'create:task'?)"
-    ]
+UNKNOWN_EVENTS = [
+    ("typo", "created:taks", "(did you mean 'create:task'?)"),
+    ("plural", "create:tasks", "(did you mean 'create:task' or 'create:issue'?)"),
+    ("request-form", "completed:request[create_task]", "(did you mean 'completed:request[create:task]'"),
+    ("ping-typo", "pong", "(did you mean 'ping'?)"),
+    ("nothing-close", "zzz", "(see README.md, Rules reference: Events)"),
+]
+
+
+@pytest.mark.parametrize(("pattern", "hint"), [c[1:] for c in UNKNOWN_EVENTS], ids=[c[0] for c in UNKNOWN_EVENTS])
+def test_unknown_event_is_an_error_with_the_closest_names(pattern: str, hint: str) -> None:
+    """An ``on`` name that matches no CVAT event is refused, located, with the closest known names."""
+    error = problems_of(HEAD.replace("update:job", f"[update:job, '{pattern}']") + DO)
+    assert [p.severity for p in error.problems] == ["error"]
+    assert str(error).startswith(f"rules.yaml:4: rule 'r': on '{pattern}' matches no CVAT event {hint}")
 
 
 def test_broken_validator_is_reported_not_raised() -> None:

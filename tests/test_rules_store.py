@@ -94,7 +94,7 @@ def test_failed_reload_is_logged_with_the_problems(tmp_path: Path, caplog: pytes
         store.reload()
     [record] = [r for r in caplog.records if r.name == "receiver.rules.store" and r.levelno >= logging.ERROR]
     assert record.levelno == logging.ERROR
-    assert record.getMessage().startswith(f"rules {path}: reload failed, keeping 1 previous rule(s): ")
+    assert record.getMessage().startswith(f"rules {path}: reload failed, keeping 1 previous rule(s) (version ")
     assert "'do' must be a non-empty list" in record.getMessage()
 
 
@@ -238,3 +238,90 @@ def test_readyz_says_why_rules_are_missing_or_stale(settings: Any, rules_file: P
     rules_file.write_text(BAD)
     answer = create_app(settings).test_client().get("/readyz")
     assert answer.status_code == 200 and "refused" in answer.json["checks"]["rules"]
+
+
+# -- noticed when it happens, logged once, shown everywhere (issue 18, item 7) --------------------------
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` every 20 ms for up to ``timeout`` seconds; its last verdict."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def test_the_watcher_applies_and_refuses_edits_without_any_request(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The watcher thread refuses a bad edit at once (ERROR with file:line) and logs a good one (version, count)."""
+    path = tmp_path / "rules.yaml"
+    write(path, rules_text("a"), tick=0)
+    store = make_store(path)
+    store.watch(interval=0.05)
+    try:
+        with caplog.at_level(logging.INFO, logger="receiver.rules.store"):
+            write(path, BAD, tick=1)
+            assert wait_until(lambda: store.last_error is not None)
+            [refused] = [r for r in caplog.records if r.levelno == logging.ERROR]
+            assert f"{path}:5: rule 'broken'" in refused.getMessage()
+            status = store.status()
+            assert status["reload_failed"] and status["rule_count"] == 1
+            assert status["last_reload_error"]["message"].startswith(f"{path}:5:")
+            write(path, rules_text("a", "b"), tick=2)
+            assert wait_until(lambda: store.last_error is None)
+        [good] = [r for r in caplog.records if "reloaded" in r.getMessage()]
+        assert good.levelno == logging.INFO
+        assert f"version {store.current.digest[:12]}, 2 rule(s)" in good.getMessage()
+        assert store.status()["version"] == store.current.digest[:12] and not store.status()["reload_failed"]
+    finally:
+        store.stop_watching()
+
+
+def test_one_process_logs_a_reload_at_its_level_the_others_at_debug(tmp_path: Path, redis: Any,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Stores sharing a Redis (gunicorn workers) all reload, but one ERROR and one INFO line are logged in all."""
+    path = tmp_path / "rules.yaml"
+    write(path, rules_text("a"), tick=0)
+    stores = [kept_store(path, tmp_path / "data", redis) for _ in range(3)]
+    with caplog.at_level(logging.DEBUG, logger="receiver.rules.store"):
+        write(path, BAD, tick=1)
+        assert [s.reload() for s in stores] == [False] * 3
+        write(path, rules_text("a", "c"), tick=2)
+        assert [s.reload() for s in stores] == [True] * 3
+    refused = [r for r in caplog.records if "reload failed" in r.getMessage()]
+    loaded = [r for r in caplog.records if "reloaded" in r.getMessage()]
+    assert sorted(r.levelno for r in refused) == [logging.DEBUG, logging.DEBUG, logging.ERROR]
+    assert sorted(r.levelno for r in loaded) == [logging.DEBUG, logging.DEBUG, logging.INFO]
+    assert all(s.status()["rule_count"] == 2 for s in stores)
+
+
+def test_a_refused_edit_shows_in_readyz_api_and_metrics_before_any_delivery(settings: Any,
+                                                                           rules_file: Path) -> None:
+    """/readyz stays 200 (last good rules serve) with a failing rules check; /api/rules and /metrics say so too."""
+    from receiver.app import create_app
+    from tests.conftest import with_settings
+
+    token = "rules-status-admin-token-0123456789abcdef"
+    client = create_app(with_settings(settings, admin_token=token)).test_client()
+    ready = client.get("/readyz").json
+    assert ready["failing"] == [] and ready["rules"]["reload_failed"] is False
+    good = rules_file.read_text()
+    rules_file.write_text(good + "  - id: broken\n    on: update:job\n    do: []\n")
+    assert wait_until(lambda: client.get("/readyz").json["failing"] == ["rules"], timeout=5)
+    answer = client.get("/readyz")
+    assert answer.status_code == 200 and answer.json["status"] == "ready"
+    assert answer.json["checks"]["rules"].startswith("failing: ")
+    error = answer.json["rules"]["last_reload_error"]
+    assert f"{rules_file}:" in error["message"] and "broken" in error["message"]
+    api = client.get("/api/rules", headers={"Authorization": f"Bearer {token}"}).json
+    assert api["status"]["reload_failed"] and api["status"]["version"] == answer.json["rules"]["version"]
+    text = client.get("/metrics").get_data(as_text=True)
+    assert "cvat_hooks_rules_reload_failed 1.0" in text
+    assert f'cvat_hooks_rules_info{{source="{rules_file}",version="{api["status"]["version"]}"}} 1.0' in text
+    rules_file.write_text(good + "\n")
+    assert wait_until(lambda: client.get("/readyz").json["failing"] == [], timeout=5)
+    assert "cvat_hooks_rules_reload_failed 0.0" in client.get("/metrics").get_data(as_text=True)

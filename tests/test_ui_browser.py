@@ -154,9 +154,8 @@ def test_login_list_filter_detail_replay(live, redis, browser_page):
     assert f"{ids['job']}-r1" in queue(EXPORT_QUEUE, redis).job_ids
     shoot(page, "ui-detail.png")
 
-    page.click("#replay")
-    page.wait_for_selector("#flash")
-    assert page.locator("#flash").inner_text().startswith("Nothing replayed")
+    assert page.locator("#replay").count() == 0  # offered only where it can do something
+    assert "still queued or running" in page.locator("#no-replay").inner_text()
 
 
 def test_session_cookie_in_the_browser(live, browser_page):
@@ -184,3 +183,198 @@ def test_payload_scripts_do_not_run(live, browser_page):
     assert browser_page.locator("#payload img").count() == 0
     assert "pwned" not in browser_page.title()
     assert dialogs == []
+
+
+# -- issue 18: rules page, why nothing matched, re-match, queues and dead letters, paging, search, charts,
+# -- auto-refresh, bulk replay, a 390 px wide phone --------------------------------------------------------
+
+BROKEN_RULE = "  - id: broken\n    on: update:job\n    do: []\n"
+ISSUE_RULE = ("  - id: notify-issues\n    on: create:issue\n    do:\n      - action: notify\n"
+              "        url: http://127.0.0.1:9/hook\n        text: an issue was created\n")
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    """Poll ``predicate`` every 50 ms for up to ``timeout`` seconds; its last verdict."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
+
+
+def test_rules_page_shows_version_and_a_refused_edit(live, settings, browser_page):
+    """The Rules page lists the rules and their version; a refused edit shows as a banner on every page."""
+    page = browser_page
+    login(page, live)
+    page.click("#nav-rules")
+    page.wait_for_url("**/ui/rules")
+    store = live.app.extensions["cvat_hooks"].rules
+    assert page.locator("#rules-version").inner_text() == store.current.digest[:12]
+    assert page.locator("#rules tbody tr").count() == len(store.current.rules) == 2
+    assert page.locator("#rules-banner").count() == 0
+    settings.rules_path.write_text(settings.rules_path.read_text() + BROKEN_RULE)
+    assert wait_until(lambda: store.last_error is not None)
+    page.reload()
+    assert f"{settings.rules_path}:" in page.locator("#rules-error pre").inner_text()
+    assert "refused" in page.locator("#rules-reload").inner_text()
+    page.goto(f"{live.url}/ui/")
+    assert "edit refused" in page.locator("#rules-banner").inner_text()
+
+
+def test_why_nothing_matched_and_rematch(live, settings, browser_page):
+    """A delivery that matched nothing says why per rule, offers no plain replay, and Re-match runs a new rule."""
+    page = browser_page
+    body, _ = capture("create_issue.json")
+    delivery_id = post(live.app.test_client(), body).json["delivery_id"]
+    login(page, live)
+    page.goto(f"{live.url}/ui/deliveries/{delivery_id}")
+    assert page.locator("#replay").count() == 0
+    assert "matched no rule" in page.locator("#no-replay").inner_text()
+    verdicts = page.locator("#verdicts").inner_text()
+    assert "event create:issue not in on (update:job)" in verdicts
+    assert "event create:issue not in on (create:task)" in verdicts
+    store = live.app.extensions["cvat_hooks"].rules
+    settings.rules_path.write_text(settings.rules_path.read_text() + ISSUE_RULE)
+    assert wait_until(lambda: len(store.current.rules) == 3)
+    page.reload()
+    assert page.locator("#verdicts .verdict.matched").inner_text().startswith("notify-issues")
+    page.click("#rematch")
+    page.wait_for_selector("#flash")
+    job_id = f"cvh-{delivery_id[:32]}-notify-issues-0"
+    assert page.locator("#flash").inner_text() == f"Re-match queued 1 job(s): {job_id}"
+    assert page.locator("#actions tr", has_text=job_id).locator(".badge").inner_text() == "queued"
+
+
+def test_a_ping_offers_neither_replay_nor_rematch(live, browser_page):
+    """A ping's page offers no button that could do nothing, and says why."""
+    body, _ = capture("ping.json")
+    delivery_id = post(live.app.test_client(), body).json["delivery_id"]
+    login(browser_page, live)
+    browser_page.goto(f"{live.url}/ui/deliveries/{delivery_id}")
+    assert browser_page.locator("#replay").count() == 0 and browser_page.locator("#rematch").count() == 0
+    assert "is a ping" in browser_page.locator("#no-replay").inner_text()
+
+
+def test_queues_page_lists_a_dead_letter_and_requeues_it(live, redis, settings, worker_env, browser_page):
+    """A job a real worker gave up on is listed as a dead letter with its error; Requeue (a CSRF-checked POST)
+    puts it back on its queue."""
+    from workers.contract import LIGHT_QUEUE
+    from workers.worker import build_worker
+
+    body, _ = capture("create_task.json")
+    delivery_id = post(live.app.test_client(), body).json["delivery_id"]
+    build_worker(settings.workers, kind="simple").work(burst=True, with_scheduler=False)
+    light = queue(LIGHT_QUEUE, redis)
+    [job_id] = light.failed_job_registry.get_job_ids()
+    page = browser_page
+    login(page, live)
+    page.click("#fig-failed-jobs")
+    page.wait_for_url("**/ui/queues#dead")
+    row = page.locator("#failed tr", has_text=job_id)
+    assert delivery_id[:12] in row.inner_text()
+    assert page.locator("#workers").inner_text().count("No worker alive") == 1
+    row.locator("button.requeue").click()
+    page.wait_for_selector("#flash")
+    assert page.locator("#flash").inner_text() == f"Requeued {job_id} on {LIGHT_QUEUE}"
+    assert job_id in light.job_ids and job_id not in light.failed_job_registry.get_job_ids()
+    assert page.locator("#failed").inner_text().count("No dead letters") == 1
+    steps = DeliveryLog(redis, retention_seconds=3600).get(delivery_id).timeline
+    assert any("requeued from the admin UI" in s["message"] for s in steps)
+
+
+def many_deliveries(live, count: int) -> list[int]:
+    """``count`` completed-job deliveries, one per CVAT job id (1001, 1002...); the job ids."""
+    client = live.app.test_client()
+    body, _ = capture("update_job_completed.json")
+    data = json.loads(body)
+    ids = []
+    for n in range(count):
+        data["job"]["id"] = 1001 + n
+        raw = json.dumps(data).encode()
+        assert post(client, raw, signed(raw)).status_code == 202
+        ids.append(1001 + n)
+    return ids
+
+
+def test_paging_search_chart_and_auto_refresh(live, redis, browser_page):
+    """55 deliveries: two pages (50 + 5), a search by job id finds one, the hour chart counts them all and
+    shows a failure, and the auto-refresh toggle makes the page reload itself."""
+    from workers import metrics
+
+    many_deliveries(live, 55)
+    metrics.inc(redis, "cvat_hooks_action_runs_total", action="export", outcome="failed")
+    page = browser_page
+    login(page, live)
+    rows = page.locator("#deliveries tbody tr")
+    assert rows.count() == 50
+    assert page.locator("#chart-hour .chart-deliveries").inner_text() == "55"
+    assert page.locator("#chart-day .chart-deliveries").inner_text() == "55"
+    assert page.locator("#chart-hour .chart-failures").inner_text() == "1"
+    assert page.locator("#chart-hour rect.failed").count() == 1
+    assert page.locator("#chart-hour polyline.depth").count() == 1  # sampled when the app started
+    page.click("#page-next")
+    page.wait_for_url("**page=2**")
+    assert rows.count() == 5 and page.locator("#page-next").count() == 0
+    page.click("#page-prev")
+    assert rows.count() == 50
+    page.fill("input[name=job]", "1042")
+    page.click("form.filters button[type=submit]")
+    page.wait_for_url("**job=1042**")
+    assert rows.count() == 1
+    page.click("#deliveries tbody a")
+    assert '"id": 1042' in page.locator("#payload").inner_text()
+    page.goto(f"{live.url}/ui/")
+    page.click("#refresh-10")
+    page.wait_for_url("**refresh=10**")
+    assert page.locator("meta[http-equiv=refresh]").get_attribute("content") == "10"
+    assert page.locator("form.filters input[name=refresh]").get_attribute("value") == "10"
+
+
+def test_bulk_replay_from_the_filtered_list(live, redis, browser_page):
+    """Failed deliveries filtered in the list: the count is shown and confirmed, then a progress bar runs to
+    the end and every one has a new run queued."""
+    for job in many_deliveries(live, 3):
+        del job
+    log = DeliveryLog(redis, retention_seconds=3600)
+    for delivery in log.list(limit=10):
+        [job_id] = delivery.actions
+        log.action_failed(delivery.id, job_id, attempt=1, started=time.time(), error_class="CvatUnavailable",
+                          message="CVAT answered 502", kind="transient", next_retry_at=None)
+    page = browser_page
+    login(page, live)
+    page.goto(f"{live.url}/ui/?status=failed")
+    page.click("#bulk-replay")
+    assert "The filters select 3 deliveries" in page.locator("#bulk-count").inner_text()
+    page.click("#bulk-confirm")
+    page.wait_for_url("**/ui/bulk/**")
+    page.wait_for_selector("h1:has-text('Bulk replay finished')", timeout=20_000)
+    bar = page.locator("#bulk-progress")
+    assert bar.get_attribute("value") == bar.get_attribute("max") == "3"
+    assert "3 replayed, 0 with nothing to run, 3 job(s) queued" in page.locator("#bulk-status").inner_text()
+    assert all(d.status.value == "pending" for d in log.list(limit=10))
+
+
+@pytest.mark.parametrize("path", ["/ui/", "/ui/deliveries/{id}", "/ui/rules", "/ui/queues"],
+                         ids=["list", "detail", "rules", "queues"])
+def test_pages_fit_a_390_px_phone(live, redis, tmp_path: Path, path: str):
+    """At 390x844 no page scrolls sideways (wide tables scroll inside their own box)."""
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    ids = seed(live, redis)
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "phone"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+        context.set_default_timeout(15_000)
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            login(page, live)
+            page.goto(live.url + path.format(id=ids["update_job_completed"]))
+            assert page.locator("main h1").count() == 1
+            width = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+            assert width[0] <= width[1] == 390, width
+            shoot(page, f"ui-phone-{path.strip('/').split('/')[1] if '/' in path.strip('/') else 'list'}.png")
+        finally:
+            context.close()

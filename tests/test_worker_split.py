@@ -1,6 +1,6 @@
-"""``cvat-hooks worker``'s default setup (``--class split``) and the batched in-process worker under it:
-a crashing light action takes down its child only, is recorded and retried at once, and RQ's
-bookkeeping of a job run by the batched worker is RQ's own. Real redis-server, real processes."""
+"""``cvat-hooks worker``'s default setup (``--class split``) and RQ's SimpleWorker under it: a
+crashing light action takes down its child only, is recorded and retried at once, and a job's
+bookkeeping is RQ's own. Real redis-server, real processes."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def test_histogram_buckets_render_cumulative(redis: Redis, observations: list[fl
         assert f'cvat_hooks_action_duration_seconds_count{{action="notify"}} {float(len(observations))}' in text
 
 
-def test_batched_worker_keeps_rqs_bookkeeping(redis: Redis, settings, worker_env, monkeypatch):
+def test_in_process_worker_keeps_rqs_bookkeeping(redis: Redis, settings, worker_env, monkeypatch):
     """A job run by the in-process worker is finished in RQ's registries with its result, its execution
     is gone, and the worker counted it: what RQ's own SimpleWorker leaves."""
     monkeypatch.setitem(REGISTRY, NAME, None)  # undone after the test: the bench action is not ours
@@ -51,21 +51,15 @@ def test_batched_worker_keeps_rqs_bookkeeping(redis: Redis, settings, worker_env
         enqueue([call], redis, pipe, failure_ttl=3600)
         pipe.execute()
     q = queue(LIGHT_QUEUE, redis)
-    # RQ's maintenance stamping the job "first seen" in its instant on the intermediate queue: the
-    # start takes the stamp away with the job (a retry of the same job must not look stuck).
-    first_seen = q.intermediate_queue.get_first_seen_key(call.job_id)
-    redis.set(first_seen, 1)
-    worker = build_worker(settings.workers, queues=(LIGHT_QUEUE,), kind="simple", name="batched")
+    worker = build_worker(settings.workers, queues=(LIGHT_QUEUE,), kind="simple", name="in-process")
     assert worker.work(burst=True, with_scheduler=False)
-    assert not redis.exists(first_seen)
     job = Job.fetch(call.job_id, connection=redis, serializer=SERIALIZER)
     assert job.get_status() == "finished" and job.return_value() == {"noop": True}
     assert q.finished_job_registry.get_job_ids() == [call.job_id]
-    assert q.started_job_registry.get_job_ids() == [] and redis.llen(q.intermediate_queue_key) == 0
+    assert q.started_job_registry.get_job_ids() == [] and not q.intermediate_queue.get_job_ids()
     # RQ's copy of the outcome goes within minutes (the delivery log keeps it): most of Redis' memory
     # per delivery while it was kept for days.
-    for key in (job.key, f"rq:results:{job.id}"):
-        assert 0 < redis.ttl(key) <= 15 * 60, key
+    assert 0 < redis.ttl(job.key) <= 15 * 60
     worker.refresh()
     assert worker.successful_job_count == 1
 
@@ -90,9 +84,8 @@ def test_split_worker_crash_takes_down_its_child_only_and_retries_at_once(tmp_pa
 
 @pytest.mark.parametrize("kind", ["simple", "fork"])
 def test_a_running_action_reads_started_then_its_end(redis: Redis, settings, worker_env, monkeypatch, kind: str):
-    """The delivery log says ``started`` while an attempt runs, whether its start rode in the
-    in-process worker's transaction (``simple``) or was written by the action job itself (a fork's
-    work-horse), then its end alone: one ``started`` and one ``succeeded`` step, nothing left over."""
+    """The delivery log says ``started`` while an attempt runs, in-process (``simple``) or in a fork's
+    work-horse, then its end alone: one ``started`` and one ``succeeded`` step, nothing left over."""
     import threading
     import time
 
@@ -144,9 +137,9 @@ def test_a_running_job_stays_registered_by_short_renewals(redis: Redis, settings
     import threading
     import time
 
-    from workers import inprocess
+    from workers import worker as worker_module
 
-    monkeypatch.setattr(inprocess, "JOB_BEAT_SECONDS", 0.2)
+    monkeypatch.setattr(worker_module, "JOB_MONITORING_SECONDS", 0.2)
     q = queue(LIGHT_QUEUE, redis)
     job = q.enqueue(nap, 2.5, job_timeout=300)
     scores: list[float] = []
@@ -276,26 +269,27 @@ def test_light_processes_must_be_a_positive_count():
             WorkerSettings.from_env({"CVAT_HOOKS_LIGHT_PROCESSES": bad})
 
 
-def test_rescue_looks_a_little_ahead_of_now(redis: Redis):
-    """An entry of a job still 'queued' that expires within RESCUE_AHEAD_SECONDS is rescued now: RQ's
-    cleanup, which runs just after with its own clock, would drop it if it expired in between."""
-    import time
-
+def test_an_unstarted_job_whose_registration_nearly_expired_is_queued_again(redis: Redis):
+    """A job a dead worker registered but never started goes back to the front of its queue when its
+    registration is within LOOK_AHEAD_SECONDS of expiring (RQ's cleanup, right after, would drop
+    it); one further from it is left alone, and it is put back once only."""
     from rq.executions import Execution
 
-    from workers.worker import RESCUE_AHEAD_SECONDS, rescue_unstarted
+    from workers.rq_gaps import LOOK_AHEAD_SECONDS, rescue_expired
 
     q = queue(LIGHT_QUEUE, redis)
-    soon, later = q.enqueue(nap, 0), q.enqueue(nap, 0)
+    soon, later, waiting = q.enqueue(nap, 0), q.enqueue(nap, 0), q.enqueue(nap, 0)
     for job in (soon, later):
         redis.lrem(q.key, 1, job.id)  # taken by a worker that died before starting it
-        with redis.pipeline() as pipe:
-            Execution.create(job, ttl=90, pipeline=pipe, worker_name="dead")
-            pipe.execute()
-    [soon_entry] = [e for e in redis.zrange(q.started_job_registry.key, 0, -1) if e.decode().startswith(soon.id)]
-    redis.zadd(q.started_job_registry.key, {soon_entry: time.time() + RESCUE_AHEAD_SECONDS / 2})
-    assert rescue_unstarted(q) == [soon.id]
-    assert (soon.get_status(), later.get_status()) == ("started", "queued")
+    with redis.pipeline() as pipe:
+        Execution.create(soon, ttl=int(LOOK_AHEAD_SECONDS / 2), pipeline=pipe, worker_name="dead")
+        Execution.create(later, ttl=90, pipeline=pipe, worker_name="dead")
+        pipe.execute()
+    assert rescue_expired(q) == [soon.id]
+    assert rescue_expired(q) == []
+    assert q.job_ids == [soon.id, waiting.id]
+    assert q.started_job_registry.get_job_ids(cleanup=False) == [later.id]
+    assert soon.get_status() == "queued" and soon.retries_left is None
 
 
 def test_a_job_stuck_in_the_intermediate_queue_is_put_back_once_after_rqs_minute(redis: Redis):
@@ -306,7 +300,7 @@ def test_a_job_stuck_in_the_intermediate_queue_is_put_back_once_after_rqs_minute
 
     from rq.executions import Execution
 
-    from workers.worker import requeue_stuck
+    from workers.rq_gaps import requeue_stuck
 
     q = queue(LIGHT_QUEUE, redis)
     stuck, running, fresh, waiting = (q.enqueue(nap, 0) for _ in range(4))
@@ -317,7 +311,7 @@ def test_a_job_stuck_in_the_intermediate_queue_is_put_back_once_after_rqs_minute
     with redis.pipeline() as pipe:
         Execution.create(running, ttl=90, pipeline=pipe, worker_name="alive")
         pipe.execute()
-    for job in (stuck, running):
+    for job in (stuck, running):  # a minute has passed since RQ's maintenance first saw them
         redis.set(stuck_list.get_first_seen_key(job.id), time.time() - 120)
     assert q.job_ids == [waiting.id]
 
@@ -326,4 +320,3 @@ def test_a_job_stuck_in_the_intermediate_queue_is_put_back_once_after_rqs_minute
     assert q.job_ids == [stuck.id, waiting.id]
     assert stuck_list.get_job_ids() == [running.id, fresh.id]
     assert stuck.get_status() == "queued" and stuck.retries_left is None
-    assert not redis.exists(stuck_list.get_first_seen_key(stuck.id))

@@ -41,3 +41,9 @@ class ActionContext:
         if self._gateway is None:
             self._gateway = self.gateway_factory()
         return self._gateway
+
+    def close(self) -> None:
+        """Release what the run opened (the CVAT client's connections), if it opened anything."""
+        close = getattr(self._gateway, "close", None)
+        if close is not None:
+            close()

@@ -25,12 +25,17 @@ LIGHT_QUEUE = f"{QUEUE_PREFIX}-actions"
 """Queue for short actions (label checks, notifications, job updates)."""
 EXPORT_QUEUE = f"{QUEUE_PREFIX}-exports"
 """Queue for exports, kept apart so a long export cannot starve label checks."""
-QUEUES: tuple[str, ...] = (LIGHT_QUEUE, EXPORT_QUEUE)
+ANNOTATE_QUEUE = f"{QUEUE_PREFIX}-annotate"
+"""Queue for auto-annotation: a model over every frame of a task takes minutes and a lot of memory."""
+QUEUES: tuple[str, ...] = (LIGHT_QUEUE, EXPORT_QUEUE, ANNOTATE_QUEUE)
 """Every queue, in the order a worker serves them (light first)."""
+OWN_PROCESS_QUEUES: tuple[str, ...] = (EXPORT_QUEUE, ANNOTATE_QUEUE)
+"""Queues whose actions run long: each gets a worker process of its own, so they never hold up
+light actions or each other."""
 
 JOB_TIMEOUT = 3600
 """Seconds one run of an export may take before RQ kills it (a big export can take long)."""
-JOB_TIMEOUTS: dict[str, int] = {LIGHT_QUEUE: 300}
+JOB_TIMEOUTS: dict[str, int] = {LIGHT_QUEUE: 300, ANNOTATE_QUEUE: 4 * 3600}
 """Shorter limits per queue: a light action is a few HTTP calls, and one that hangs holds up the
 light actions behind it."""
 

@@ -193,7 +193,7 @@ class DeliveryLog:
 
     # -- receiver side -------------------------------------------------------------------------
 
-    def add_received(self, pipe: Pipeline | Batch, record: dict[str, Any], actions: Iterable[dict[str, Any]],
+    def add_received(self, pipe: Pipeline, record: dict[str, Any], actions: Iterable[dict[str, Any]],
                      at: float) -> None:
         """Queue the writes of a new delivery on ``pipe`` (a MULTI pipeline: they land with its jobs)."""
         did = record["delivery_id"]
@@ -212,7 +212,7 @@ class DeliveryLog:
         pipe.zadd(INDEX_KEY, {did: at})
         pipe.zremrangebyscore(INDEX_KEY, "-inf", at - self.retention)
 
-    def expire(self, pipe: Pipeline | Batch, delivery_id: str, seconds: int) -> None:
+    def expire(self, pipe: Pipeline, delivery_id: str, seconds: int) -> None:
         """Shorten a record's life (deliveries that matched nothing are only kept for debugging)."""
         pipe.expire(record_key(delivery_id), seconds)
         pipe.expire(timeline_key(delivery_id), seconds)
@@ -259,14 +259,18 @@ class DeliveryLog:
         running attempt's own field) and a timeline entry, both kept for the retention from now.
         Returns how many commands were queued."""
         key = record_key(delivery_id)
-        pipe.hset(key, f"action:{job_id}", json.dumps(self.redact.data(state)))
+        pipe.hset(key, f"action:{job_id}", self.redact.dumps(state))
         pipe.hdel(key, STARTED_PREFIX + job_id)
         return 2 + self._queue_step(pipe, delivery_id, job_id, step)
 
-    def _queue_step(self, pipe: Pipeline, delivery_id: str, job_id: str, step: dict[str, Any]) -> int:
-        """Queue a timeline entry of ``job_id`` and keep the record for the retention from now."""
+    def _queue_step(self, pipe: Pipeline, delivery_id: str, job_id: str, step: dict[str, Any], *,
+                    keep: bool = True) -> int:
+        """Queue a timeline entry of ``job_id`` and, with ``keep``, keep the record for the retention
+        from now. Returns how many commands were queued."""
         step = {"t": iso(now()), "job_id": job_id, **step}
-        pipe.rpush(timeline_key(delivery_id), json.dumps(self.redact.data(step)))
+        pipe.rpush(timeline_key(delivery_id), self.redact.dumps(step))
+        if not keep:
+            return 1
         pipe.expire(record_key(delivery_id), self.retention)
         pipe.expire(timeline_key(delivery_id), self.retention)
         return 3
@@ -399,8 +403,10 @@ def _succeeded(attempt: int, started: float, result: dict[str, Any],
 
 
 def _failed(attempt: int, started: float | None, error_class: str, message: str, kind: str,
-            next_retry_at: float | None, result: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state changes, timeline step) of a failed attempt, retried or given up."""
+            next_retry_at: float | None, result: dict[str, Any] | None,
+            traceback: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(state changes, timeline step) of a failed attempt, retried or given up; the step keeps the
+    traceback, if any (the worker's log has one line per failure)."""
     duration = round(now() - started, 3) if started else None
     gave_up = next_retry_at is None
     status = ActionStatus.FAILED if gave_up else ActionStatus.RETRYING
@@ -412,9 +418,12 @@ def _failed(attempt: int, started: float | None, error_class: str, message: str,
     if gave_up:
         changes["finished_at"] = iso(now())
     tail = "gave up" if gave_up else f"retry at {iso(next_retry_at)}"
-    return changes, {"step": "failed" if gave_up else "retrying", "attempt": attempt, "error": error,
-                     "next_retry_at": iso(next_retry_at),
-                     "message": f"attempt {attempt} failed ({kind}): {error_class}: {message}; {tail}"}
+    step = {"step": "failed" if gave_up else "retrying", "attempt": attempt, "error": error,
+            "next_retry_at": iso(next_retry_at),
+            "message": f"attempt {attempt} failed ({kind}): {error_class}: {message}; {tail}"}
+    if traceback:
+        step["traceback"] = traceback
+    return changes, step
 
 
 Writes = Callable[["Pipeline"], int]
@@ -424,12 +433,10 @@ Extra = Callable[["Pipeline"], object]
 
 
 class Attempt:
-    """One attempt of one action, recorded by the worker running it, in two round trips (none of its
-    own when the in-process worker takes the start and the end into its own transactions:
-    ``workers.inprocess``).
+    """One attempt of one action, recorded by the job running it, in two round trips.
 
     The start is written blind (its own ``started:`` field and a timeline step) with a read of the
-    action's state in the same transaction; the end is written from that copy, in one transaction
+    action's state in the same round trip; the end is written from that copy, in one transaction
     that also carries whatever the caller adds (``also``: the metrics). That is safe because while
     an attempt runs its worker is the only writer of that action's state (a replay is a job of its
     own; the receiver only touches the record's other fields). Before, each step read the state
@@ -445,53 +452,35 @@ class Attempt:
         self._state: dict[str, Any] = {"job_id": job_id}
 
     def start(self) -> float:
-        """Record the start, in one transaction; returns the start time."""
-        with self.deliveries.redis.pipeline(transaction=True) as pipe:
-            read = self.queue_start(pipe)
-            results = pipe.execute()
-        read(results)
-        return self.started
-
-    def queue_start(self, pipe: Pipeline) -> Callable[[list[Any]], Attempt]:
-        """Queue the start on ``pipe`` (a transaction sent by the caller); returns what to call with
-        that transaction's results, which reads the action's state from them (or raises its error)
-        and gives this attempt back."""
+        """Record the start, in one round trip that also reads the action's state (no transaction:
+        only this attempt writes its own field); returns the start time."""
         self.started = now()
         key = record_key(self.delivery_id)
-        first = len(pipe)
-        pipe.hget(key, f"action:{self.job_id}")
         changes, step = _started(self.number, self.started)
-        pipe.hset(key, STARTED_PREFIX + self.job_id, json.dumps(changes))
-        count = 2 + self.deliveries._queue_step(pipe, self.delivery_id, self.job_id, step)
-
-        def read(results: list[Any]) -> Attempt:
-            for result in results[first:first + count]:
-                if isinstance(result, Exception):
-                    raise result
-            raw = results[first]
-            self._state = {**(json.loads(raw) if raw else self._state), **changes}
-            return self
-
-        return read
+        with self.deliveries.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(key, f"action:{self.job_id}")
+            pipe.hset(key, STARTED_PREFIX + self.job_id, json.dumps(changes))
+            # The end of the attempt keeps the record for the retention from then: not needed here.
+            self.deliveries._queue_step(pipe, self.delivery_id, self.job_id, step, keep=False)
+            raw = pipe.execute()[0]
+        self._state = {**(json.loads(raw) if raw else self._state), **changes}
+        return self.started
 
     def note(self, message: str, **data: Any) -> None:
         """A step inside the attempt (the timeline only)."""
         self.deliveries.action_note(self.delivery_id, self.job_id, message, **data)
 
-    def succeeded(self, result: dict[str, Any], *, skipped: bool = False, also: Extra | None = None,
-                  defer: Callable[[Writes], bool] | None = None) -> None:
-        """Record success (or a skip), with ``also``'s writes in the same transaction; ``defer`` may
-        take the writes into the transaction that marks the job finished (it answers whether it did)."""
-        writes = self._writes(*_succeeded(self.number, self.started, result, skipped), also=also)
-        if defer is None or not defer(writes):
-            self._commit(writes)
+    def succeeded(self, result: dict[str, Any], *, skipped: bool = False, also: Extra | None = None) -> None:
+        """Record success (or a skip), with ``also``'s writes in the same transaction."""
+        self._commit(self._writes(*_succeeded(self.number, self.started, result, skipped), also=also))
 
     def failed(self, *, error_class: str, message: str, kind: str, next_retry_at: float | None,
-               result: dict[str, Any] | None = None, also: Extra | None = None) -> None:
-        """Record a failure (retried at ``next_retry_at``, or given up), with ``also``'s writes; always
-        sent at once, before the error goes on to RQ."""
+               result: dict[str, Any] | None = None, traceback: str | None = None,
+               also: Extra | None = None) -> None:
+        """Record a failure (retried at ``next_retry_at``, or given up), with ``also``'s writes, before
+        the error goes on to RQ."""
         self._commit(self._writes(*_failed(self.number, self.started, error_class, message, kind, next_retry_at,
-                                           result), also=also))
+                                           result, traceback), also=also))
 
     def _writes(self, changes: dict[str, Any], step: dict[str, Any], also: Extra | None = None) -> Writes:
         """The writes of one step, then ``also``'s (an error queuing those is logged, never raised:

@@ -52,7 +52,14 @@ class ExportOutcome:
     path: Path | None
     size: int | None
     server_seconds: float
-    """Time from the export request to CVAT reporting it finished (for the overhead benchmark)."""
+    """Time from the export request to our seeing CVAT report it finished."""
+    cvat_seconds: float | None = None
+    """CVAT's own time: its request's ``created_date`` -> ``finished_date`` (the requests API), when
+    it says; ``server_seconds`` minus this is the wait that was ours (bench/real_export.py)."""
+    status_checks: int = 0
+    """How many times the request's status was asked (what the wait cost CVAT)."""
+    rq_id: str | None = None
+    """CVAT's id of the export request (``GET /api/requests/{rq_id}``)."""
 
 
 @dataclass(frozen=True)

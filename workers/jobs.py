@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+import traceback
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from rq import get_current_job
+from rq.exceptions import AbandonedJobError
 from rq.job import Job
 
 from workers import metrics
 from workers.actions import runner
 from workers.context import ActionContext
-from workers.contract import JOB_FUNCTION, ActionCall
+from workers.contract import ActionCall
 from workers.delivery_log import Attempt, DeliveryLog
 from workers.errors import ErrorKind, PermanentError, UnknownAction, classify
 from workers.gateway import CvatGateway
-from workers.inprocess import begun, defer
+from workers.logs import RECORDED_NOTE
 from workers.redaction import Redactor
 from workers.redis_conn import connect
 from workers.settings import WorkerSettings
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from redis.client import Pipeline
 
 log = logging.getLogger(__name__)
+
+TRACEBACK_CHARS = 4000
+"""The end of a failed attempt's traceback kept in the delivery log (its innermost frames)."""
 
 
 @dataclass
@@ -73,27 +77,24 @@ def attempt_of(job: Job | None, call: ActionCall) -> int:
 
 
 def run_action(data: dict[str, Any]) -> dict[str, Any]:
-    """Run one action (the RQ job function named in ``workers.contract.JOB_FUNCTION``).
+    """Run one attempt of one action (the RQ job function named in ``workers.contract.JOB_FUNCTION``).
 
-    Two Redis round trips of its own (bench/dispatch.py): the start written with a read of the
-    action's state, then the end and the metrics, each in one transaction
-    (``workers.delivery_log.Attempt``). The in-process worker sends both with its own transactions
-    (:func:`begin_attempt`, ``workers.inprocess.defer``).
+    The attempt reads top to bottom: its start recorded in the delivery log, the action, its
+    outcome recorded (a failure before it is re-raised, so the log is never behind what happened),
+    and RQ's ``Retry`` (given at enqueue) doing the retries. Two Redis round trips of its own
+    (bench/dispatch.py): the start with a read of the action's state, then the end with the metrics.
     """
     call = ActionCall.from_json(data)
     rt = runtime()
     job = get_current_job()
-    attempt = begun()
-    if not isinstance(attempt, Attempt) or attempt.job_id != call.job_id:  # not started by the worker
-        attempt = rt.deliveries.attempt(call.delivery_id, call.job_id, attempt_of(job, call))
-        attempt.start()
+    attempt = rt.deliveries.attempt(call.delivery_id, call.job_id, attempt_of(job, call))
+    attempt.start()
     ctx = ActionContext(call=call, settings=rt.settings, redis=rt.redis, gateway_factory=rt.gateway,
                         note=attempt.note)
     try:
-        skipped = unmet_job_requirement(ctx)
-        if skipped is not None:
-            result, is_skip = skipped, True
-        else:
+        result = unmet_job_requirement(ctx)
+        is_skip = result is not None
+        if result is None:
             try:
                 run = runner(call.action)
             except KeyError:
@@ -104,25 +105,12 @@ def run_action(data: dict[str, Any]) -> dict[str, Any]:
         record_failure(rt, call, job, attempt, exc)
         raise
     finally:
-        close = getattr(ctx._gateway, "close", None)
-        if close is not None:
-            close()
+        ctx.close()
     outcome = "skipped" if is_skip else "succeeded"
-    attempt.succeeded(result, skipped=is_skip, also=partial(count_attempt, call.action, outcome, attempt),
-                      defer=defer)
-    log.info("delivery %s: %s of rule %s %s (attempt %d)", call.delivery_id, call.action, call.rule_id,
+    attempt.succeeded(result, skipped=is_skip, also=partial(count_attempt, call.action, outcome, attempt))
+    log.info("delivery %s: action %s of rule %s %s (attempt %d)", call.delivery_id, call.action, call.rule_id,
              outcome, attempt.number)
     return result
-
-
-def begin_attempt(job: Job, pipe: Pipeline) -> Callable[[list[Any]], Attempt] | None:
-    """The in-process worker's start hook (``workers.inprocess.StartHook``): the start of an action
-    job's attempt queued on the worker's start transaction, so it costs no round trip of its own.
-    None for any other job (the periodic reconcile)."""
-    if job.func_name != JOB_FUNCTION:
-        return None
-    call = ActionCall.from_json(job.args[0])
-    return runtime().deliveries.attempt(call.delivery_id, call.job_id, attempt_of(job, call)).queue_start(pipe)
 
 
 def unmet_job_requirement(ctx: ActionContext) -> dict[str, Any] | None:
@@ -144,18 +132,40 @@ def unmet_job_requirement(ctx: ActionContext) -> dict[str, Any] | None:
 
 def record_failure(rt: Runtime, call: ActionCall, job: Job | None, attempt: Attempt,
                    exc: BaseException) -> None:
-    """Write the failed attempt, and stop RQ from retrying what cannot succeed."""
+    """Write the failed attempt (with its traceback), stop RQ from retrying what cannot succeed, and
+    log one line: the traceback is for the delivery log, not for the worker's log."""
     kind = classify(exc)
     will_retry = kind is ErrorKind.TRANSIENT and job is not None and bool(job.retries_left)
-    next_at = time.time() + job.get_retry_interval() if will_retry and job is not None else None
+    delay = job.get_retry_interval() if will_retry and job is not None else None
     if job is not None and not will_retry:
-        job.retries_left = 0
+        job.retries_left = 0  # RQ's Retry then fails the job instead of retrying it
     message = rt.redactor.text(str(exc) or type(exc).__name__)
     outcome = "retrying" if will_retry else "failed"
-    attempt.failed(error_class=type(exc).__name__, message=message, kind=kind.value, next_retry_at=next_at,
-                   result=getattr(exc, "result", None), also=partial(count_attempt, call.action, outcome, attempt))
-    log.warning("delivery %s: %s of rule %s failed (attempt %d, %s): %s%s", call.delivery_id, call.action,
-                call.rule_id, attempt.number, kind.value, message, "; will retry" if will_retry else "; gave up")
+    attempt.failed(error_class=type(exc).__name__, message=message, kind=kind.value,
+                   next_retry_at=time.time() + delay if delay is not None else None,
+                   result=getattr(exc, "result", None), traceback=traceback_of(exc),
+                   also=partial(count_attempt, call.action, outcome, attempt))
+    exc.add_note(RECORDED_NOTE)
+    log_failure(call, failure_kind(kind, delay), message)
+
+
+def failure_kind(kind: ErrorKind, retry_in: float | None) -> str:
+    """How a failed attempt ends, as the worker's log line says it."""
+    if retry_in is not None:
+        return f"will retry in {retry_in:g}s"
+    return "permanent" if kind is ErrorKind.PERMANENT else "no retry left"
+
+
+def log_failure(call: ActionCall, how: str, message: str) -> None:
+    """The worker's one line about a failed attempt."""
+    log.warning("delivery %s: action %s of rule %s failed (%s): %s", call.delivery_id, call.action,
+                call.rule_id, how, message)
+
+
+def traceback_of(exc: BaseException, limit: int = TRACEBACK_CHARS) -> str:
+    """The end of ``exc``'s traceback (the delivery log keeps it for whoever debugs the action)."""
+    text = "".join(traceback.format_exception(exc))
+    return text[-limit:]
 
 
 def count_attempt(action: str, outcome: str, attempt: Attempt, pipe: Pipeline) -> None:
@@ -168,34 +178,30 @@ def count_attempt(action: str, outcome: str, attempt: Attempt, pipe: Pipeline) -
 
 
 def on_job_failure(job: Job, connection: Redis, exc_type: type, exc: BaseException, tb: Any) -> None:
-    """RQ's failure callback: records failures that happened outside ``run_action`` (abandoned jobs
-    whose worker died, timeouts). Failures inside it were already recorded there."""
-    if exc_type.__name__ not in ("AbandonedJobError",):
+    """RQ's failure callback: records the failures that happen outside ``run_action``, i.e. an
+    abandoned job (its worker died). Failures inside it were recorded there."""
+    if not issubclass(exc_type, AbandonedJobError):
         return
-    try:
-        call = ActionCall.from_json(job.args[0])
-        rt = runtime()
-        will_retry = bool(job.retries_left)
-        rt.deliveries.action_failed(
-            call.delivery_id, call.job_id, attempt=attempt_of(job, call), started=None,
-            error_class=exc_type.__name__, message="the worker running this action stopped before it finished",
-            kind=ErrorKind.TRANSIENT.value,
-            next_retry_at=time.time() + job.get_retry_interval() if will_retry else None)
-    except Exception:  # a callback must never break RQ's bookkeeping
-        log.exception("job %s: could not record its abandonment", job.id)
+    record_outside(job, "AbandonedJobError", "the worker running this action stopped before it finished")
 
 
 def on_work_horse_killed(job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
     """A forked work-horse died (killed, out of memory) mid-action: say so in the delivery log.
     RQ then retries the job if it has retries left, or moves it to the failed registry."""
+    record_outside(job, "WorkHorseKilled", f"the process running this action died (wait status {ret_val})")
+
+
+def record_outside(job: Job, error_class: str, message: str) -> None:
+    """Record a failed attempt that ended outside ``run_action`` (never raises: RQ's bookkeeping
+    goes on after it)."""
     try:
         call = ActionCall.from_json(job.args[0])
         rt = runtime()
-        will_retry = bool(job.retries_left)
+        delay = job.get_retry_interval() if job.retries_left else None
         rt.deliveries.action_failed(
             call.delivery_id, call.job_id, attempt=attempt_of(job, call), started=None,
-            error_class="WorkHorseKilled", message=f"the process running this action died (wait status {ret_val})",
-            kind=ErrorKind.TRANSIENT.value,
-            next_retry_at=time.time() + job.get_retry_interval() if will_retry else None)
+            error_class=error_class, message=message, kind=ErrorKind.TRANSIENT.value,
+            next_retry_at=time.time() + delay if delay is not None else None)
+        log_failure(call, failure_kind(ErrorKind.TRANSIENT, delay), message)
     except Exception:
-        log.exception("job %s: could not record the death of its work-horse", job.id)
+        log.exception("job %s: could not record its failure (%s)", job.id, error_class)

@@ -55,8 +55,13 @@ def _field(name: str, labels: Mapping[str, str]) -> str:
 
 
 def inc(target: Redis | Pipeline | Batch, name: str, amount: int = 1, **labels: str) -> None:
-    """Count ``amount`` on a counter (on a pipeline: sent with the caller's other writes)."""
+    """Count ``amount`` on a counter (on a pipeline: sent with the caller's other writes). An action
+    run given up is also counted in its minute, for the admin UI's chart (:mod:`workers.history`)."""
     target.hincrby(COUNTERS_KEY, _field(name, labels), amount)
+    if name == "cvat_hooks_action_runs_total" and labels.get("outcome") == "failed":
+        from workers.history import count_failure
+
+        count_failure(target)
 
 
 def safe_inc(redis: Redis, name: str, **labels: str) -> None:
@@ -147,7 +152,7 @@ class RedisCollector:
             q = queue(name, self.redis)
             depth.add_metric([name], q.count)
             # get_job_count(cleanup=False): a scrape must not run RQ's cleanup, which would beat the
-            # workers' maintenance (workers.worker.rescue_unstarted) to a job a dead worker had taken.
+            # workers' maintenance (workers.worker.workers.rq_gaps.rescue_expired) to a job a dead worker had taken.
             started.add_metric([name], StartedJobRegistry(queue=q).get_job_count(cleanup=False))
             scheduled.add_metric([name], ScheduledJobRegistry(queue=q).get_job_count(cleanup=False))
             failed.add_metric([name], FailedJobRegistry(queue=q).get_job_count(cleanup=False))
@@ -158,10 +163,36 @@ class RedisCollector:
         yield from (depth, started, scheduled, failed, workers, up)
 
 
-def render(redis: Redis, queues: Iterable[str]) -> bytes:
-    """The text exposition of every cvat-hooks metric."""
+class RulesCollector:
+    """Gauges of the rules held by the process answering the scrape (every receiver process watches
+    the same file, so they agree within a second): version in force, rule count, a refused edit."""
+
+    def __init__(self, status: Mapping[str, Any]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        info = GaugeMetricFamily("cvat_hooks_rules_info", "The rules in force (always 1): their version "
+                                 "(first 12 hex digits of the file's SHA-256) and file.",
+                                 labels=["version", "source"])
+        info.add_metric([str(self.status.get("version") or ""), str(self.status.get("source") or "")], 1)
+        count = GaugeMetricFamily("cvat_hooks_rules_loaded", "Rules in force.")
+        count.add_metric([], float(self.status.get("rule_count") or 0))
+        failed = GaugeMetricFamily("cvat_hooks_rules_reload_failed",
+                                   "1 while the rules file on disk was refused (the last good rules "
+                                   "stay in force), else 0.")
+        failed.add_metric([], 1.0 if self.status.get("reload_failed") else 0.0)
+        yield from (info, count, failed)
+
+
+def render(redis: Redis, queues: Iterable[str], *, rules: Mapping[str, Any] | None = None) -> bytes:
+    """The text exposition of every cvat-hooks metric (with ``rules``: the rules gauges, from
+    :meth:`receiver.rules.store.RuleStore.status`)."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RedisCollector(redis, queues))  # type: ignore[arg-type]
+    if rules is not None:
+        registry.register(RulesCollector(rules))  # type: ignore[arg-type]
     return generate_latest(registry)

@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     from redis import Redis
     from redis.client import Pipeline
 
-    from receiver.receipts import Batch
-
 SERIALIZER = JSONSerializer
 RESULT_TTL = 500
 """Seconds RQ keeps a finished job and its result: RQ's own default. The delivery log keeps the
@@ -50,13 +48,10 @@ def retry_of(call: ActionCall, rng: random.Random | None = None) -> Retry | None
     return Retry(max=call.retry.attempts, interval=call.retry.delays(rng))
 
 
-def enqueue(calls: Iterable[ActionCall], connection: Redis, pipeline: Pipeline | Batch,
+def enqueue(calls: Iterable[ActionCall], connection: Redis, pipeline: Pipeline,
             *, failure_ttl: int, result_ttl: int = RESULT_TTL) -> list[str]:
-    """Queue one job per call on ``pipeline`` (executed by the caller, with its other writes).
-
-    ``pipeline`` may be the receiver's :class:`receiver.receipts.Batch`: RQ writes its jobs there
-    as it would on a pipeline, and the receiver applies them with the delivery record in one script.
-    """
+    """Queue one job per call on ``pipeline`` (a MULTI pipeline executed by the caller, with its other
+    writes: the receiver's delivery record lands with its jobs)."""
     by_queue: dict[str, list[ActionCall]] = {}
     for call in calls:
         by_queue.setdefault(call.queue, []).append(call)
@@ -77,6 +72,6 @@ def enqueue(calls: Iterable[ActionCall], connection: Redis, pipeline: Pipeline |
             )
             for call in group
         ]
-        q.enqueue_many(datas, pipeline=pipeline)  # type: ignore[arg-type]  # a Batch stands in for one
+        q.enqueue_many(datas, pipeline=pipeline)
         job_ids += [call.job_id for call in group]
     return job_ids

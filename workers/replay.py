@@ -1,17 +1,44 @@
-"""Re-run the actions of a recorded delivery, as new runs with job ids of their own."""
+"""Re-run the actions of a recorded delivery, as new runs with job ids of their own.
+
+A replay repeats what the delivery queued then (the parameters it was rendered with). Re-judging it
+with the rules in force now (``--rematch``) needs the receiver's matching, so it lives in
+:mod:`receiver.rematch` and only uses :func:`queue_runs` from here.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from workers.contract import ActionCall
-from workers.delivery_log import ActionStatus, Delivery, DeliveryLog
+from workers.delivery_log import ActionStatus, Delivery, DeliveryLog, Outcome
 from workers.queueing import enqueue
 from workers.retry import RetryPolicy
 
-_IN_FLIGHT = {ActionStatus.QUEUED, ActionStatus.STARTED, ActionStatus.RETRYING}
+IN_FLIGHT = frozenset({ActionStatus.QUEUED, ActionStatus.STARTED, ActionStatus.RETRYING})
+"""Action states a replay never doubles."""
 
 
 class NothingToReplay(Exception):
-    """Every action is done (or still running) and ``force`` was not given."""
+    """Nothing a replay could run: the message says why and what would (``--force``, ``--rematch``)."""
+
+
+def why_not(delivery: Delivery, *, force: bool = False) -> str | None:
+    """Why a plain replay of ``delivery`` would run nothing (``None``: it would run something).
+
+    The UI offers its Replay button, and the CLI tries, only when this is ``None``.
+    """
+    if delivery.record.get("outcome") == Outcome.PING:
+        return "it is a ping: no rule judges a ping and it has no action to run"
+    latest = delivery.latest_actions()
+    if not latest:
+        return "it matched no rule, so there is no action to run again (--rematch judges it with the current rules)"
+    statuses = {ActionStatus(a["status"]) for a in latest}
+    if statuses <= IN_FLIGHT:
+        return "no failed action to replay: its actions are still queued or running"
+    if not force and ActionStatus.FAILED not in statuses:
+        return "no failed action to replay (use --force to run succeeded ones again)"
+    return None
 
 
 def replay(log: DeliveryLog, delivery: Delivery, *, force: bool = False) -> list[str]:
@@ -20,16 +47,11 @@ def replay(log: DeliveryLog, delivery: Delivery, *, force: bool = False) -> list
     Actions still queued or running are never doubled. Without ``force``, a delivery whose actions
     all succeeded has nothing to replay: that is how a replay of a finished delivery stays one effect.
     """
-    chosen = []
-    for action in delivery.latest_actions():
-        status = ActionStatus(action["status"])
-        if status in _IN_FLIGHT:
-            continue
-        if status is ActionStatus.FAILED or force:
-            chosen.append(action)
-    if not chosen:
-        raise NothingToReplay(f"delivery {delivery.id}: no failed action to replay"
-                              + ("" if force else " (use --force to run succeeded ones again)"))
+    reason = why_not(delivery, force=force)
+    if reason is not None:
+        raise NothingToReplay(f"delivery {delivery.id}: {reason}")
+    chosen = [a for a in delivery.latest_actions()
+              if ActionStatus(a["status"]) not in IN_FLIGHT and (force or a["status"] == ActionStatus.FAILED)]
     essentials = delivery.essentials
     calls = [
         ActionCall(delivery_id=delivery.id, rule_id=a["rule_id"], index=int(a["index"]), action=a["action"],
@@ -37,10 +59,24 @@ def replay(log: DeliveryLog, delivery: Delivery, *, force: bool = False) -> list
                    run=int(a.get("run", 0)) + 1, queue=a["queue"])
         for a in chosen
     ]
+    return queue_runs(log, calls, lambda call: f"replay run {call.run} of {call.action} (rule {call.rule_id})")
+
+
+def next_run(delivery: Delivery, rule_id: str, index: int) -> int:
+    """The run number a new run of action ``index`` of ``rule_id`` takes: one past every run
+    recorded for it (0 when it never ran: its job id is then still unused)."""
+    runs = [int(a.get("run", 0)) for a in delivery.actions.values()
+            if a.get("rule_id") == rule_id and int(a.get("index", -1)) == index]
+    return max(runs) + 1 if runs else 0
+
+
+def queue_runs(log: DeliveryLog, calls: Iterable[ActionCall], reason: Any) -> list[str]:
+    """Record each call as a queued run (``reason(call)`` is its timeline line), then enqueue them
+    all in one transaction; returns the job ids."""
+    calls = list(calls)
     # Recorded before enqueuing, so a fast worker's "started" cannot be overwritten by "queued".
     for call in calls:
-        log.action_queued(call.delivery_id, call.summary(),
-                          reason=f"replay run {call.run} of {call.action} (rule {call.rule_id})")
+        log.action_queued(call.delivery_id, call.summary(), reason=reason(call))
     with log.redis.pipeline(transaction=True) as pipe:
         job_ids = enqueue(calls, log.redis, pipe, failure_ttl=log.retention)
         pipe.execute()

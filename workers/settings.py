@@ -52,6 +52,24 @@ def _list(value: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (value or "").split(",") if item.strip())
 
 
+def run_dirs(env: Mapping[str, str] | None = None) -> tuple[Path, ...] | None:
+    """``CVAT_HOOKS_RUN_DIRS`` (``os.pathsep``-separated absolute directories, symlinks resolved), or
+    ``None`` when unset: the receiver then cannot tell at load whether a ``run`` command may run."""
+    env = os.environ if env is None else env
+    raw = env.get("CVAT_HOOKS_RUN_DIRS")
+    if raw is None or not raw.strip():
+        return None
+    dirs = []
+    for item in raw.split(os.pathsep):
+        if not item.strip():
+            continue
+        path = Path(item.strip())
+        if not path.is_absolute():
+            raise ValueError(f"CVAT_HOOKS_RUN_DIRS must list absolute directories, not {item.strip()!r}")
+        dirs.append(path.resolve())
+    return tuple(dirs)
+
+
 @dataclass(frozen=True)
 class CvatSettings:
     """How to reach CVAT. The token and password are never logged or recorded."""
@@ -116,6 +134,9 @@ class WorkerSettings:
     """If set, ``notify`` may only POST to these hosts (stops rules from reaching internal hosts)."""
     notify_timeout: float = 10.0
     """Seconds a notification POST may take."""
+    run_dirs: tuple[Path, ...] = ()
+    """``CVAT_HOOKS_RUN_DIRS``: the only directories whose executables the ``run`` action may start
+    (resolved; none: ``run`` starts nothing)."""
     maintenance_seconds: int = 30
     """Seconds between two rounds of RQ maintenance in a worker, idle or not: retrying the jobs of
     workers that died (once RQ deems them abandoned) and taking over the scheduler (delayed retries)
@@ -169,6 +190,7 @@ class WorkerSettings:
             ),
             notify_allowed_hosts=_list(env.get("CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS")),
             notify_timeout=float(env.get("CVAT_HOOKS_NOTIFY_TIMEOUT") or 10),
+            run_dirs=run_dirs(env) or (),
             maintenance_seconds=int(env.get("CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS") or 30),
             recycle=Recycle(max_rss_mb=int(env.get("CVAT_HOOKS_WORKER_MAX_RSS_MB") or DEFAULT_MAX_RSS_MB),
                             max_jobs=int(env.get("CVAT_HOOKS_WORKER_MAX_JOBS") or 0)),

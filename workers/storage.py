@@ -34,6 +34,8 @@ import glob
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -129,6 +131,27 @@ def parse_destination(url: Any, settings: WorkerSettings | None = None) -> Desti
     raise PermanentError(
         f"destination {url!r}: unsupported scheme {scheme!r} (use a path, file://, s3:// or cvat-cloud://)"
     )
+
+
+Source = LocalDestination | S3Destination
+"""Where an annotation file is read from (``import_annotations``' ``from``): the same URLs as a
+destination, and the same checks, since a payload value rendered into it must not make the worker
+read, and send to CVAT, a file outside its directory or one of the service's own files."""
+
+
+def parse_source(url: Any, settings: WorkerSettings | None = None) -> Source:
+    """The file a ``from`` URL names: a path, ``file://`` or ``s3://bucket/key``, checked exactly as
+    :func:`parse_destination` checks a destination (roots, service files, ``..``, percent-decoding).
+    ``cvat-cloud://`` is refused: nothing would pass through the worker to upload."""
+    try:
+        source = parse_destination(url, settings)
+    except PermanentError as exc:
+        message = str(exc)
+        raise PermanentError("source" + message[len("destination"):] if message.startswith("destination")
+                             else message) from None
+    if isinstance(source, CloudDestination):
+        raise PermanentError(f"source {url!r}: cvat-cloud:// cannot be read by the worker; use a path or s3://")
+    return source
 
 
 SERVICE_FILES = ("webhook-secret", "webhook-secrets", "journal", "redis.rdb", "appendonly", "dump.rdb",
@@ -422,6 +445,38 @@ class Storage:
         staged.path.unlink(missing_ok=True)
         staged.committed = True
         return {"uri": dest.uri, "size": size}
+
+    def parse_source(self, url: str) -> Source:
+        """:func:`parse_source` with this worker's roots."""
+        return parse_source(url, self.settings)
+
+    @contextmanager
+    def fetched(self, source: Source) -> Iterator[Path]:
+        """A local file holding the source's bytes, under the source's own base name (CVAT picks a
+        format's reader by extension): a local file is used where it is, after its checks are made
+        again (a directory swapped for a symlink since parsing must not redirect the read); an S3
+        object is downloaded into a private directory under ``<data_dir>/tmp``, removed afterwards."""
+        if isinstance(source, LocalDestination):
+            final = source.path.parent.resolve() / source.path.name
+            _check_inside(final.resolve(), source.uri, self.settings)
+            _check_not_service_file(final.resolve(), source.uri, self.settings)
+            if not final.is_file():
+                raise PermanentError(f"source {source.uri!r}: no such file")
+            yield final.resolve()
+            return
+        directory = self.settings.data_dir / TMP_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix="import-", dir=directory))
+        name = source.key.rsplit("/", 1)[-1][-_MAX_NAME:]
+        target = private / name
+        try:
+            try:
+                self.s3.download_file(source.bucket, source.key, str(target))
+            except Exception as exc:
+                _raise_s3_error(exc, source, "download failed")
+            yield target
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
 
     def existing_version(self, destination: Destination, version: str) -> dict[str, Any] | None:
         """``{"uri", "size"}`` if the destination already holds this version (S3 metadata), else None.

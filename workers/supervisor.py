@@ -1,42 +1,48 @@
-"""``cvat-hooks worker``'s default setup: light actions and exports each in-process in a child of
-their own, under a parent that restarts either child when it dies and hands the jobs it had started
-back to RQ.
+"""``cvat-hooks worker``'s default setup: each queue group in-process in a child of its own (RQ's
+``SimpleWorker``), and RQ's scheduler in one more, under a parent that restarts a child when it dies
+and hands the jobs it had taken back to RQ at once.
 
-Why: RQ's forking worker spends a fork and its monitoring on every job (bench/dispatch.py: 28 ms of
-CPU for a no-op, against 4 ms in-process), which light actions (label checks, notifications, job
-updates: a few HTTP calls) cannot afford. An export forked per job costs little time, but the
+Why: RQ's forking worker spends a fork and its monitoring on every job (bench/dispatch.py: several
+times the CPU of a no-op run in-process), which light actions (label checks, notifications, job
+updates: a few HTTP calls) cannot afford. A long action forked per job costs little time, but the
 work-horse's copy of its parent's pages shows in the memory the worker is charged for (bench/:
-+67 MB RSS for any export, 5 MB or 500 MB); in-process, an export costs what it buffers. Exports
-keep a child of their own, so a long one cannot hold up label checks, and one that crashes or is
-killed for its memory takes nothing else with it.
++67 MB RSS for any export); in-process, an export costs what it buffers. Each long-running queue
+(``workers.contract.OWN_PROCESS_QUEUES``: exports, auto-annotation) keeps a child of its own, so a
+long action cannot hold up label checks, and one that crashes or is killed for its memory takes
+nothing else with it.
 
 What a crashing action takes down (segfault, ``os._exit``, the OOM killer), and how it is recovered:
 
 - an action runs in a child of its queue (``light`` for ``cvat-hooks-actions``: one, or
-  ``CVAT_HOOKS_LIGHT_PROCESSES``; ``exports`` for ``cvat-hooks-exports``), one at a time in each
-  child: a crash ends that child and the one action it was running, nothing else (jobs still queued
-  are in Redis; the other children go on). The parent sees it exit at once (``waitpid``), passes
-  the jobs that child had started (its RQ execution index) to RQ's own
-  abandoned-job handling right away (``StartedJobRegistry.cleanup``: our failure callback writes
-  ``AbandonedJobError`` to the delivery log, then RQ retries the job after the rule's retry delay,
-  or moves it to the failed registry), and forks a new child, which inherits the parent's imports
-  and starts in milliseconds. (RQ alone would retry it only once it deems it abandoned, when the
-  job's registration runs out: up to 75 s later);
+  ``CVAT_HOOKS_LIGHT_PROCESSES``; one for each long-running queue), one at a time in each child: a
+  crash ends that child and the one action it was running, nothing else (jobs still queued are in
+  Redis; the other children go on). The parent sees it exit at once (``waitpid``) and hands what
+  that child had taken to RQ right away (``workers.rq_gaps.hand_over``): a started job to RQ's own
+  abandoned-job handling (our failure callback writes ``AbandonedJobError`` to the delivery log,
+  then RQ retries the job after the rule's retry delay, or moves it to the failed registry), one
+  not yet started back to its queue. Then it forks a new child, which inherits the parent's imports
+  and starts in milliseconds. (RQ alone would retry the job only once it deems it abandoned, when
+  its registration runs out: up to 75 s later);
 - the parent runs no job code; if it is killed with the children (the container), RQ's maintenance
   in any live worker (or the restarted one) retries their jobs once RQ deems them abandoned: about
-  75 s after the kill (``workers.inprocess.JOB_BEAT_SECONDS``).
+  75 s after the kill (``workers.worker.JOB_MONITORING_SECONDS`` + 60).
 
 A child also ends on its own, after the action that brings it to its recycling limits (memory, or a
 number of jobs: ``WorkerSettings.recycle``), with exit code :data:`RECYCLED`; the parent starts a
-fresh one at once. It still looks for jobs to hand over, and finds none, since none was running
-(unless an action itself exited with that code).
+fresh one at once.
+
+RQ's scheduler (delayed retries, the periodic reconcile) runs in a child of its own rather than in
+each worker: it ends on a Redis error (rq/rq#2189), and RQ's workers restart theirs only at their
+next maintenance round (30 s here), which left delayed retries waiting 7-38 s after a Redis
+failover. The parent restarts it as soon as Redis answers, under the same name, so it refreshes its
+own lock rather than waiting for it to expire.
 
 A child that dies while Redis does not answer (it cannot dequeue, nor record anything) is restarted
 once Redis answers again; the parent waits for it rather than restarting the child every second.
 
-A job a child had taken off its queue but not yet started when it died (a window of one round trip,
+A job a child had taken off its queue but not registered when it died (a window of one round trip,
 in which no action code runs) is put back on its queue by a live worker's maintenance
-(``workers.worker.requeue_stuck``, a minute or two later) rather than here: the parent cannot tell
+(``workers.rq_gaps.requeue_stuck``, a minute or two later) rather than here: the parent cannot tell
 it from a job another worker just took.
 """
 
@@ -54,7 +60,7 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from workers.contract import EXPORT_QUEUE, QUEUES
+from workers.contract import OWN_PROCESS_QUEUES, QUEUE_PREFIX, QUEUES
 from workers.settings import WorkerSettings
 
 if TYPE_CHECKING:
@@ -69,8 +75,9 @@ replaced at once (EX_TEMPFAIL, which cvat-hooks uses for nothing else)."""
 RESTART_PAUSE = 1.0
 """Seconds to wait before restarting a child that died within that long of its start (a crash loop),
 so the parent does not fork as fast as it can."""
-REDIS_WAIT_MAX = 15.0
-"""Longest pause between two pings while the parent waits for an unreachable Redis."""
+REDIS_WAIT_MAX = 2.0
+"""Longest pause between two pings while the parent waits for an unreachable Redis (a ping is cheap;
+children, the scheduler first, restart within this long of Redis answering again)."""
 
 
 @dataclass
@@ -86,49 +93,56 @@ class Child:
 
 
 def plan(queues: Sequence[str], light_processes: int = 1) -> list[Child]:
-    """The children for ``queues``: exports in one, every other queue in ``light_processes`` others,
-    all in-process."""
-    light = tuple(q for q in queues if q != EXPORT_QUEUE)
-    heavy = tuple(q for q in queues if q == EXPORT_QUEUE)
+    """The children for ``queues``: each long-running queue (exports, auto-annotation) in one of its
+    own, every other queue in ``light_processes`` others, all in-process."""
+    light = tuple(q for q in queues if q not in OWN_PROCESS_QUEUES)
     children = [Child("light", light) for _ in range(light_processes)] if light else []
-    return children + ([Child("exports", heavy)] if heavy else [])
+    return children + [Child(q.removeprefix(f"{QUEUE_PREFIX}-"), (q,)) for q in queues if q in OWN_PROCESS_QUEUES]
 
 
 def recover(redis: Redis, worker_name: str, queues: Sequence[str]) -> list[str]:
-    """Hand the jobs a dead in-process worker had started to RQ's abandoned-job handling now.
-
-    The worker ran its jobs in its own process, which is gone: they are certainly not running. Their
-    StartedJobRegistry entries (those whose RQ execution names ``worker_name``, or a successor of it
-    that :func:`workers.worker.run` started in the same process: ``<name>.<n>``) are marked expired,
-    then RQ's own cleanup treats them as it treats any abandoned job: our failure callback, then
-    ``job.retry`` or the failed registry. Returns the job ids handed over.
-    """
-    from rq.registry import StartedJobRegistry
-
+    """Hand the jobs a dead in-process worker had taken back to RQ now (``workers.rq_gaps.hand_over``):
+    it ran them in its own process, which is gone, so they are certainly not running. Those it had
+    started go through RQ's abandoned-job handling (our failure callback, then ``job.retry`` or the
+    failed registry), those it had not yet started back on their queue. Returns the job ids handed
+    to RQ."""
     from workers.queueing import queue
-    from workers.worker import rescue_unstarted
+    from workers.rq_gaps import hand_over
+    from workers.worker import UNSTARTED, note_requeued
 
     handed: list[str] = []
     for name in queues:
         q = queue(name, redis)
-        registry = StartedJobRegistry(queue=q)
-        entries = [e.decode() if isinstance(e, bytes) else str(e) for e in redis.zrange(registry.key, 0, -1)]
-        with redis.pipeline(transaction=False) as pipe:
-            for entry in entries:
-                pipe.hget(f"rq:execution:{entry}", "worker_name")
-            owners = [(o or b"").decode() for o in pipe.execute()]
-        mine = [e for e, owner in zip(entries, owners, strict=True)
-                if owner == worker_name or owner.startswith(worker_name + ".")]
-        if not mine:
-            continue
-        redis.zadd(registry.key, {e: 0 for e in mine}, xx=True)
-        rescue_unstarted(q)
-        registry.cleanup()
-        handed += [e.split(":", 1)[0] for e in mine]
+        put_back, started = hand_over(q, worker_name)
+        note_requeued(q, put_back, UNSTARTED)
+        handed += started
     for job_id in handed:
         log.warning("worker: job %s was running in worker %s, which died; handed to RQ's retry", job_id,
                     worker_name)
     return handed
+
+
+SCHEDULER = "scheduler"
+"""The role of the child that runs RQ's scheduler (delayed retries, the periodic reconcile)."""
+
+
+def run_scheduler(settings: WorkerSettings, queues: Sequence[str], name: str) -> int:
+    """The scheduler child: RQ's scheduler loop (``workers.rq_gaps.Scheduler``) until stopped (0), or
+    until Redis fails it (1: the parent restarts it as soon as Redis answers, under the same name, so
+    it takes its own lock back at once)."""
+    from workers.queueing import SERIALIZER
+    from workers.redis_conn import connect
+    from workers.rq_gaps import Scheduler
+
+    # Held while the scheduler runs: RQ's scheduler makes its connections from this one's settings,
+    # which for Sentinel refer back to this connection's pool.
+    redis = connect(settings.redis_url)
+    try:
+        Scheduler(queues, redis, name=name, serializer=SERIALIZER).work()
+    except RedisError as exc:
+        log.warning("worker: scheduler %s stopped on %s: %s", name, type(exc).__name__, exc)
+        return 1
+    return 0
 
 
 class Supervisor:
@@ -142,6 +156,8 @@ class Supervisor:
         self.run_child = run_child
         self.stopping = False
         self._redis: Redis | None = None
+        self.redis_down_since: float | None = None
+        """When the parent found Redis not answering (None: it answers, as far as it knows)."""
 
     @property
     def redis(self) -> Redis:
@@ -153,8 +169,10 @@ class Supervisor:
 
     def spawn(self, child: Child) -> None:
         """Fork ``child``: its own process group (a terminal's Ctrl-C reaches the parent only, which
-        passes it on once; RQ would take a second signal as a cold shutdown)."""
-        child.name = f"{socket.gethostname()}.{os.getpid()}.{child.role}.{uuid.uuid4().hex[:8]}"
+        passes it on once; RQ would take a second signal as a cold shutdown). The scheduler keeps
+        its name across restarts (its lock is held under it)."""
+        unique = "" if child.role == SCHEDULER else f".{uuid.uuid4().hex[:8]}"
+        child.name = f"{socket.gethostname()}.{os.getpid()}.{child.role}{unique}"
         child.started = time.monotonic()
         stops = {signal.SIGTERM, signal.SIGINT}
         signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # a stop must not reach the child's copy of our handler
@@ -216,6 +234,11 @@ class Supervisor:
             if code == RECYCLED:
                 log.info("worker %s (%s) stopped at its recycling limits; starting a fresh one", child.name,
                          child.role)
+            elif child.role == SCHEDULER:
+                log.warning("worker: scheduler %s ended (exit %s); restarting it once Redis answers", child.name,
+                            code)
+                self._pause(RESTART_PAUSE if time.monotonic() - child.started < RESTART_PAUSE else 0.0)
+                self._wait_for_redis()
             else:
                 log.error("worker %s (%s) died (exit %s); restarting it", child.name, child.role, code)
                 if time.monotonic() - child.started < RESTART_PAUSE:
@@ -228,20 +251,23 @@ class Supervisor:
     def _wait_for_redis(self) -> None:
         """Hold a restart while Redis does not answer: a child started now would die at once (it
         cannot register or dequeue), a crash loop logging a death a second for as long as Redis is
-        down. Said once; pings back off to :data:`REDIS_WAIT_MAX` seconds apart."""
-        pause, since = RESTART_PAUSE, time.monotonic()
+        down. Said once per outage; pings back off to :data:`REDIS_WAIT_MAX` seconds apart."""
+        pause = RESTART_PAUSE
         while not self.stopping:
             try:
                 self.redis.ping()
             except RedisError as exc:
-                if pause == RESTART_PAUSE:
+                if self.redis_down_since is None:
+                    self.redis_down_since = time.monotonic()
                     log.warning("worker: Redis does not answer (%s); children restart once it does",
                                 type(exc).__name__)
                 self._pause(pause)
                 pause = min(pause * 2, REDIS_WAIT_MAX)
                 continue
-            if pause > RESTART_PAUSE:
-                log.info("worker: Redis answers again after %.0f s; restarting children", time.monotonic() - since)
+            if self.redis_down_since is not None:
+                log.info("worker: Redis answers again after %.0f s; restarting children",
+                         time.monotonic() - self.redis_down_since)
+                self.redis_down_since = None
             return
 
     def _pause(self, seconds: float) -> None:
@@ -251,11 +277,11 @@ class Supervisor:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _bury(self, child: Child, pid: int, code: int) -> None:
-        """After a child ended: stop what it left in its process group (RQ's scheduler process, which
-        holds the scheduler lock the next child needs), and unless it exited 0, hand the jobs it had
-        started (in-process: certainly not running any more) to RQ's retry (first: a retry must not
-        wait for the rest). Never raises: the parent must go on supervising."""
-        if code != 0:  # after a real recycle this finds nothing; an action's own exit 75 is still caught
+        """After a child ended: unless it exited 0 or ran the scheduler, hand the jobs it had taken
+        (in-process: certainly not running any more) to RQ (first: a retry must not wait for the
+        rest; after a recycle this finds nothing), then stop what it left in its process group.
+        Never raises: the parent must go on supervising."""
+        if code != 0 and child.role != SCHEDULER:
             try:
                 recover(self.redis, child.name, child.queues)
             except Exception as exc:
@@ -283,20 +309,24 @@ def stop_group(pgid: int, timeout: float = 2.0) -> None:
 
 def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] = QUEUES,
         at_start: Callable[[Redis], object] | None = None) -> int:
-    """The default ``cvat-hooks worker``: a supervising parent of :func:`plan`'s children."""
+    """The default ``cvat-hooks worker``: a supervising parent of :func:`plan`'s children and, unless
+    ``burst`` (each child then enqueues the due delayed jobs once, as RQ's burst mode does), of the
+    scheduler's."""
     from workers import worker
 
     worker.preload()  # once, here: every child (and every restarted one) starts with it
+    codes = {worker.Ended.STOPPED: 0, worker.Ended.RECYCLED: RECYCLED, worker.Ended.FAILED: 1}
 
     def run_child(child: Child) -> int:
-        try:
-            worker.run(settings, burst=burst, queues=child.queues, kind="simple", name=child.name,
-                       recycle=settings.recycle)
-        except worker.Recycled:
-            return RECYCLED
-        return 0
+        if child.role == SCHEDULER:
+            return run_scheduler(settings, child.queues, child.name)
+        built = worker.build_worker(settings, queues=child.queues, kind="simple", name=child.name,
+                                    recycle=settings.recycle)
+        return codes[worker.work(built, burst=burst, with_scheduler=burst)]
 
     children = plan(queues, settings.light_processes)
+    if not burst:
+        children.append(Child(SCHEDULER, tuple(queues)))
     supervisor = Supervisor(settings, children, burst=burst, run_child=run_child)
     supervisor.redis  # noqa: B018 (a bad Redis URL is the user's error, said once here, not by each child)
     if at_start is not None and not burst:

@@ -6,12 +6,28 @@ both are closed unless ``CVAT_HOOKS_ADMIN_TOKEN`` is set (see :mod:`receiver.adm
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Flask
 
 
 def init_admin(app: Flask) -> None:
-    """Register the admin API and UI blueprints (after :func:`receiver.app.init_intake`)."""
-    from receiver.admin import api, ui
+    """Register the admin API and UI blueprints (after :func:`receiver.app.init_intake`); with the
+    admin open, sample the queue depth once a minute for the UI's charts (:mod:`workers.history`)."""
+    from receiver.admin import api, auth, ui
 
     app.register_blueprint(api.bp)
     app.register_blueprint(ui.bp)
+    intake = app.extensions["cvat_hooks"]
+    if auth.disabled_reason(intake.settings) is None:
+        from workers.history import start_sampler
+
+        start_sampler(intake, lambda owner: owner.redis, queue_depth)
+
+
+def queue_depth(redis: Any) -> int:
+    """Jobs waiting in every queue (one ``LLEN`` each)."""
+    from workers.contract import QUEUES
+    from workers.queueing import queue
+
+    return sum(queue(name, redis).count for name in QUEUES)

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from receiver.admin import auth
 from receiver.admin.queries import BadFilter, Filters, rules_json, stats, valid_delivery_id
 from receiver.dispatch import Intake
+from receiver.rematch import rematch
 from workers.replay import NothingToReplay, replay
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ bp = Blueprint("cvat_hooks_api", __name__, url_prefix="/api")
 ENDPOINTS = (
     "GET /api/deliveries?event=&rule=&status=&since=&until=&limit=",
     "GET /api/deliveries/<id>",
-    "POST /api/deliveries/<id>/replay {\"force\": false}",
+    "POST /api/deliveries/<id>/replay {\"force\": false, \"rematch\": false}",
     "GET /api/rules",
     "GET /api/stats",
 )
@@ -107,28 +108,39 @@ def delivery(delivery_id: str):  # type: ignore[no-untyped-def]
 
 @bp.post("/deliveries/<delivery_id>/replay")
 def replay_delivery(delivery_id: str):  # type: ignore[no-untyped-def]
-    """Queue new runs of a delivery's failed actions (every finished one with ``force``)."""
+    """Queue new runs of a delivery's failed actions (every finished one with ``force``); with
+    ``rematch``, judge it again with the rules in force and run the actions that match now."""
     body = request.get_json(force=True, silent=True) if request.get_data(cache=True) else {}
     if not isinstance(body, dict):
-        return _error(400, 'body: a JSON object such as {"force": false}, or nothing')
-    force = body.get("force", False)
-    if not isinstance(force, bool):
-        return _error(400, "force: true or false")
+        return _error(400, 'body: a JSON object such as {"force": false, "rematch": false}, or nothing')
+    force, again = body.get("force", False), body.get("rematch", False)
+    if not isinstance(force, bool) or not isinstance(again, bool):
+        return _error(400, "force, rematch: true or false")
     found = _find(delivery_id)
     if found is None:
         return _error(404, "no such delivery (unknown, expired, or an ambiguous prefix)")
     try:
-        job_ids = replay(intake().deliveries, found, force=force)
+        if again:
+            result = rematch(intake().deliveries, found, intake().rules.current, force=force,
+                             service_account=intake().service_account.name())
+            answer = {**result.to_json(), "force": force, "rematch": True}
+        else:
+            answer = {"delivery_id": found.id, "jobs": replay(intake().deliveries, found, force=force),
+                      "force": force, "rematch": False}
     except NothingToReplay as exc:
-        return _error(409, str(exc).replace("--force", '"force": true'), delivery_id=found.id)
-    log.info("delivery %s: replay from the admin api queued %d job(s)", found.id, len(job_ids))
-    return jsonify({"delivery_id": found.id, "jobs": job_ids, "force": force}), 202
+        message = str(exc).replace("--force", '"force": true').replace("--rematch", '"rematch": true')
+        return _error(409, message, delivery_id=found.id)
+    log.info("delivery %s: replay%s from the admin api queued %d job(s)", found.id,
+             " (re-matched)" if again else "", len(answer["jobs"]))
+    return jsonify(answer), 202
 
 
 @bp.get("/rules")
 def rules():  # type: ignore[no-untyped-def]
-    """The rules in force: ids, descriptions, events, lines, actions; the file, its digest, warnings."""
-    return jsonify(rules_json(intake().rules.current, intake().redactor))
+    """The rules in force: ids, descriptions, events, lines, actions; the file, its digest, warnings;
+    their version and the last refused edit of the file (``status``)."""
+    store = intake().rules
+    return jsonify({**rules_json(store.current, intake().redactor), "status": intake().redactor.data(store.status())})
 
 
 @bp.get("/stats")

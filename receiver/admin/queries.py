@@ -66,6 +66,12 @@ class Filters:
     since: str = ""
     until: str = ""
     limit: int = DEFAULT_LIMIT
+    job: int | None = None
+    """Only deliveries about this CVAT job (the event's ``job_id``)."""
+    task: int | None = None
+    project: int | None = None
+    page: int = 1
+    """1-based page of ``limit`` deliveries (the list scans at most :data:`MAX_SCAN` recent ones)."""
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> Filters:
@@ -81,7 +87,10 @@ class Filters:
         if not 1 <= limit <= MAX_LIMIT:
             raise BadFilter(f"limit: a whole number from 1 to {MAX_LIMIT}")
         text = {name: (args.get(name) or "").strip()[:200] for name in ("event", "rule", "since", "until")}
-        filters = cls(status=status, limit=limit, **text)
+        page = _whole(args, "page", 1, MAX_SCAN) or 1
+        filters = cls(status=status, limit=limit, page=page, event=text["event"], rule=text["rule"],
+                      since=text["since"], until=text["until"], job=_whole(args, "job", 1, 2**62),
+                      task=_whole(args, "task", 1, 2**62), project=_whole(args, "project", 1, 2**62))
         filters.window()  # validate the times now, so the caller answers 400 before any read
         return filters
 
@@ -94,10 +103,52 @@ class Filters:
         return {k: v for k, v in asdict(self).items() if v not in ("", None)}
 
     def apply(self, log: DeliveryLog) -> list[Delivery]:
-        """The matching deliveries, newest first."""
+        """The matching deliveries of this page, newest first."""
+        return self.page_of(log)[0]
+
+    def page_of(self, log: DeliveryLog) -> tuple[list[Delivery], bool]:
+        """This page's deliveries, newest first, and whether another page follows."""
         since, until = self.window()
-        return log.list(limit=self.limit, event=self.event or None, rule=self.rule or None,
-                        status=self.status or None, since=since, until=until)
+        wanted = {f"{name}_id": value for name in ID_FILTERS if (value := getattr(self, name)) is not None}
+        end = self.page * self.limit + 1
+        found = log.list(limit=MAX_SCAN if wanted else end, event=self.event or None, rule=self.rule or None,
+                         status=self.status or None, since=since, until=until, scan=MAX_SCAN)
+        if wanted:
+            found = [d for d in found
+                     if all((d.record.get("ids") or {}).get(k) == v for k, v in wanted.items())][:end]
+        start = (self.page - 1) * self.limit
+        return found[start:start + self.limit], len(found) > start + self.limit
+
+    def query(self, **changes: Any) -> dict[str, Any]:
+        """These filters as query parameters (for links: other pages, the bulk replay), with ``changes``."""
+        params = {k: v for k, v in asdict(self).items() if v not in ("", None)}
+        if params.get("limit") == DEFAULT_LIMIT:
+            del params["limit"]
+        params.pop("page", None)
+        params.update({k: v for k, v in changes.items() if v is not None})
+        return params
+
+    @property
+    def narrowed(self) -> bool:
+        """Whether any filter narrows the list (a bulk replay is only offered for a chosen set)."""
+        return any((self.event, self.rule, self.status, self.since, self.until,
+                    *(getattr(self, n) is not None for n in ID_FILTERS)))
+
+
+ID_FILTERS = ("job", "task", "project")
+"""Query parameters that select deliveries by the CVAT ids their event implies."""
+MAX_SCAN = 2000
+"""Most recent deliveries a list (with its pages) looks at."""
+
+
+def _whole(args: Mapping[str, str], name: str, low: int, high: int) -> int | None:
+    """A whole-number query parameter in ``[low, high]``, ``None`` when absent; :class:`BadFilter` else."""
+    raw = (args.get(name) or "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise BadFilter(f"{name}: a whole number from {low} to {high}")
+    return int(raw)
 
 
 def valid_delivery_id(value: str) -> bool:
@@ -186,3 +237,72 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     return value
+
+
+OPS_LIMIT = 100
+"""Most jobs listed per queue and registry on the queues page."""
+
+
+def _job_row(job: Any, when: Any = None) -> dict[str, Any]:
+    """What the queues page shows of one RQ job: id, what it runs, its delivery, its last error line."""
+    call = job.args[0] if job.args and isinstance(job.args[0], dict) else {}
+    lines: list[str] = []
+    try:
+        result = job.latest_result()
+        lines = (getattr(result, "exc_string", "") or "").strip().splitlines()
+    except Exception:  # an old job without results: no error line to show
+        lines = []
+    return {"id": job.id, "description": job.description or "", "delivery_id": call.get("delivery_id"),
+            "action": call.get("action"), "rule_id": call.get("rule_id"), "error": lines[-1] if lines else "",
+            "when": when.strftime("%Y-%m-%d %H:%M:%S") if hasattr(when, "strftime") else ""}
+
+
+def operations(redis: Redis) -> dict[str, Any]:
+    """Queues, workers, scheduled retries and dead letters (RQ's failed registry), for the queues page."""
+    from rq import Worker
+    from rq.job import Job
+    from rq.registry import FailedJobRegistry, ScheduledJobRegistry
+
+    from workers.queueing import queue
+
+    scheduled: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for name in QUEUES:
+        q = queue(name, redis)
+        later = ScheduledJobRegistry(queue=q)
+        ids = later.get_job_ids(0, OPS_LIMIT - 1, cleanup=False)
+        for job in Job.fetch_many(ids, connection=redis, serializer=q.serializer):
+            if job is not None:
+                scheduled.append({**_job_row(job, later.get_scheduled_time(job)), "queue": name})
+        dead = FailedJobRegistry(queue=q)
+        ids = dead.get_job_ids(0, OPS_LIMIT - 1, desc=True, cleanup=False)
+        for job in Job.fetch_many(ids, connection=redis, serializer=q.serializer):
+            if job is not None:
+                failed.append({**_job_row(job, job.ended_at), "queue": name})
+    workers = [{"name": w.name, "state": str(w.get_state()), "queues": ", ".join(w.queue_names()),
+                "job": w.get_current_job_id() or "",
+                "heartbeat": w.last_heartbeat.strftime("%Y-%m-%d %H:%M:%S") if w.last_heartbeat else ""}
+               for w in Worker.all(connection=redis)]
+    return {"queues": queue_stats(redis), "workers": workers, "scheduled": scheduled, "failed": failed}
+
+
+class NotRequeued(ValueError):
+    """The job is not a dead letter of ours (already requeued, expired, or never failed)."""
+
+
+def requeue(redis: Redis, job_id: str) -> str:
+    """Put a dead letter back on its queue with RQ's own requeue; the queue's name."""
+    from rq.exceptions import InvalidJobOperation, NoSuchJobError
+    from rq.registry import FailedJobRegistry
+
+    from workers.queueing import queue
+
+    for name in QUEUES:
+        registry = FailedJobRegistry(queue=queue(name, redis))
+        if job_id in registry:
+            try:
+                registry.requeue(job_id)
+            except (InvalidJobOperation, NoSuchJobError) as exc:
+                raise NotRequeued(f"job {job_id} could not be requeued: {exc}") from exc
+            return name
+    raise NotRequeued(f"job {job_id} is not among the failed jobs (already requeued, or expired)")

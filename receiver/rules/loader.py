@@ -6,8 +6,10 @@ keeps its line for messages such as
 Keys, ids and event names are taken as the text written, not as YAML 1.1 would resolve them:
 an unquoted ``on`` key is the boolean ``true`` to PyYAML, and ``on`` is our most important key.
 
-Errors make the file unusable (:class:`RulesError`); warnings (an ``on`` pattern that matches no
-known CVAT event, a rule whose own action can trigger it) are kept on the :class:`RuleSet` for
+Errors make the file unusable (:class:`RulesError`): an ``on`` pattern that matches no CVAT event
+and a path that is not in the payload of any of the rule's events (:mod:`receiver.rules.shapes`)
+are errors, with the closest names. Warnings (a field CVAT 2.73 does not send but a newer CVAT may,
+a rule whose own action can trigger it) are kept on the :class:`RuleSet` for
 ``cvat-hooks rules check`` to show.
 """
 
@@ -41,8 +43,10 @@ from receiver.rules.model import (
     RuleSet,
 )
 from receiver.rules.own_events import OPT_OUT_KEY, self_trigger_warning
-from receiver.rules.templating import check_template
+from receiver.rules.shapes import path_problem
+from receiver.rules.templating import Placeholder, check_template, parse_template
 from workers.retry import RetryPolicy
+from workers.rule_secrets import NAME as SECRET_NAME
 
 Validator = Callable[[str, Mapping[str, Any]], list[str]]
 """``(action name, params without 'action') -> problems``; :func:`workers.actions.validate_params`."""
@@ -73,6 +77,8 @@ class _Builder:
         self.validate_action = validate_action
         self.causes_of = causes_of
         self.problems: list[Problem] = []
+        self.events: tuple[str, ...] = ()
+        """The known event names the rule being read listens to (its paths are checked against them)."""
 
     # -- reporting and small helpers ------------------------------------------------------------
 
@@ -150,6 +156,7 @@ class _Builder:
             if key not in found:
                 self.error(node, f"missing {key!r}", label)
         on = self.on(found["on"][1], label) if "on" in found else ()
+        self.events = tuple(dict.fromkeys(name for pattern in on for name in expand(pattern)))
         condition = self.condition(found["if"][1], label, on) if "if" in found else None
         actions = self.actions(found["do"][1], label) if "do" in found else ()
         retry = self.retry(found["retry"][1], label) if "retry" in found else RetryPolicy()
@@ -209,9 +216,10 @@ class _Builder:
             pattern = item.value.strip()
             patterns.append(pattern)
             if not expand(pattern):
-                close = difflib.get_close_matches(pattern, EVENT_NAMES, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                self.error(item, f"on {pattern!r} matches no known CVAT event{hint}", label, warn=True)
+                close = difflib.get_close_matches(pattern, EVENT_NAMES, n=3, cutoff=0.75)
+                hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else \
+                    "see README.md, Rules reference: Events"
+                self.error(item, f"on {pattern!r} matches no CVAT event ({hint})", label)
         return tuple(patterns)
 
     # -- conditions -----------------------------------------------------------------------------
@@ -236,8 +244,15 @@ class _Builder:
             elif not _PATH.fullmatch(key):
                 self.error(knode, f"bad path {key!r} (dotted names, e.g. job.state or labels.0.name)", label)
             else:
+                self.check_path(key, knode, label)
                 items.extend(self.checks(key, knode, vnode, label, on))
         return items[0] if len(items) == 1 else All(tuple(items))
+
+    def check_path(self, path: str, node: Node, label: str, *, template: bool = False, where: str = "") -> None:
+        """A path that is in none of the payloads CVAT sends for the rule's events would never match."""
+        problem = path_problem(path, self.events, template=template)
+        if problem is not None:
+            self.error(node, where + problem.message, label, warn=problem.severity == "warning")
 
     def checks(self, path: str, knode: Node, vnode: Node, label: str, on: tuple[str, ...]) -> list[Check]:
         """The operators applied to one path (a plain value means ``equals``)."""
@@ -297,7 +312,8 @@ class _Builder:
                 self.error(item, f"{where}: missing 'action'", label)
                 continue
             for problem in self.action_problems(name, params):
-                self.error(item, f"{where} ({name}): {problem}", label)
+                self.error(item, f"{where} ({name}): {problem}", label,
+                           warn=isinstance(problem, workers.actions.LoadWarning))
             decls.append(ActionDecl(index, name, params, _line(item), self.action_causes(name, params)))
         return tuple(decls)
 
@@ -319,6 +335,14 @@ class _Builder:
             text = self.value(node)
             if isinstance(text, str) and (problem := check_template(text)):
                 self.error(node, f"{where}: {problem}", label)
+            elif isinstance(text, str) and "{" in text:
+                parts = parse_template(text)
+                for i, part in enumerate(parts):
+                    before = parts[i - 1] if i else ""
+                    if not isinstance(part, Placeholder) or (
+                            isinstance(before, str) and before.endswith("$") and SECRET_NAME.fullmatch(part.path)):
+                        continue  # a ${NAME} reference to the worker's environment is not the event's
+                    self.check_path(part.path, node, label, template=True, where=f"{where}: placeholder: ")
         elif isinstance(node, SequenceNode):
             for child in node.value:
                 self.check_templates(child, where, label)

@@ -98,6 +98,8 @@ class World:
                 time.sleep(0.2)
             for name, pointer in step.get("save", {}).items():
                 saved[name] = pick(data, pointer)
+            for name, header in step.get("save_headers", {}).items():  # TUS answers carry no body
+                saved[name] = answer.headers.get(header)
         return self.send(exchange["request"], saved), saved
 
 

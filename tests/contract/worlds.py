@@ -59,6 +59,7 @@ def standin_world(server: CvatTestServer) -> Iterator[World]:
         alone = server.add_task("contract-task-no-project", labels=LABELS, jobs=1, frames_per_job=2)
         st = server.state
         with st.lock:
+            st.tasks[alone]["frame_names"] = [f"{i}.png" for i in range(2)]  # as RealCvat.task uploads them
             jobs = sorted(j["id"] for j in st.task_jobs(in_project))
             project_labels = {lb["name"]: lb["id"] for lb in st.labels_of(project_id=project)}
             task_labels = {lb["name"]: lb["id"] for lb in st.labels_of(task_id=alone)}

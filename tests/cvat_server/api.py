@@ -15,7 +15,16 @@ from urllib.parse import parse_qsl, urlencode
 
 from flask import Flask, Response, current_app, g, jsonify, request
 
-from .state import ATTRIBUTE_INPUT_TYPES, FORMATS, JOB_STAGES, JOB_STATES, LABEL_TYPES, PALETTE, now_iso
+from .state import (
+    ATTRIBUTE_INPUT_TYPES,
+    FORMATS,
+    IMPORT_ONLY_FORMATS,
+    JOB_STAGES,
+    JOB_STATES,
+    LABEL_TYPES,
+    PALETTE,
+    now_iso,
+)
 
 if TYPE_CHECKING:
     from .server import CvatTestServer
@@ -199,7 +208,7 @@ def formats() -> Any:
         return {"name": name, "ext": ext, "version": version, "enabled": enabled, "dimension": dimension}
 
     return jsonify({
-        "importers": [fmt(*f[:5]) for f in FORMATS if f[5]],
+        "importers": [fmt(*f) for f in IMPORT_ONLY_FORMATS] + [fmt(*f[:5]) for f in FORMATS if f[5]],
         "exporters": [fmt(*f[:5]) for f in FORMATS],
     })
 

@@ -19,7 +19,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from . import api, exports, negotiation, organizations, webhooks
+from . import api, exports, negotiation, organizations, task_data, webhooks
 from .exports import REQUEST_TTL_SECONDS, export_digest, result_path
 from .state import CvatState, attribute, iso_in, now_iso, seed
 
@@ -297,6 +297,14 @@ class CvatTestServer:
         self._rt.timers.append(timer)
         timer.start()
 
+    def schedule(self, seconds: float, function: Any, *args: Any) -> None:
+        """Call ``function(*args)`` after ``seconds`` in a timer thread (cancelled by :meth:`stop`):
+        how background requests other than exports (annotation imports) end."""
+        timer = threading.Timer(seconds, function, args=args)
+        timer.daemon = True
+        self._rt.timers.append(timer)
+        timer.start()
+
     def advance_request(self, rq: dict[str, Any]) -> None:
         """``queued`` turns ``started`` once a status check sees it (called under the state lock)."""
         if rq["status"] == "queued":
@@ -431,6 +439,7 @@ class CvatTestServer:
         app.extensions["cvat_test_server"] = self
         api.register(app)
         exports.register(app)
+        task_data.register(app)
         organizations.register(app)
         webhooks.register(app)
         app.before_request(self._before)

@@ -22,14 +22,20 @@ PALETTE = ("#fa3253", "#3d3df5", "#34d1b7", "#ff6037", "#ddff33", "#24b353", "#b
 
 FORMATS: tuple[tuple[str, str, str, bool, str, bool], ...] = (
     # name, ext, version, enabled, dimension, importer too
-    ("CVAT for images 1.1", "ZIP", "1.1", True, "2D", True),
-    ("CVAT for video 1.1", "ZIP", "1.1", True, "2D", True),
+    # CVAT exports its XML as "CVAT for images/video 1.1" and imports both as "CVAT 1.1".
+    ("CVAT for images 1.1", "ZIP", "1.1", True, "2D", False),
+    ("CVAT for video 1.1", "ZIP", "1.1", True, "2D", False),
     ("COCO 1.0", "ZIP", "1.0", True, "2D", True),
     ("YOLO 1.1", "ZIP", "1.1", True, "2D", True),
     ("Datumaro 1.0", "ZIP", "1.0", True, "2D", True),
     ("Datumaro 3D 1.0", "ZIP", "1.0", True, "3D", True),
     # CVAT lists TFRecord as disabled when TensorFlow is not installed on the server.
     ("TFRecord 1.0", "ZIP", "1.0", False, "2D", True),
+)
+
+IMPORT_ONLY_FORMATS: tuple[tuple[str, str, str, bool, str], ...] = (
+    # name, ext, version, enabled, dimension (recorded a.04: listed first among the importers)
+    ("CVAT 1.1", "XML, ZIP", "1.1", True, "2D"),
 )
 
 

@@ -13,6 +13,11 @@ An action module defines:
   else is classified by ``workers.errors.classify``;
 - optionally ``causes(params) -> tuple[str, ...]``: which of its :attr:`ActionSpec.causes` these
   parameters can actually make CVAT send (``check_labels`` changes nothing unless ``add_missing``).
+
+Any other name a rule gives is looked up as a plugin (``workers.actions.plugins``): a declared
+``package.module:function`` or an entry point of the group ``cvat_hooks.actions``. ``REGISTRY``
+iterates over the built-ins only; looking a name up in it (``REGISTRY.get``, ``REGISTRY[name]``)
+also finds plugins, so the matcher and the workers treat both alike.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE
+from workers.contract import ANNOTATE_QUEUE, EXPORT_QUEUE, LIGHT_QUEUE
 
 COMMON_PARAMS = frozenset({"require_all_jobs"})
 """Parameters any action accepts; handled by ``workers.jobs`` before the action runs."""
@@ -50,18 +55,47 @@ class ActionSpec:
     """CVAT events the action's own changes make CVAT send back (the one table of them): a rule
     listening to one of them could trigger itself, so the receiver does not fire it on such an event
     sent because of cvat-hooks's own CVAT account (``receiver.rules.own_events``)."""
+    causes_param: str | None = None
+    """A parameter in which the rule itself lists the CVAT events the action causes (``run``'s
+    ``causes``: what a script does is not ours to know)."""
 
     def load(self) -> ModuleType:
         """Import the action's module (lazily: the receiver only needs ``validate``)."""
         return importlib.import_module(self.module)
 
 
-REGISTRY: dict[str, ActionSpec] = {
+class LoadWarning(str):
+    """A problem that does not make the rules unusable (the loader reports it as a warning): e.g.
+    ``run`` cannot check ``CVAT_HOOKS_RUN_DIRS`` where the rules load, the worker will."""
+
+
+class Registry(dict[str, ActionSpec]):
+    """The built-in actions by name; a lookup of any other name resolves it as a plugin."""
+
+    def __missing__(self, name: str) -> ActionSpec:
+        from workers.actions.plugins import PluginError, resolve
+
+        try:
+            spec = resolve(name, self.keys())
+        except PluginError:
+            spec = None
+        if spec is None:
+            raise KeyError(name)
+        return spec
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        try:
+            return self[name]
+        except KeyError:
+            return default
+
+
+REGISTRY: dict[str, ActionSpec] = Registry({
     spec.name: spec
     for spec in (
         # An export is a CVAT background request; CVAT reports its end to the webhooks.
         ActionSpec("export", "workers.actions.export", EXPORT_QUEUE, frozenset({"to"}),
-                   "export a job's, task's or project's annotations, dataset or backup to storage",
+                   summary="export a job's, task's or project's annotations, dataset or backup to storage",
                    causes=("completed:request[export:annotations]", "completed:request[export:dataset]",
                            "completed:request[export:backup]")),
         # add_missing PATCHes the labels of the task, or of its project (tests/cvat_server, and the
@@ -77,8 +111,20 @@ REGISTRY: dict[str, ActionSpec] = {
         ActionSpec("update_job", "workers.actions.update_job",
                    summary="set a job's stage, state and/or assignee (round-robin over a list)",
                    causes=("update:job", "update:task")),
+        # Saving annotations (PATCH or PUT .../annotations) saves every job of the task: update:job.
+        ActionSpec("auto_annotate", "workers.actions.auto_annotate", ANNOTATE_QUEUE,
+                   summary="run an auto-annotation function (cvat-sdk's interface) over a task's frames",
+                   causes=("update:job",)),
+        # An import saves the jobs; CVAT 2.73 delivers no completed:request for an import
+        # (cvat/apps/webhooks/utils.py, REQUEST_COMPLETION_RESOURCES).
+        ActionSpec("import_annotations", "workers.actions.import_annotations", EXPORT_QUEUE, frozenset({"from"}),
+                   summary="upload an annotation file (local or s3://) to a task or job, appending or replacing",
+                   causes=("update:job",)),
+        # What a script changes in CVAT, and as which user, only the rule's author knows.
+        ActionSpec("run", "workers.actions.run", secret_params=frozenset({"env"}), causes_param="causes",
+                   summary="run an executable from CVAT_HOOKS_RUN_DIRS with the event on stdin (no shell)"),
     )
-}
+})
 
 
 def validate_require_all_jobs(value: Any) -> list[str]:
@@ -97,9 +143,17 @@ def validate_require_all_jobs(value: Any) -> list[str]:
 
 def validate_params(name: str, params: Mapping[str, Any]) -> list[str]:
     """Every problem with one action's parameters; an unknown action name is one of them."""
-    spec = REGISTRY.get(name)
+    spec: ActionSpec | None = dict.get(REGISTRY, name)
     if spec is None:
-        return [f"unknown action {name!r} (known: {', '.join(sorted(REGISTRY))})"]
+        from workers.actions.plugins import PluginError, resolve
+
+        try:
+            spec = resolve(name, REGISTRY.keys())
+        except PluginError as exc:
+            return [str(exc)]
+        if spec is None:
+            return [f"unknown action {name!r} (built-in: {', '.join(sorted(REGISTRY))}; a plugin is named "
+                    "package.module:function or by an entry point of the group cvat_hooks.actions)"]
     problems: list[str] = []
     if "require_all_jobs" in params:
         problems += validate_require_all_jobs(params["require_all_jobs"])
@@ -116,6 +170,9 @@ def events_caused(name: str, params: Mapping[str, Any]) -> tuple[str, ...]:
     skips one of our own events, a guard too few lets a rule loop).
     """
     spec = REGISTRY.get(name)
+    if spec is not None and spec.causes_param is not None:
+        listed = params.get(spec.causes_param)
+        return tuple(e for e in listed if isinstance(e, str)) if isinstance(listed, list) else ()
     if spec is None or not spec.causes:
         return ()
     try:
@@ -136,5 +193,25 @@ def public_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def runner(name: str) -> Callable[..., dict[str, Any]]:
-    """The ``run`` function of an action (KeyError for an unknown name)."""
-    return REGISTRY[name].load().run
+    """The ``run`` function of an action (KeyError for an unknown name; ``UnknownAction`` saying
+    why for a plugin this worker cannot load)."""
+    spec = dict.get(REGISTRY, name)
+    if spec is None:
+        from workers.actions.plugins import PluginError, resolve
+        from workers.errors import UnknownAction
+
+        try:
+            spec = resolve(name, REGISTRY.keys())
+        except PluginError as exc:
+            raise UnknownAction(f"action {name!r} cannot be loaded in this worker: {exc}") from None
+        if spec is None:
+            raise KeyError(name)
+    return spec.load().run
+
+
+def list_actions() -> dict[str, Any]:
+    """``{"actions": [...], "problems": [...]}``: the built-in actions and the installed plugin
+    (entry point) actions with their parameters, and the entry points that cannot be used."""
+    from workers.actions.plugins import listing
+
+    return listing(REGISTRY)

@@ -4,7 +4,8 @@ Parameters::
 
     resource: job | task | project   # default: the event's resource, if it is one of those
     kind: annotations | dataset | backup   # default annotations
-    format: "CVAT for images 1.1"    # required unless kind is backup (checked against the server)
+    format: "CVAT for images 1.1"    # required unless kind is backup (checked at load against the
+                                     # shipped list of CVAT's names, and against the server when it runs)
     include_images: true             # another way to say kind: dataset (false: annotations only)
     lightweight: true                # backups only: leave out media kept in cloud storage
     to: exports/{task_id}/{job_id}.zip   # a path, file://, s3://bucket/key or cvat-cloud://<id>/path
@@ -21,8 +22,11 @@ exported", ...}``. S3 objects also carry the key in their metadata, so the bucke
 Redis lost the marker; a local file deleted since the marker was set is written again. Two runs
 racing on one version both write the same bytes atomically: wasted work, never a torn file.
 
-Result: ``{uri, size, format, kind, resource, resource_id, version, updated_date, server_seconds}``,
-plus ``path`` for a local file; ``version`` is the version key (also the S3 metadata value).
+Result: ``{uri, size, format, kind, resource, resource_id, version, updated_date, server_seconds,
+cvat_seconds, status_checks, rq_id}``, plus ``path`` for a local file; ``version`` is the version key
+(also the S3 metadata value). ``server_seconds`` runs from the export request to our seeing it
+finished, ``cvat_seconds`` is CVAT's own time (its request's created -> finished), ``status_checks``
+what the wait cost CVAT, ``rq_id`` the request's id in CVAT (``GET /api/requests/{rq_id}``).
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from workers.actions._params import KEY_PREFIX, event_id, text, unknown_params
+from workers.actions._formats import format_problem
+from workers.actions._params import KEY_PREFIX, event_id, has_placeholder, text, unknown_params
 from workers.context import ActionContext
 from workers.errors import PermanentError
 from workers.gateway import ExportKind, ExportRequest, Resource
@@ -68,8 +73,13 @@ def _kind(params: Mapping[str, Any]) -> tuple[str, list[str]]:
     return kind or ExportKind.ANNOTATIONS.value, problems
 
 
-def validate(params: Mapping[str, Any]) -> list[str]:
-    """Types, enums and combinations, and the destination's scheme and shape (not its roots)."""
+def validate(params: Mapping[str, Any], *, shipped_formats: bool = True) -> list[str]:
+    """Types, enums and combinations, and the destination's scheme and shape (not its roots).
+
+    The format is checked against the shipped list of CVAT's names (``_formats``) when the rules
+    load; :func:`plan` turns that off, as the server's own list decides when the action runs
+    (:func:`check_format`), and a newer CVAT may offer a format the list does not have yet.
+    """
     problems = unknown_params(params, PARAMS)
     resource = params.get("resource")
     if resource is not None and resource not in _RESOURCES:
@@ -85,6 +95,8 @@ def validate(params: Mapping[str, Any]) -> list[str]:
     else:
         if not isinstance(fmt, str) or not fmt.strip():
             problems.append(f"format is required for kind: {kind} (e.g. 'CVAT for images 1.1')")
+        elif shipped_formats and not has_placeholder(fmt) and (problem := format_problem("export", fmt)):
+            problems.append(problem)
         if "lightweight" in params:
             problems.append("lightweight applies to kind: backup only")
     if "lightweight" in params and not isinstance(params["lightweight"], bool):
@@ -128,7 +140,7 @@ class Plan:
 def plan(ctx: ActionContext, storage: Storage) -> Plan:
     """Resolve the resource and its id from the event, and the destination against the roots."""
     params, event = ctx.params, ctx.event
-    problems = validate(params)
+    problems = validate(params, shipped_formats=False)
     if problems:
         raise PermanentError("; ".join(problems))
     kind = ExportKind(_kind(params)[0])
@@ -221,6 +233,11 @@ def _run(ctx: ActionContext, storage: Storage) -> dict[str, Any]:
             result.update(storage.commit(staged, version=version))
         ctx.note("committed", uri=result["uri"], size=result["size"])
     result["server_seconds"] = round(outcome.server_seconds, 3)
+    if outcome.cvat_seconds is not None:
+        result["cvat_seconds"] = round(outcome.cvat_seconds, 3)
+    result["status_checks"] = outcome.status_checks
+    if outcome.rq_id is not None:
+        result["rq_id"] = outcome.rq_id
     if marker:
         # Written only after the commit: a crash before it re-exports, and never skips a missing file.
         ctx.redis.set(marker, json.dumps(result), ex=MARKER_TTL)
