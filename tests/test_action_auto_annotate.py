@@ -13,7 +13,7 @@ from receiver.rules import RulesError, parse_rules
 from tests.conftest import SECRET, post
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, task_data
 from tests.fake_gateway import make_context
-from tests.functions import corner_boxes
+from tests.functions import corner_boxes, faces
 from workers.actions import REGISTRY, auto_annotate, validate_params
 from workers.contract import ANNOTATE_QUEUE
 from workers.delivery_log import DeliveryLog
@@ -240,7 +240,8 @@ def test_a_finished_task_creation_is_annotated(e2e: Any, client: Any, redis: Any
 
 
 def test_the_example_face_function_loads_and_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """examples/functions/haar_faces.py (the 'faces' extra) follows the interface: a blank frame has no face."""
+    """examples/functions/haar_faces.py (the 'faces' extra) follows the interface: one box around a
+    drawn face, none on a blank frame."""
     pytest.importorskip("cv2", reason="the optional 'faces' extra (opencv-python-headless) is not installed")
     from PIL import Image
 
@@ -248,3 +249,8 @@ def test_the_example_face_function_loads_and_runs(monkeypatch: pytest.MonkeyPatc
     function = auto_annotate.load_function("haar_faces", {"min_neighbors": 3})
     assert [label.name for label in function.spec.labels] == ["face"]
     assert function.detect(None, Image.new("RGB", (64, 48), (90, 90, 90))) == []
+    [face] = function.detect(None, faces.drawn_face())
+    x1, y1, x2, y2 = face.points
+    fx1, fy1, fx2, fy2 = faces.FACE_BOX
+    assert fx1 - 40 <= x1 < x2 <= fx2 + 40 and fy1 - 40 <= y1 < y2 <= fy2 + 40, face.points
+    assert (str(face.type), face.label_id) == ("rectangle", 0)

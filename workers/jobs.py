@@ -50,7 +50,9 @@ class Runtime:
     redactor: Redactor
 
     def gateway(self) -> CvatGateway:
-        """A CVAT client for one job (made lazily: most light actions never need one)."""
+        """The CVAT client this worker thread keeps across jobs (``workers.cvat_client.make_gateway``:
+        one login and format list per process, not per job), asked for lazily: most light actions
+        never need one."""
         from workers.cvat_client import make_gateway
 
         if not self.settings.cvat.configured:

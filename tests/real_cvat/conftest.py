@@ -138,7 +138,8 @@ class Made:
         return project
 
     def task(self, what: str, *, project_id: int | None = None, labels: list[str] | None = None,
-             frames: int = 3, segment_size: int = 2, org: str | None = None) -> Any:
+             frames: int = 3, segment_size: int = 2, org: str | None = None,
+             images: list[Path] | None = None) -> Any:
         from cvat_sdk.core.proxies.tasks import ResourceType
 
         spec: dict[str, Any] = {"name": self.name(what), "segment_size": segment_size}
@@ -147,7 +148,8 @@ class Made:
         else:
             spec["labels"] = [{"name": n, "type": "any"} for n in labels or ["car"]]
         with self._org(org):
-            task = self.cvat.tasks.create_from_data(spec, resources=[png(self.images, i) for i in range(frames)],
+            resources = images if images is not None else [png(self.images, i) for i in range(frames)]
+            task = self.cvat.tasks.create_from_data(spec, resources=resources,
                                                     resource_type=ResourceType.LOCAL,
                                                     data_params={"image_quality": 70})
         self.tasks.append(task.id)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.functions import corner_boxes
-from tests.real_cvat.conftest import Deployment, Made, rules_of
+from tests.functions import corner_boxes, faces
+from tests.real_cvat.conftest import Deployment, Made, png, rules_of
 
 WAIT = 180.0
 """Seconds for CVAT to create the task, deliver, and the worker to finish (it downloads the chunks)."""
@@ -46,6 +46,34 @@ def test_a_new_task_gets_the_functions_annotations(made: Made, deployment: Deplo
     shapes = annotations_of(cvat, task.id)
     assert sorted(s.frame for s in shapes) == [0, 1, 2]
     assert all(list(s.points) == corner_boxes.box(*FRAME, 2) and s.source == "auto" for s in shapes), shapes
+
+
+def test_the_shipped_example_boxes_a_face(made: Made, deployment: Deployment, cvat: Any) -> None:
+    """The example function (examples/functions/haar_faces.py, OpenCV's Haar cascade) puts one
+    ``face`` box around the face in a new task's frame, and none on a frame without one."""
+    project = made.project("faces", ["face"])
+    deployment.add_rules(f"""
+  - id: faces-{project.id}
+    on: completed:request[create:task]
+    if: {{project_id: {project.id}, request.status: finished}}
+    do:
+      - action: auto_annotate
+        function: tests.functions.faces
+        function_parameters: {{min_neighbors: 3}}
+""")
+    deployment.register("--project", str(project.id))
+    face = made.images / "face.png"
+    faces.drawn_face().save(face, format="PNG")
+    task = made.task("faces-1", project_id=project.id, images=[face, png(made.images, 0)])
+    summary = deployment.wait_delivery(lambda d: f"faces-{project.id}" in rules_of(d), timeout=WAIT)
+    [action] = summary["actions"]
+    assert action["status"] == "succeeded", deployment.explain()
+    [shape] = annotations_of(cvat, task.id)
+    label = next(lb for lb in cvat.projects.retrieve(project.id).get_labels() if lb.id == shape.label_id)
+    x1, y1, x2, y2 = shape.points
+    fx1, fy1, fx2, fy2 = faces.FACE_BOX
+    assert (shape.frame, label.name, str(shape.type)) == (0, "face", "rectangle")
+    assert fx1 - 40 <= x1 < x2 <= fx2 + 40 and fy1 - 40 <= y1 < y2 <= fy2 + 40, shape.points
 
 
 def test_an_annotation_file_lands_in_a_new_task(made: Made, deployment: Deployment, cvat: Any) -> None:
