@@ -277,6 +277,12 @@ def run(args: argparse.Namespace) -> int:
     for key in ("cvat", "ours", "total", *PHASES, "checks"):
         print(f"  {key:<12} {med(key):6.3f} s  ({spread(key)})" if key != "checks"
               else f"  {key:<12} {med(key):6.1f}    ({spread(key)}) status checks per export")
+    from bench.run import save_phase
+
+    save_phase("real_export", {"runs": len(warm), "ours_median_s": med("ours"), "cvat_median_s": med("cvat"),
+                               "total_median_s": med("total"), "ours_spread_s": spread("ours"),
+                               "checks_median": med("checks"), "load_before": load_before,
+                               "phases_median_s": {p: med(p) for p in PHASES}})
     verdict = "PASS" if med("ours") < TARGET else "MISS"
     print(f"\n{verdict}  ours median {med('ours'):.3f} s < {TARGET:g} s (CVAT's own median {med('cvat'):.3f} s); "
           f"load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after (a loaded machine slows "
