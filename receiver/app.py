@@ -9,6 +9,7 @@ from redis import Redis
 
 from receiver import views
 from receiver.admin import init_admin
+from receiver.current import EXTENSION
 from receiver.dispatch import Intake
 from receiver.journal import Journal
 from receiver.receipts import Receipts
@@ -53,7 +54,7 @@ def init_intake(app: Flask, settings: Settings, redis: Redis | None = None) -> I
     )
     if intake.journal.pending():
         intake.start_journal_drain()  # left over from a receiver that stopped while Redis was down
-    app.extensions["cvat_hooks"] = intake
+    app.extensions[EXTENSION] = intake
     intake.rules.watch()  # per process: each gunicorn worker holds, reloads and reports its own rules
     app.extensions["cvat_hooks_durability"] = warn_if_redis_can_lose_data(DurabilityCheck(redis))
     return intake

@@ -10,8 +10,8 @@ from flask import Blueprint, current_app, jsonify, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
+from receiver.current import intake
 from receiver.deadlines import BodyDeadlines
-from receiver.dispatch import Intake
 from receiver.signature import HEADER
 from workers import metrics
 from workers.contract import QUEUES
@@ -30,9 +30,6 @@ LINKS = {
 }
 """What ``GET /`` points to: path and what is there."""
 
-
-def intake() -> Intake:
-    return current_app.extensions["cvat_hooks"]
 
 
 @bp.post("/webhooks/cvat")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -131,38 +129,6 @@ def test_maybe_reload_tries_a_bad_file_once(tmp_path: Path, caplog: pytest.LogCa
     clock.now += 2
     assert store.maybe_reload() is True
     assert [r.id for r in store.current.rules] == ["c"]
-
-
-def test_sighup_reloads(tmp_path: Path) -> None:
-    """After ``install_sighup`` (main thread), SIGHUP makes the store reload the file."""
-    path = tmp_path / "rules.yaml"
-    write(path, rules_text("a"), tick=0)
-    store = make_store(path)
-    previous = signal.getsignal(signal.SIGHUP)
-    try:
-        assert store.install_sighup() is True
-        write(path, rules_text("hup"), tick=1)
-        os.kill(os.getpid(), signal.SIGHUP)
-        assert [r.id for r in store.current.rules] == ["hup"]
-    finally:
-        signal.signal(signal.SIGHUP, previous)
-
-
-def test_install_sighup_off_the_main_thread_is_a_no_op(tmp_path: Path) -> None:
-    """Signal handlers can only be set from the main thread; elsewhere the call does nothing."""
-    path = tmp_path / "rules.yaml"
-    write(path, rules_text("a"), tick=0)
-    store = make_store(path)
-    before = signal.getsignal(signal.SIGHUP)
-    result: list[bool] = []
-    thread = threading.Thread(target=lambda: result.append(store.install_sighup()))
-    thread.start()
-    thread.join()
-    assert result == [False]
-    assert signal.getsignal(signal.SIGHUP) == before
-
-
-# -- a worker that boots while the file is bad ---------------------------------------------------
 
 
 def kept_store(path: Path, directory: Path, redis: Any = None) -> RuleStore:

@@ -15,10 +15,11 @@ def init_admin(app: Flask) -> None:
     """Register the admin API and UI blueprints (after :func:`receiver.app.init_intake`); with the
     admin open, sample the queue depth once a minute for the UI's charts (:mod:`workers.history`)."""
     from receiver.admin import api, auth, ui
+    from receiver.current import EXTENSION
 
     app.register_blueprint(api.bp)
     app.register_blueprint(ui.bp)
-    intake = app.extensions["cvat_hooks"]
+    intake = app.extensions[EXTENSION]
     if auth.disabled_reason(intake.settings) is None:
         from workers.history import start_sampler
 

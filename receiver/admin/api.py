@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 from redis.exceptions import RedisError
 
 from receiver.admin import auth
 from receiver.admin.queries import BadFilter, Filters, rules_json, stats, valid_delivery_id
-from receiver.dispatch import Intake
+from receiver.current import intake
 from receiver.rematch import rematch
 from workers.replay import NothingToReplay, replay
 
@@ -30,10 +30,6 @@ ENDPOINTS = (
     "GET /api/stats",
 )
 
-
-def intake() -> Intake:
-    """The receiver's resources, hung on the app by ``receiver.app.init_intake``."""
-    return current_app.extensions["cvat_hooks"]
 
 
 def _error(status: int, message: str, **extra: Any) -> tuple[Response, int]:

@@ -32,7 +32,7 @@ from receiver.admin.queries import (
     stats,
     valid_delivery_id,
 )
-from receiver.dispatch import Intake
+from receiver.current import intake
 from receiver.rematch import rematch
 from workers.delivery_log import Delivery
 from workers.replay import NothingToReplay, replay, why_not
@@ -51,10 +51,6 @@ REFRESH_CHOICES = (0, 10, 30)
 CSP = ("default-src 'none'; style-src 'nonce-{nonce}'; script-src 'nonce-{nonce}'; img-src 'self'; "
        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
-
-def intake() -> Intake:
-    """The receiver's resources, hung on the app by ``receiver.app.init_intake``."""
-    return current_app.extensions["cvat_hooks"]
 
 
 def _token() -> str:

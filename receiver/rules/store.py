@@ -2,7 +2,7 @@
 
 The first load raises (a service started with a broken ``rules.yaml`` must fail loudly); a later
 reload that fails is logged and the previous rules stay in force, as adnanh/webhook does. A
-reload is triggered by SIGHUP, or noticed when it happens by :meth:`RuleStore.watch`'s thread (one
+change is noticed when it happens by :meth:`RuleStore.watch`'s thread (one
 per process: each gunicorn worker holds its own rules), which ``stat``\\ s the file once a second
 (mtime, size, inode: an edit in place, a rename over it, a Kubernetes ConfigMap's symlink swap) and
 reloads when that changes; the new bytes' SHA-256 tells a real change from a ``touch``.
@@ -28,14 +28,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import signal
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from receiver.rules.loader import load_rules
@@ -172,7 +170,6 @@ class RuleStore:
         self._clock = clock
         self._interval = check_interval
         self._lock = threading.Lock()
-        self._hup_pending = False
         self._last_good = last_good
         self._shared = last_good.redis if last_good is not None else None
         self._stop = threading.Event()
@@ -235,7 +232,6 @@ class RuleStore:
             return self._reload_locked()
 
     def _reload_locked(self) -> bool:
-        self._hup_pending = False
         # Record the file's state before reading: a change during the read is seen next time.
         self._signature = _signature(self.path)
         self._checked_at = self._clock()
@@ -293,18 +289,16 @@ class RuleStore:
         }
 
     def maybe_reload(self) -> bool:
-        """Reload if the file changed (or a SIGHUP is pending); cheap enough to call per request."""
-        if not self._hup_pending and self._clock() - self._checked_at < self._interval:
+        """Reload if the file changed; cheap enough to call per request."""
+        if self._clock() - self._checked_at < self._interval:
             return False
         return self.check()
 
     def check(self) -> bool:
-        """Reload now if the file changed since the last look (or a SIGHUP is pending)."""
+        """Reload now if the file changed since the last look."""
         if not self._lock.acquire(blocking=False):
             return False  # another thread is reloading right now
         try:
-            if self._hup_pending:
-                return self._reload_locked()
             self._checked_at = self._clock()
             if _signature(self.path) == self._signature:
                 return False
@@ -344,22 +338,3 @@ class RuleStore:
         if self._watcher is not None:
             self._watcher.join(5)
         self._watcher = None
-
-    def _on_sighup(self, signum: int, frame: FrameType | None) -> None:
-        # A signal handler runs between two bytecodes of the main thread, possibly inside a reload
-        # holding the lock: never block here, leave the reload to the next maybe_reload instead.
-        self._hup_pending = True
-        if self._lock.acquire(blocking=False):
-            try:
-                self._reload_locked()
-            finally:
-                self._lock.release()
-
-    def install_sighup(self) -> bool:
-        """Make SIGHUP reload the rules; only possible from the main thread (else a no-op, ``False``)."""
-        hup = getattr(signal, "SIGHUP", None)
-        if hup is None or threading.current_thread() is not threading.main_thread():
-            return False
-        signal.signal(hup, self._on_sighup)
-        log.debug("rules %s: SIGHUP reloads them (pid %d)", self.path, os.getpid())
-        return True
