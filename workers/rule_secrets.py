@@ -24,13 +24,18 @@ FORBIDDEN_PREFIXES = ("CVAT_", "AWS_")
 
 NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 """A name ``${NAME}`` may reference: upper case, so it never reads as a payload path (CVAT's are lower case)."""
-_SEALED = re.compile(r"\$(\$|\{([A-Z][A-Z0-9_]*)\})")
-_REFERENCE = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
+_REFERENCE = re.compile(rf"\$\{{({NAME.pattern})\}}")
+_SEALED = re.compile(rf"\$(\$|\{{({NAME.pattern})\}})")
 
 
 def references(template: str) -> list[str]:
     """The names an unrendered template references as ``${NAME}``."""
     return _REFERENCE.findall(template)
+
+
+def is_reference(text: str) -> bool:
+    """Whether ``text`` is one ``${NAME}`` reference and nothing else (a name, no secret: showable)."""
+    return _REFERENCE.fullmatch(text) is not None
 
 
 def forbidden(name: str) -> str | None:

@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ from urllib.parse import urlsplit
 from workers.actions._params import call_key, has_placeholder, text, unknown_params
 from workers.context import ActionContext
 from workers.errors import ErrorKind, PermanentError, TransientError, classify
-from workers.rule_secrets import forbidden, references, unseal
+from workers.rule_secrets import forbidden, is_reference, references, unseal
 
 PARAMS = ("url", "text", "format", "timeout", "headers")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -80,10 +79,6 @@ _SEGMENT_CHARS = 24
 """Characters of the first path segment kept in a redacted URL."""
 _CONTEXT_KEYS = ("event", "resource", "resource_id", "updated_date", "webhook_id",
                  "project_id", "task_id", "job_id", "org_id", "object")
-
-
-_REFERENCE = re.compile(r"\$\{[A-Z][A-Z0-9_]*\}")
-"""A URL that is a whole ``${NAME}`` reference: its name is no secret and tells webhooks apart."""
 
 
 def redact_url(url: str) -> str:
@@ -107,7 +102,7 @@ def public_params(params: Mapping[str, Any]) -> dict[str, Any]:
     shown = dict(params)
     if isinstance(shown.get("url"), str):
         url = shown["url"]
-        shown["url"] = url if _REFERENCE.fullmatch(url) else redact_url(url)
+        shown["url"] = url if is_reference(url) else redact_url(url)
     if isinstance(shown.get("headers"), Mapping):
         shown["headers"] = {name: "***" for name in shown["headers"]}
     return shown
