@@ -1,5 +1,5 @@
 """The intake ceiling: a bare Flask app that reads the body and answers 200, run by the very
-gunicorn command cvat-hooks uses (``receiver.serve.gunicorn_command``)."""
+gunicorn command cvat-hooks uses (``operations.serve.gunicorn_command``)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ supervised in-process child, exports in a forking one) and, for comparison, ``--
 ``--class simple`` (through ``bench.worker``, which only adds the ``bench_noop`` action), 1 and 2
 processes (``cvat-hooks worker`` commands), on a production-like Redis. Jobs are queued the way the
 receiver queues them: the delivery record and the job in one Redis transaction, through
-``workers.queueing.enqueue``, so a worker does its real per-job bookkeeping (delivery log,
+``core.queueing.enqueue``, so a worker does its real per-job bookkeeping (delivery log,
 metrics, RQ registries) around an action that does nothing but note its start time.
 
 - drain: queue N jobs at once while the workers wait, time until all have finished;
@@ -66,8 +66,8 @@ light children, the way to run two light processes in one container."""
 def _calls(n: int, *, tag: str, crash: bool = False, attempts: int = 0, queue: str | None = None) -> list[Any]:
     """``n`` bench actions, one per (fake) delivery, shaped like the receiver's (on the light queue
     unless ``queue`` says otherwise)."""
-    from workers.contract import LIGHT_QUEUE, ActionCall
-    from workers.retry import RetryPolicy
+    from core.contract import LIGHT_QUEUE, ActionCall
+    from core.retry import RetryPolicy
 
     calls = []
     for i in range(n):
@@ -86,7 +86,7 @@ class Queuer:
     """Queues calls as the receiver does: delivery record + job in one MULTI transaction."""
 
     def __init__(self, redis: Redis) -> None:
-        from workers.delivery_log import DeliveryLog
+        from core.delivery_log import DeliveryLog
 
         self.redis = redis
         self.retention = 86400
@@ -94,9 +94,9 @@ class Queuer:
 
     def queue(self, calls: list[Any]) -> None:
         """All ``calls`` in one transaction (a burst that was waiting, or one event)."""
+        from core.delivery_log import Outcome
+        from core.queueing import enqueue
         from receiver.dispatch import record_actions
-        from workers.delivery_log import Outcome
-        from workers.queueing import enqueue
 
         now = time.time()
         with self.redis.pipeline(transaction=True) as pipe:
@@ -125,7 +125,7 @@ def stock_noop(job_id: str) -> dict[str, bool]:
 
 
 class StockQueuer:
-    """Queues a stock job per call, with the RQ options ``workers.queueing.enqueue`` gives ours."""
+    """Queues a stock job per call, with the RQ options ``core.queueing.enqueue`` gives ours."""
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
@@ -135,8 +135,8 @@ class StockQueuer:
         """All ``calls`` in one transaction, as :class:`Queuer` does."""
         from rq import Callback, Queue
 
-        from workers.contract import FAILURE_CALLBACK, job_timeout
-        from workers.queueing import queue
+        from core.contract import FAILURE_CALLBACK, job_timeout
+        from core.queueing import queue
 
         datas = [Queue.prepare_data(stock_noop, args=(call.job_id,), job_id=call.job_id,
                                     on_failure=Callback(FAILURE_CALLBACK), timeout=job_timeout(call.queue),
@@ -150,8 +150,8 @@ class StockQueuer:
 
 def _finished(redis: Redis) -> int:
     """Jobs of the light (or the stock) queue that finished or failed (RQ's registries)."""
-    from workers.contract import LIGHT_QUEUE
-    from workers.queueing import queue
+    from core.contract import LIGHT_QUEUE
+    from core.queueing import queue
 
     done = 0
     for name in (LIGHT_QUEUE, STOCK_QUEUE):
@@ -278,8 +278,8 @@ def crash_probe(redis: RedisProc, queuer: Queuer, kind: str, work: Path, *,
     and how soon the crashed job is retried (it crashes again, then fails)."""
     from rq.job import Job, JobStatus
 
-    from workers.delivery_log import DeliveryLog
-    from workers.queueing import SERIALIZER, queue
+    from core.delivery_log import DeliveryLog
+    from core.queueing import SERIALIZER, queue
 
     redis.flush()
     crash = _calls(1, tag="crash", crash=True, attempts=1, queue=crash_queue)[0]

@@ -117,9 +117,9 @@ def export_once(redis: RedisProc, proc: Proc, sampler: TreeSampler, to: str, *,
                 timeout: float) -> dict[str, Any]:
     """Queue one export of job 1 like the receiver would, wait for its end, measure it."""
     from bench.dispatch import Queuer
-    from workers.contract import EXPORT_QUEUE, ActionCall
-    from workers.delivery_log import DeliveryLog
-    from workers.retry import RetryPolicy
+    from core.contract import EXPORT_QUEUE, ActionCall
+    from core.delivery_log import DeliveryLog
+    from core.retry import RetryPolicy
 
     # A new updated_date each time: a new version of the job, so the export is not skipped as done.
     updated = datetime.now().strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -165,7 +165,7 @@ class Server:
 
 def ceiling_command(port: int) -> list[str]:
     """cvat-hooks' own gunicorn command line, serving the bare app instead of the receiver."""
-    from receiver.serve import ServeOptions, gunicorn_command
+    from operations.serve import ServeOptions, gunicorn_command
 
     cmd = gunicorn_command(ServeOptions(host="127.0.0.1", port=port))
     assert cmd[-1].startswith("receiver.app:"), cmd
@@ -191,7 +191,7 @@ def webhook_hooks(path: Path) -> Path:
 
 def deliveries_counted(redis: Any) -> dict[str, int]:
     """cvat-hooks' own count of deliveries by outcome (queued, no_match, duplicate...)."""
-    from workers.metrics import COUNTERS_KEY
+    from core.metrics import COUNTERS_KEY
 
     counts: dict[str, int] = {}
     for key, value in redis.hgetall(COUNTERS_KEY).items():
@@ -218,7 +218,7 @@ def servers(work: Path, distinct: Path, duplicates: Path,
             stack.callback(sampler.stop)
             return sampler
 
-        from workers.metrics import COUNTERS_KEY
+        from core.metrics import COUNTERS_KEY
 
         body, sig = base_delivery()
 
@@ -253,7 +253,7 @@ def servers(work: Path, distinct: Path, duplicates: Path,
         env = {"CVAT_HOOKS_REDIS_URL": redis.url, "CVAT_HOOKS_SECRET": SECRET,
                "CVAT_HOOKS_RULES": str(RULES), "CVAT_HOOKS_DATA_DIR": str(work / "data"),
                "CVAT_HOOKS_LOG_FORMAT": "text"}
-        serve = [sys.executable, "-m", "receiver.cli", "serve", "--port", str(port)]
+        serve = [sys.executable, "-m", "operations.cli", "serve", "--port", str(port)]
         proc = started(procs.start("cvat-hooks", serve, env=env, cpu=SERVER_CPU, log_dir=logs))
         procs.wait_http(f"http://127.0.0.1:{port}/readyz", proc)
         status, answer = post(port, PATH, body, sig)

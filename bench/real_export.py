@@ -242,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, float]] = []
     try:
         with deployment(work, service, fixture.project_id) as (env, redis):
-            from workers.delivery_log import DeliveryLog
+            from core.delivery_log import DeliveryLog
 
             cli(env, "register", "--project", str(fixture.project_id), "--url", env["RECEIVER_URL"])
             log = DeliveryLog(redis, retention_seconds=86400)

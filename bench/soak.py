@@ -41,7 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from receiver.events import delivery_id_of
+from core.events import delivery_id_of
 from receiver.signature import sign
 from tests.captures import capture
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, WebhookSink, jsonb_order
@@ -291,8 +291,8 @@ def pending_deliveries(redis_url: str) -> set[str]:
     from redis import Redis
     from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
-    from workers.contract import QUEUES
-    from workers.queueing import queue as rq_queue
+    from core.contract import QUEUES
+    from core.queueing import queue as rq_queue
 
     redis = Redis.from_url(redis_url, socket_timeout=10)
     ids: list[str] = []
@@ -313,8 +313,8 @@ def drained(redis_url: str) -> bool:
     from redis import Redis
     from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
-    from workers.contract import QUEUES
-    from workers.queueing import queue as rq_queue
+    from core.contract import QUEUES
+    from core.queueing import queue as rq_queue
 
     try:
         redis = Redis.from_url(redis_url, socket_timeout=5)

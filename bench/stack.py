@@ -204,7 +204,7 @@ def worker(work: Path, redis: RedisProc, env: Mapping[str, str], *, light_proces
 
 def actions_of(redis: RedisProc, delivery_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Each delivery's first action, as the delivery log has it (status, started_at, finished_at...)."""
-    from workers.delivery_log import DeliveryLog
+    from core.delivery_log import DeliveryLog
 
     log = DeliveryLog(redis.client, retention_seconds=86400)
     out: dict[str, dict[str, Any]] = {}

@@ -1,6 +1,6 @@
 """``python -m bench.worker [--class fork|simple] ...``: ``cvat-hooks worker``, plus the bench actions.
 
-The very worker cvat-hooks ships (``receiver.cli worker``), with ``bench_noop`` registered first when
+The very worker cvat-hooks ships (``operations.cli worker``), with ``bench_noop`` registered first when
 ``CVAT_HOOKS_BENCH_ACTIONS=1``. A forking worker's work-horses inherit the registration.
 
 ``CVAT_HOOKS_BENCH_EXPERIMENTS`` (a comma list) applies changes cvat-hooks does not ship, to measure
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
         cache_redis_lib_version()
     if "preload" in experiments:
         preload()
-    from receiver.cli import main as cli
+    from operations.cli import main as cli
 
     if "gc_freeze" in experiments:
         import gc

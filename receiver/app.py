@@ -7,20 +7,20 @@ import logging
 from flask import Flask
 from redis import Redis
 
+from core import metrics
+from core.delivery_log import DeliveryLog
+from core.receipts import Receipts
+from core.redaction import Redactor
+from core.redis_conn import DurabilityCheck, connect
+from core.state import StateStore
 from receiver import views
 from receiver.admin import init_admin
 from receiver.current import EXTENSION
 from receiver.dispatch import Intake
 from receiver.journal import Journal
-from receiver.receipts import Receipts
 from receiver.rules import RuleStore
 from receiver.rules.store import LastGoodRules
 from receiver.settings import Settings
-from receiver.state import StateStore
-from workers import metrics
-from workers.delivery_log import DeliveryLog
-from workers.redaction import Redactor
-from workers.redis_conn import DurabilityCheck, connect
 
 log = logging.getLogger(__name__)
 

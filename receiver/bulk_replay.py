@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from core.delivery_log import Delivery, DeliveryLog
+from core.replay import NothingToReplay, replay
 from receiver.rematch import rematch
-from workers.delivery_log import Delivery, DeliveryLog
-from workers.replay import NothingToReplay, replay
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -59,7 +59,7 @@ def replay_one(log: DeliveryLog, delivery: Delivery, *, rules: RuleSet | None = 
         return rematch(log, delivery, rules, force=force, service_account=service_account,
                        dry_run=dry_run).job_ids
     if dry_run:
-        from workers.replay import why_not
+        from core.replay import why_not
 
         reason = why_not(delivery, force=force)
         if reason is not None:

@@ -1,7 +1,7 @@
 """One delivery, from raw bytes to durably queued jobs: the story the receiver tells for each POST.
 
 verify -> parse -> duplicate? / what we last saw (one script) -> match -> record + enqueue (one
-atomic script, see ``receiver.receipts``) -> answer.
+atomic script, see ``core.receipts``) -> answer.
 
 Answers are chosen for CVAT's sender, which retries 5xx/408/429 (recent versions) and shows our
 reply body in its delivery log: 401 bad signature, 400 unreadable, 200 ping / no match / duplicate,
@@ -20,20 +20,20 @@ from typing import TYPE_CHECKING, Any
 from redis import Redis
 from redis.exceptions import RedisError
 
-from receiver.events import BadEvent, Event, parse_event
+from core import metrics
+from core.contract import ActionCall
+from core.delivery_log import DeliveryLog, Outcome
+from core.events import BadEvent, Event, parse_event
+from core.queueing import enqueue
+from core.receipts import Batch, Claim, Receipts
+from core.redaction import Redactor
+from core.service_account import ServiceAccount
+from core.state import Seen
 from receiver.journal import Journal, JournalFull
-from receiver.receipts import Batch, Claim, Receipts
 from receiver.rules import Explanation, Match, Previous, RuleStore, match, previous_from_payload
 from receiver.secrets_store import SecretStore
 from receiver.settings import Settings
 from receiver.signature import HEADER, Verdict
-from receiver.state import Seen
-from workers import metrics
-from workers.contract import ActionCall
-from workers.delivery_log import DeliveryLog, Outcome
-from workers.queueing import enqueue
-from workers.redaction import Redactor
-from workers.service_account import ServiceAccount
 
 if TYPE_CHECKING:
     from redis.client import Pipeline

@@ -4,7 +4,7 @@ gunicorn formats its lines itself (``[2026-...] [pid] [INFO] ...``, and access l
 their own), and the receiver's gunicorn workers are not started by the ``cvat-hooks`` command that
 configures logging, so without this their lines had no common shape and the receiver's own INFO lines
 were lost. ``serve`` names this class with ``--logger-class`` (gunicorn's documented way to change its
-logging): gunicorn's handlers give way to ``workers.logs``' one handler on the root logger, set up in
+logging): gunicorn's handlers give way to ``core.logs``' one handler on the root logger, set up in
 gunicorn's master before it forks its workers, which inherit it.
 """
 
@@ -14,13 +14,13 @@ from typing import Any
 
 from gunicorn.glogging import Logger  # type: ignore[import-untyped]
 
+from core.logs import configure
+from core.redaction import Redactor
 from receiver.settings import Settings
-from workers.logs import configure
-from workers.redaction import Redactor
 
 
 class GunicornLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type hints
-    """gunicorn's logger, writing through ``workers.logs`` (text or JSON, secrets masked)."""
+    """gunicorn's logger, writing through ``core.logs`` (text or JSON, secrets masked)."""
 
     def setup(self, cfg: Any) -> None:
         """gunicorn's set-up (levels, access log on), then its handlers replaced by the root logger's."""

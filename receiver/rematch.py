@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from core.contract import ActionCall
+from core.delivery_log import ActionStatus, Delivery, DeliveryLog, Outcome
+from core.events import BadEvent, canonical, parse_event
+from core.replay import IN_FLIGHT, NothingToReplay, next_run, queue_runs
 from receiver.dispatch import calls_for
-from receiver.events import BadEvent, canonical, parse_event
 from receiver.rules import Explanation, RuleSet, explain, previous_without_state
-from workers.contract import ActionCall
-from workers.delivery_log import ActionStatus, Delivery, DeliveryLog, Outcome
-from workers.replay import IN_FLIGHT, NothingToReplay, next_run, queue_runs
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from core.settings import WorkerSettings, _bool, _list
 from receiver.secrets_store import add_secret, read_secrets, take_in_legacy
-from workers.settings import WorkerSettings, _bool, _list
 
 DEFAULT_MAX_BODY = 1024 * 1024
 """Bytes: the largest body accepted (413 above). CVAT's largest payloads are a few KB."""
@@ -70,7 +70,7 @@ class Settings:
     """Bytes of deliveries kept on local disk while Redis is unreachable (503 beyond that)."""
     admin_token: str | None = field(default=None, repr=False)
     log_format: str = "text"
-    """``CVAT_HOOKS_LOG_FORMAT``: ``text`` or ``json`` (``workers.logs``)."""
+    """``CVAT_HOOKS_LOG_FORMAT``: ``text`` or ``json`` (``core.logs``)."""
     log_level: str = "info"
     """``CVAT_HOOKS_LOG_LEVEL``: ``debug`` also shows RQ's registry maintenance every 30 s."""
     secret_file: Path | None = None

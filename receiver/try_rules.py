@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from receiver.events import BadEvent, parse_event
+from core.events import BadEvent, parse_event
 from receiver.rules import RuleSet, explain, previous_without_state
 from receiver.rules.own_events import caused_by
 

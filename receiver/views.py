@@ -10,11 +10,11 @@ from flask import Blueprint, current_app, jsonify, request
 from redis.exceptions import RedisError
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
+from core import metrics
+from core.contract import QUEUES
 from receiver.current import intake
 from receiver.deadlines import BodyDeadlines
 from receiver.signature import HEADER
-from workers import metrics
-from workers.contract import QUEUES
 
 bp = Blueprint("cvat_hooks", __name__)
 BODY_DEADLINES = BodyDeadlines()

@@ -6,13 +6,15 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis import Redis
 
+from core.settings import WorkerSettings
 from receiver.app import create_app
 from receiver.settings import Settings
 from receiver.signature import sign
@@ -20,7 +22,6 @@ from tests.captures import PAYLOADS as PAYLOADS  # re-exported: the tests' one i
 from tests.captures import capture as capture
 from tests.procs import free_port as free_port
 from tests.procs import redis_binary as redis_binary
-from workers.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "mykey"
@@ -50,7 +51,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
              # An RDB save point (never reached in a test run) makes it a Redis that persists, as the
-             # receiver requires of a production one (workers.redis_conn's durability check).
+             # receiver requires of a production one (core.redis_conn's durability check).
              "--save", "3600 1", "--appendonly", "yes" if self.appendonly else "no", "--protected-mode", "yes"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = Redis.from_url(self.url)
@@ -138,3 +139,9 @@ def with_settings(settings: Settings, **changes) -> Settings:
 
 
 os.environ.setdefault("CVAT_HOOKS_LOG_FORMAT", "text")
+
+
+def stored(_action: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Show a delivery's action parameters as Redis holds them (``Delivery.to_json(shown=stored)``): a
+    test that no secret is at rest must read what is stored, not what the registry would show."""
+    return dict(params)

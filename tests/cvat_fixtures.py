@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from core.settings import CvatSettings
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, WebhookSink
-from workers.settings import CvatSettings
 
 CLIENT_TIMEOUT = 2.0
 """Connect/read timeout of the test clients, in seconds (a "timeout" fault sleeps longer)."""

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.contract import ActionCall
+from core.errors import PermanentError
+from core.settings import WorkerSettings
 from workers.context import ActionContext
-from workers.contract import ActionCall
-from workers.errors import PermanentError
 from workers.gateway import ExportOutcome, ExportRequest, LabelSet, Resource
-from workers.settings import WorkerSettings
 
 DEFAULT_FORMATS = ["CVAT for images 1.1", "COCO 1.0", "YOLO 1.1", "Datumaro 1.0"]
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from receiver.cli import main
+from operations.cli import main
 from receiver.settings import Settings
 from tests.conftest import free_port
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer

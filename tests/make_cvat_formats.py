@@ -1,4 +1,4 @@
-"""Regenerate ``workers/actions/cvat_formats.json``, the format names ``rules check`` knows offline.
+"""Regenerate ``core/cvat_formats.json``, the format names ``rules check`` knows offline.
 
 It asks a real CVAT for ``GET /api/server/annotation/formats`` and keeps the names of its exporters
 and importers (disabled ones too: a format a server has switched off still exists, and the
@@ -17,7 +17,7 @@ from typing import Any
 
 import requests
 
-TARGET = Path(__file__).resolve().parent.parent / "workers" / "actions" / "cvat_formats.json"
+TARGET = Path(__file__).resolve().parent.parent / "core" / "cvat_formats.json"
 
 
 def fetch(url: str, username: str, password: str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from receiver.cvat_events import EVENT_NAMES, PING, resource_of
+from core.cvat_events import EVENT_NAMES, PING, resource_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "tests" / "payloads"

@@ -277,7 +277,7 @@ def _loading(client) -> bool:  # type: ignore[no-untyped-def]
 
 def cli_argv(*args: str) -> list[str]:
     """``cvat-hooks ARGS`` as the installed entry point runs it."""
-    return [sys.executable, "-m", "receiver.cli", *args]
+    return [sys.executable, "-m", "operations.cli", *args]
 
 
 class ReceiverProc(Proc):

@@ -9,17 +9,17 @@ from typing import Any
 
 import pytest
 
+from core.contract import ANNOTATE_QUEUE
+from core.delivery_log import DeliveryLog
+from core.errors import ErrorKind, PermanentError, TransientError, classify
+from core.replay import replay
+from core.settings import WorkerSettings
 from receiver.rules import RulesError, parse_rules
-from tests.conftest import SECRET, post
+from tests.conftest import SECRET, post, stored
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, task_data
 from tests.fake_gateway import make_context
 from tests.functions import corner_boxes, faces
 from workers.actions import REGISTRY, auto_annotate, validate_params
-from workers.contract import ANNOTATE_QUEUE
-from workers.delivery_log import DeliveryLog
-from workers.errors import ErrorKind, PermanentError, TransientError, classify
-from workers.replay import replay
-from workers.settings import WorkerSettings
 
 FUNCTION = "tests.functions.corner_boxes"
 
@@ -229,7 +229,7 @@ def test_a_finished_task_creation_is_annotated(e2e: Any, client: Any, redis: Any
     assert "annotated 3 of 3 frames" in notes, notes
     width, height = task_data.FRAME_SIZE
     assert [s["points"] for s in shapes(cvat_server, task_id)] == [corner_boxes.box(width, height, 5)] * 3
-    assert DEFAULT_TOKEN not in json.dumps(record.to_json())
+    assert DEFAULT_TOKEN not in json.dumps(record.to_json(shown=stored))
     log = DeliveryLog(redis, retention_seconds=60)
     replay(log, record, force=True)
     drain(e2e)

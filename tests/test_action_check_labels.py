@@ -7,10 +7,10 @@ from typing import Any
 import fakeredis
 import pytest
 
+from core.errors import PermanentError
 from tests.fake_gateway import FakeGateway, job_event, make_context, task_event
 from workers.actions import check_labels, validate_params
 from workers.actions.check_labels import Required, compare
-from workers.errors import PermanentError
 from workers.gateway import LabelSet
 
 CAR = {"id": 1, "name": "car", "type": "rectangle", "attributes": [{"name": "color"}, {"name": "model"}]}

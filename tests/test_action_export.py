@@ -11,12 +11,12 @@ from typing import Any
 import fakeredis
 import pytest
 
+from core.errors import PermanentError, TransientError
+from core.settings import WorkerSettings
 from tests.fake_gateway import FakeGateway, job_event, make_context, task_event
 from tests.moto_s3 import bucket, s3_endpoint, use_endpoint
 from workers.actions import export, validate_params
-from workers.errors import PermanentError, TransientError
 from workers.gateway import ExportKind, ExportOutcome, ExportRequest, Resource
-from workers.settings import WorkerSettings
 
 FMT = "CVAT for images 1.1"
 

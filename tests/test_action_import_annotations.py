@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 
+from core.delivery_log import DeliveryLog
+from core.errors import PermanentError
+from core.settings import WorkerSettings
 from receiver.rules import RulesError, parse_rules
 from receiver.rules.templating import render_params
 from tests.conftest import SECRET, post
@@ -19,9 +22,6 @@ from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, task_data
 from tests.fake_gateway import make_context
 from tests.moto_s3 import bucket, s3_endpoint, use_endpoint
 from workers.actions import REGISTRY, import_annotations, validate_params
-from workers.delivery_log import DeliveryLog
-from workers.errors import PermanentError
-from workers.settings import WorkerSettings
 from workers.storage import LocalDestination, parse_source
 
 FMT = "CVAT 1.1"

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from redis import Redis
 
+from core.errors import PermanentError, TransientError
+from core.settings import WorkerSettings
 from tests.conftest import free_port
 from tests.fake_gateway import job_event, make_context
 from workers.actions import notify, validate_params
 from workers.actions.notify import host_allowed, redact_url
-from workers.errors import PermanentError, TransientError
-from workers.settings import WorkerSettings
 
 SECRET_PATH = "/services/T0001/B0002/s3cr3tT0k3n"
 """Slack-like: the path is the credential, and must never show up in results or errors."""

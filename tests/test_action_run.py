@@ -16,13 +16,13 @@ from typing import Any
 import fakeredis
 import pytest
 
+from core.contract import ActionCall
+from core.errors import PermanentError, TransientError
+from core.settings import CvatSettings, WorkerSettings
 from receiver.rules import RulesError, parse_rules
 from workers.actions import LoadWarning, events_caused, public_params, validate_params
 from workers.actions import run as run_action
 from workers.context import ActionContext
-from workers.contract import ActionCall
-from workers.errors import PermanentError, TransientError
-from workers.settings import CvatSettings, WorkerSettings
 
 EVENT = {"event": "update:task", "task_id": 7, "project_id": 3, "object": {"id": 7, "name": "t; rm -rf /"}}
 

@@ -7,10 +7,10 @@ from typing import Any
 import fakeredis
 import pytest
 
+from core.errors import PermanentError
 from tests.fake_gateway import FakeGateway, job_event, make_context
 from workers.actions import update_job, validate_params
 from workers.actions.update_job import round_robin_key
-from workers.errors import PermanentError
 from workers.gateway import Resource
 
 USERS = {"alice": 11, "bob": 12, "carol": 13}

@@ -9,13 +9,13 @@ import time
 
 import pytest
 
+from core import metrics
+from core.contract import EXPORT_QUEUE, ActionCall
+from core.delivery_log import INDEX_KEY, DeliveryLog
+from core.queueing import queue
 from receiver.admin import auth
 from receiver.app import create_app
 from tests.conftest import SECRET, capture, post, signed, with_settings
-from workers import metrics
-from workers.contract import EXPORT_QUEUE, ActionCall
-from workers.delivery_log import INDEX_KEY, DeliveryLog
-from workers.queueing import queue
 
 ADMIN = "admin-token-for-tests-8c1f0e-4b7d2a9e6f13"
 """The admin token of these tests (never the webhook secret, ``SECRET``)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from receiver.cli import main
+from operations.cli import main
 from tests.conftest import PAYLOADS, ROOT, SECRET, capture, post
 
 CAPTURED = PAYLOADS / "cvat-2.73"
@@ -101,7 +101,7 @@ EXAMPLES = ROOT / "examples" / "payloads"
 
 def test_send_uses_the_headers_cvat_sends():
     """`send` signs the exact bytes as CVAT 2.73 did (same X-Signature-256) with CVAT's Content-Type."""
-    from receiver.send import headers_for
+    from operations.send import headers_for
 
     body, cvat_headers = capture("update_job_completed.json")
     headers = headers_for(body, SECRET)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from receiver.events import Event, parse_event
+from core.events import Event, parse_event
 from receiver.rules import (
     All,
     AnyOf,

@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
+from core.errors import ErrorKind, PermanentError, TransientError, classify
+from core.settings import CvatSettings
 from tests import cvat_fixtures
 from tests.conftest import free_port
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, export_digest
 from tests.cvat_server.exports import export_rq_id
 from workers.cvat_client import FINE_STEP, WINDOW_CHECKS, CvatClient, check_offsets, make_gateway
-from workers.errors import ErrorKind, PermanentError, TransientError, classify
 from workers.gateway import ExportKind, ExportRequest, LabelSet, Resource
-from workers.settings import CvatSettings
 
 # The fixtures, for as long as conftest.py does not provide them to every module (harmless after).
 cvat_server = cvat_fixtures.cvat_server
@@ -274,7 +274,7 @@ def test_a_kept_session_ends_when_the_process_exits(cvat_server: CvatTestServer)
     """A worker process that ends normally logs out of the session its kept client used."""
     code = ("from workers.cvat_client import make_gateway\n"
             "from workers.gateway import Resource\n"
-            "from workers.settings import CvatSettings\n"
+            "from core.settings import CvatSettings\n"
             f"settings = CvatSettings(url={cvat_server.url!r}, username='alice', password='alice-password')\n"
             "make_gateway(settings).get_resource(Resource.JOB, 1)\n"
             "make_gateway(settings).close()\n")

@@ -16,16 +16,16 @@ import pytest
 from click.testing import CliRunner, Result
 from redis import Redis
 
+from core.settings import WorkerSettings
+from operations import webhook_registry as registry
+from operations.cli import main
+from operations.cvat_webhooks import Webhook
 from receiver.app import create_app
-from receiver.cli import main
 from receiver.settings import Settings
 from tests import cvat_fixtures
 from tests import live_receiver as live
 from tests.conftest import SECRET, RedisServer, free_port
 from tests.cvat_server import CvatTestServer
-from workers import webhook_registry as registry
-from workers.cvat_webhooks import Webhook
-from workers.settings import WorkerSettings
 
 cvat_server = cvat_fixtures.cvat_server
 webhook_sink = cvat_fixtures.webhook_sink
@@ -231,7 +231,7 @@ class _OrgGoneGateway:
 
     def list_webhooks(self, *, org=None, **_):
         if org == "gone":
-            from workers.errors import PermanentError
+            from core.errors import PermanentError
 
             raise PermanentError("CVAT GET /api/webhooks: 404 Not Found: gone organization does not exist.",
                                  status=404)
@@ -241,6 +241,6 @@ class _OrgGoneGateway:
 
 def test_an_organization_deleted_while_listing_hides_no_other_webhook():
     """An organization deleted between the two list calls has no webhooks left: the others are listed."""
-    from workers.cvat_webhooks import visible_webhooks
+    from operations.cvat_webhooks import visible_webhooks
 
     assert [w.id for w in visible_webhooks(_OrgGoneGateway())] == [1]

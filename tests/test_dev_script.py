@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -24,7 +25,8 @@ def fresh_copy(tmp_path: Path) -> Path:
     for name in ("dev", "pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, repo / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("requirements", "receiver", "workers"):
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    for name in ("requirements", *(pattern.rstrip("*") for pattern in packages)):
         shutil.copytree(ROOT / name, repo / name, ignore=ignore)
     venv = repo / ".venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)

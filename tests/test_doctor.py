@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from receiver.doctor import status_hint
-from receiver.reconcile import Report, record
+from operations.doctor import status_hint
+from operations.reconcile import Report, record
 from tests import cvat_fixtures
 from tests import live_receiver as live
 from tests.cvat_server import DEFAULT_TOKEN

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 from rq.registry import FailedJobRegistry
 
-from tests.conftest import capture, post
+from core.contract import EXPORT_QUEUE
+from core.delivery_log import DeliveryLog
+from core.queueing import queue
+from core.replay import NothingToReplay, replay
+from tests.conftest import capture, post, stored
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer
 from tests.moto_s3 import bucket, s3_endpoint, use_endpoint
-from workers.contract import EXPORT_QUEUE
-from workers.delivery_log import DeliveryLog
-from workers.queueing import queue
-from workers.replay import NothingToReplay, replay
 from workers.worker import build_worker
 
 RULES = """
@@ -132,7 +132,7 @@ def test_cvat_404_gives_up_at_once(e2e, client, redis, cvat_server):
     [action] = record.actions.values()
     assert action["status"] == "failed" and action["attempts"] == 1
     assert action["error"]["kind"] == "permanent" and "404" in action["error"]["message"]
-    assert DEFAULT_TOKEN not in json.dumps(record.to_json())
+    assert DEFAULT_TOKEN not in json.dumps(record.to_json(shown=stored))
     assert FailedJobRegistry(queue=queue(EXPORT_QUEUE, redis)).get_job_ids() == [action["job_id"]]
     assert record.status.value == "failed"
 
@@ -203,7 +203,7 @@ def test_cvat_hooks_worker_command_runs_jobs(e2e, client, redis, cvat_server):
     body, _ = capture("update_job_completed.json")
     answer = post(client, body)
     env = dict(os.environ)
-    done = subprocess.run([sys.executable, "-m", "receiver.cli", "worker", "--burst"], env=env,
+    done = subprocess.run([sys.executable, "-m", "operations.cli", "worker", "--burst"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert delivery(redis, answer.json["delivery_id"]).status.value == "succeeded"

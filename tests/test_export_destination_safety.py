@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import PermanentError
+from core.settings import WorkerSettings
 from receiver.rules.templating import render_params
-from workers.errors import PermanentError
-from workers.settings import WorkerSettings
 from workers.storage import LocalDestination, Storage, parse_destination
 
 # Task names a payload may carry, each a way to climb out once storage percent-decodes file:// URLs.

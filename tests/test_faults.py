@@ -38,17 +38,17 @@ from rq.executions import Execution
 from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 from rq.scheduler import RQScheduler
 
+from core.contract import EXPORT_QUEUE, LIGHT_QUEUE, QUEUES
+from core.delivery_log import DeliveryLog
+from core.events import delivery_id_of
+from core.queueing import queue
+from core.settings import WorkerSettings
 from receiver.app import create_app
-from receiver.events import delivery_id_of
 from receiver.settings import Settings
 from tests.conftest import SECRET, capture, signed
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, jsonb_order
 from tests.cvat_server import exports as cvat_exports
 from tests.procs import ReceiverProc, RedisProc, WorkerProc, children, clean_env, cli_argv, wait_for
-from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE, QUEUES
-from workers.delivery_log import DeliveryLog
-from workers.queueing import queue
-from workers.settings import WorkerSettings
 
 MAINTENANCE_SECONDS = 1
 """RQ maintenance interval of the workers here (30 s by default): how soon a running worker retries
@@ -99,13 +99,13 @@ class Stack:
         return proc.start()
 
     def started_up(self) -> None:
-        """Wait until the workers' start-up look at CVAT (``receiver.worker_start``) is done, so a
+        """Wait until the workers' start-up look at CVAT (``operations.worker_start``) is done, so a
         fault injected next meets the test's own calls."""
         from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
-        from receiver.worker_start import LEARN_JOB_ID
-        from workers.queueing import SERIALIZER
+        from core.queueing import SERIALIZER
+        from operations.worker_start import LEARN_JOB_ID
 
         def done() -> bool:
             try:
@@ -301,7 +301,7 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_run(stack: Stac
 
 TAKE_AND_DIE = """
 import os, signal, sys
-from workers.settings import WorkerSettings
+from core.settings import WorkerSettings
 from workers.worker import build_worker
 worker = build_worker(WorkerSettings.from_env(), queues=[sys.argv[1]], kind=sys.argv[2], name="taker")
 worker.bootstrap()

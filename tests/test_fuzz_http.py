@@ -29,13 +29,13 @@ from hypothesis import strategies as st
 from redis import Redis
 from rq.job import Job
 
+from core.cvat_events import EVENT_NAMES
+from core.queueing import SERIALIZER
+from core.settings import WorkerSettings
 from receiver.app import create_app
-from receiver.cvat_events import EVENT_NAMES
 from receiver.settings import Settings
 from receiver.signature import sign
 from tests.conftest import PAYLOADS, ROOT, SECRET, RedisServer
-from workers.queueing import SERIALIZER
-from workers.settings import WorkerSettings
 
 EXAMPLES = {
     "unsigned": 3500,

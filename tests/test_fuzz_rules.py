@@ -20,7 +20,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from receiver.events import parse_event
+from core.events import parse_event
 from receiver.rules import Previous, RulesError, RuleSet, match, parse_rules
 from tests.conftest import PAYLOADS, ROOT
 

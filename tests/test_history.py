@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from workers import history, metrics
-from workers.delivery_log import INDEX_KEY
+from core import history, metrics
+from core.delivery_log import INDEX_KEY
 
 NOW = 1_800_000_000.0 - 1_800_000_000.0 % 3600 + 1840  # 40 s into the 31st minute of an hour
 

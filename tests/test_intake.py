@@ -9,12 +9,12 @@ import time
 import pytest
 from redis import Redis
 
+from core.contract import EXPORT_QUEUE, LIGHT_QUEUE
+from core.delivery_log import DeliveryLog
+from core.queueing import queue
 from receiver.app import create_app
 from receiver.settings import ConfigError, Settings
 from tests.conftest import PAYLOADS, SECRET, capture, post, signed, with_settings
-from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE
-from workers.delivery_log import DeliveryLog
-from workers.queueing import queue
 
 CAPTURES = [
     # (file, status, answer status field, rules expected to match)
@@ -341,7 +341,7 @@ def test_own_update_does_not_retrigger_its_rule_but_chains_to_others(settings, r
     still starts another rule's export; the same event from another user (or an unknown account) fires both."""
     from dataclasses import replace
 
-    from workers.service_account import KEY
+    from core.service_account import KEY
 
     settings.rules_path.write_text(LOOP_RULES)
     cvat = replace(settings.workers.cvat, service_account=configured)

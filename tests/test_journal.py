@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from core.contract import EXPORT_QUEUE, LIGHT_QUEUE
+from core.queueing import queue
 from receiver.app import create_app
 from receiver.journal import Journal, JournalFull
 from tests.conftest import RedisServer, capture, post
-from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE
-from workers.queueing import queue
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from core.contract import QUEUES
 from receiver.rules import parse_rules
 from tests.conftest import ROOT
-from workers.contract import QUEUES
 
 K8S = ROOT / "deploy" / "kubernetes"
 
@@ -119,8 +119,8 @@ def _redis_is_durable_with(args: list[str], tmp_path) -> None:  # type: ignore[n
 
     from redis import Redis
 
+    from core.redis_conn import check_durability
     from tests.conftest import free_port, redis_binary
-    from workers.redis_conn import check_durability
 
     assert args[0] == "redis-server"
     # Explicit, not the image's default: another image or redis.conf may evict (e.g. a cache preset).

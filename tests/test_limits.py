@@ -1,4 +1,4 @@
-"""Limits, through the real gunicorn the receiver runs under (``receiver.serve.gunicorn_command``):
+"""Limits, through the real gunicorn the receiver runs under (``operations.serve.gunicorn_command``):
 body size (413), JSON nesting depth (400), oversized request lines and headers (4xx from gunicorn,
 before the app), and slow clients cut off without blocking anybody else.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from receiver.serve import ServeOptions, gunicorn_command
+from operations.serve import ServeOptions, gunicorn_command
 from receiver.settings import DEFAULT_MAX_BODY
 from tests.conftest import ROOT, SECRET, capture, free_port, signed
 from tests.procs import Proc, RedisProc, clean_env, wait_for

@@ -14,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from receiver import cvat_events
-from receiver.events import Event, parse_event
+from core import cvat_events
+from core.events import Event, parse_event
+from core.retry import RetryPolicy
 from receiver.rules import (
     ActionDecl,
     All,
@@ -32,7 +33,6 @@ from receiver.rules import (
     parse_rules,
     previous_from_payload,
 )
-from workers.retry import RetryPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 PAYLOADS = Path(__file__).resolve().parent / "payloads"

@@ -30,7 +30,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def workers(n: int, env: dict[str, str]) -> list[subprocess.CompletedProcess[str]]:
     """Run ``n`` real `cvat-hooks worker --burst` processes at once until the queues are empty."""
-    procs = [subprocess.Popen([sys.executable, "-m", "receiver.cli", "worker", "--burst"], env=env,
+    procs = [subprocess.Popen([sys.executable, "-m", "operations.cli", "worker", "--burst"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
     done = []
     for proc in procs:
@@ -103,9 +103,9 @@ def test_root_says_what_the_service_is_and_where_to_look(client):
 def test_readyz_says_actions_needing_cvat_will_fail_and_stays_ready(client, settings, redis):
     """Without CVAT_URL, /readyz has a cvat check saying actions that call CVAT will fail, yet stays ready
     (receiving and recording still work); with CVAT configured the check says so."""
+    from core.settings import CvatSettings
     from receiver.app import create_app
     from tests.conftest import with_settings
-    from workers.settings import CvatSettings
 
     answer = client.get("/readyz")
     assert answer.status_code == 200 and answer.json["status"] == "ready"
@@ -134,7 +134,7 @@ TIMESTAMPED = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|W
 
 def test_every_worker_line_is_timestamped(worker_env):
     """Every line a `cvat-hooks worker` writes, RQ's own included, starts with the time, level and logger."""
-    proc = subprocess.run([sys.executable, "-m", "receiver.cli", "worker", "--burst", "--class", "simple"],
+    proc = subprocess.run([sys.executable, "-m", "operations.cli", "worker", "--burst", "--class", "simple"],
                           env=dict(os.environ), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -148,7 +148,7 @@ def test_rq_registry_maintenance_is_logged_at_debug_only(redis, capsys, level):
     CVAT_HOOKS_LOG_LEVEL=debug; RQ's other lines stay at INFO."""
     from rq import Queue, SimpleWorker
 
-    from workers.logs import configure
+    from core.logs import configure
 
     root = logging.getLogger()
     handlers, root_level = root.handlers[:], root.level
@@ -180,7 +180,7 @@ def test_gunicorn_and_the_receiver_log_json_when_asked(settings, tmp_path):
                      "CVAT_HOOKS_DATA_DIR": str(settings.data_dir), "CVAT_HOOKS_MAX_BODY": "1000"})
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "receiver.cli", "serve", "--port", str(port), "--workers", "1",
+        proc = subprocess.Popen([sys.executable, "-m", "operations.cli", "serve", "--port", str(port), "--workers", "1",
                                  "--no-worker"], env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"

@@ -14,14 +14,14 @@ from click.testing import CliRunner
 from redis import Redis
 
 import workers.actions
-from receiver.cli import main
-from receiver.events import Event, parse_event
+from core import service_account
+from core.events import Event, parse_event
+from core.settings import WorkerSettings
+from operations.cli import main
 from receiver.rules import RulesError, RuleSet, explain, match, parse_rules
 from receiver.rules.own_events import actor_of, caused_by
 from receiver.try_rules import explain_payload
 from tests.conftest import PAYLOADS
-from workers import service_account
-from workers.settings import WorkerSettings
 
 NOW = datetime(2026, 11, 22, 17, 40, tzinfo=UTC)
 BOT = "cvat-hooks-bot"
@@ -392,7 +392,7 @@ LEARN_FAILURES = [
 @pytest.mark.parametrize("answer", [c[1] for c in LEARN_FAILURES], ids=[c[0] for c in LEARN_FAILURES])
 def test_learning_never_stops_a_worker(redis: Redis, answer: Any, caplog: pytest.LogCaptureFixture) -> None:
     """When CVAT cannot say, nothing is stored, a warning is logged, and nothing is raised."""
-    with caplog.at_level(logging.WARNING, "workers.service_account"):
+    with caplog.at_level(logging.WARNING, "core.service_account"):
         assert service_account.learn(Gateway(answer), redis) is None
     assert redis.get(service_account.KEY) is None
     assert "loop guard" in caplog.text
@@ -400,7 +400,7 @@ def test_learning_never_stops_a_worker(redis: Redis, answer: Any, caplog: pytest
 
 def test_learning_warns_when_the_setting_disagrees(redis: Redis, caplog: pytest.LogCaptureFixture) -> None:
     """A configured name other than CVAT's is logged: events of the real account would go unrecognised."""
-    with caplog.at_level(logging.WARNING, "workers.service_account"):
+    with caplog.at_level(logging.WARNING, "core.service_account"):
         service_account.learn(Gateway({"username": BOT}), redis, configured="alice@example.com")
     assert "CVAT_HOOKS_SERVICE_ACCOUNT=cvat-hooks-bot" in caplog.text
 

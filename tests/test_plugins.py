@@ -23,7 +23,10 @@ import fakeredis
 import pytest
 from click.testing import CliRunner
 
-from receiver.cli import main as cli_main
+from core.contract import EXPORT_QUEUE, LIGHT_QUEUE, ActionCall
+from core.errors import PermanentError, UnknownAction
+from core.settings import WorkerSettings
+from operations.cli import main as cli_main
 from receiver.rules import RulesError, parse_rules
 from receiver.signature import sign
 from tests.captures import capture
@@ -33,16 +36,13 @@ from tests.procs import Proc, ReceiverProc, RedisProc, WorkerProc, clean_env, cl
 from workers import actions
 from workers.actions import plugins
 from workers.context import ActionContext
-from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE, ActionCall
-from workers.errors import PermanentError, UnknownAction
-from workers.settings import WorkerSettings
 
 EXAMPLE = ROOT / "examples" / "cvat-hooks-plugin-example"
 SCRIPTS = ROOT / "examples" / "scripts"
 
 PLUGINS = '''
 from workers.actions.plugins import Param, action
-from workers.errors import TransientError
+from core.errors import TransientError
 
 
 @action(summary="echo its parameters", causes=("update:job",), queue="long",
@@ -317,7 +317,7 @@ def stack(tmp_path: Path, cvat_server: CvatTestServer) -> Iterator[dict[str, Any
 
 def finished(stack: dict[str, Any], delivery_id: str, runs: int = 1) -> dict[str, Any]:
     """The delivery once every action of its latest ``runs`` is done."""
-    from workers.delivery_log import DeliveryLog
+    from core.delivery_log import DeliveryLog
 
     log = DeliveryLog(stack["redis"].client(), retention_seconds=600)
     found: dict[str, Any] = {}
@@ -326,7 +326,7 @@ def finished(stack: dict[str, Any], delivery_id: str, runs: int = 1) -> dict[str
         delivery = log.get(delivery_id)
         if delivery is None:
             return False
-        data = delivery.to_json()
+        data = delivery.to_json(shown=actions.public_params)
         latest = delivery.latest_actions()
         if len(latest) == 4 and all(a["status"] in ("succeeded", "failed") for a in latest) and \
                 all(a.get("run", 0) == runs - 1 for a in latest):

@@ -1,4 +1,4 @@
-"""The receiver's round trips per delivery (receiver.receipts) against a real redis-server, and the
+"""The receiver's round trips per delivery (core.receipts) against a real redis-server, and the
 redactor's fast path that the delivery record goes through."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from receiver.events import parse_event
-from receiver.receipts import SEEN_KEY, Batch, Receipts
-from receiver.state import StateStore
-from workers.redaction import Redactor
+from core.events import parse_event
+from core.receipts import SEEN_KEY, Batch, Receipts
+from core.redaction import Redactor
+from core.state import StateStore
 
 PAYLOADS = Path(__file__).resolve().parent / "payloads"
 
@@ -68,7 +68,7 @@ def test_begin_reports_a_duplicate_and_applies_only_then_its_writes(redis):
 
 
 def test_begin_swaps_the_last_seen_state(redis):
-    """begin runs receiver.state's swap: first sight is unknown, the same delivery again the same."""
+    """begin runs core.state's swap: first sight is unknown, the same delivery again the same."""
     receipts = Receipts(redis, StateStore(redis, 60))
     ev = event()
     first = receipts.begin(ev, Batch())
@@ -105,9 +105,9 @@ def test_jobs_are_what_rqs_enqueue_many_writes_on_a_real_pipeline(redis):
 
     from rq.job import Job
 
-    from workers.contract import LIGHT_QUEUE, ActionCall
-    from workers.queueing import SERIALIZER, enqueue, queue
-    from workers.retry import RetryPolicy
+    from core.contract import LIGHT_QUEUE, ActionCall
+    from core.queueing import SERIALIZER, enqueue, queue
+    from core.retry import RetryPolicy
 
     call = ActionCall(delivery_id="d" * 40, rule_id="r", index=0, action="notify", params={}, event={},
                       retry=RetryPolicy(attempts=2, backoff=(1.0,)))

@@ -19,7 +19,11 @@ from redis import Redis
 from rq.job import Job, JobStatus
 from rq.registry import ScheduledJobRegistry
 
-from receiver.reconcile import (
+from core.contract import LIGHT_QUEUE, QUEUES
+from core.delivery_log import DeliveryLog
+from core.queueing import SERIALIZER, queue
+from core.settings import CvatSettings
+from operations.reconcile import (
     JOB_ID,
     RUNS_KEY,
     TRIES_KEY,
@@ -32,11 +36,7 @@ from receiver.settings import Settings
 from tests import cvat_fixtures
 from tests import live_receiver as live
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, wait_until
-from workers.contract import LIGHT_QUEUE, QUEUES
 from workers.cvat_client import CvatClient
-from workers.delivery_log import DeliveryLog
-from workers.queueing import SERIALIZER, queue
-from workers.settings import CvatSettings
 
 cvat_server = cvat_fixtures.cvat_server
 live_receiver = live.live_receiver
@@ -213,6 +213,28 @@ def test_ensure_scheduled_makes_one_job_for_concurrent_workers(redis):
     assert ensure_scheduled(redis, 0) == "removed" and registry.get_job_ids() == []
 
 
+def test_a_job_scheduled_under_an_older_module_is_replaced(redis):
+    """A periodic job that names a function this release no longer has (a moved module) would fail
+    every period: the next worker start schedules the current one in its place."""
+    from rq.repeat import Repeat
+
+    queue(LIGHT_QUEUE, redis).enqueue_in(timedelta(seconds=300), "receiver.reconcile.scheduled_run", job_id=JOB_ID,
+                                         repeat=Repeat(times=3, interval=300))
+    assert ensure_scheduled(redis, 5) == "scheduled"
+    assert Job.fetch(JOB_ID, connection=redis, serializer=SERIALIZER).func_name == "operations.reconcile.scheduled_run"
+    assert ensure_scheduled(redis, 5) == "kept"
+
+
+def test_learning_queued_under_an_older_module_is_queued_again(redis):
+    """Likewise the start-up job that learns CVAT's state, if it waits under an older name."""
+    from operations.worker_start import LEARN_JOB_FUNCTION, LEARN_JOB_ID, queue_learning
+
+    queue(LIGHT_QUEUE, redis).enqueue("receiver.worker_start.learn_now", job_id=LEARN_JOB_ID)
+    assert queue_learning(redis) is True
+    assert Job.fetch(LEARN_JOB_ID, connection=redis, serializer=SERIALIZER).func_name == LEARN_JOB_FUNCTION
+    assert queue_learning(redis) is False
+
+
 def test_no_periodic_run_without_cvat(redis, settings):
     """A worker without CVAT settings schedules no reconcile."""
     schedule_periodic(settings, redis)
@@ -232,7 +254,7 @@ def test_two_workers_run_the_periodic_reconcile_once_per_period(cvat_server, reg
            "CVAT_HOOKS_DATA_DIR": str(settings.data_dir), "CVAT_HOOKS_RECONCILE_MINUTES": str(period / 60),
            "CVAT_HOOKS_LOG_FORMAT": "text"}
     logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
-    command = [sys.executable, "-m", "receiver.cli", "worker", "--class", "simple"]
+    command = [sys.executable, "-m", "operations.cli", "worker", "--class", "simple"]
     workers = []
     for log in logs:
         with log.open("wb") as out:

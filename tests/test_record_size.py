@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from receiver.state import KEY, PACKED, StateStore, unpack
+from core.delivery_log import PACKED_RECORD_FIELD, RECORD_FIELD, DeliveryLog, record_key
+from core.state import KEY, PACKED, StateStore, unpack
 from tests.conftest import capture, post
-from workers.delivery_log import PACKED_RECORD_FIELD, RECORD_FIELD, DeliveryLog, record_key
 
 
 def test_a_record_is_stored_compressed_and_read_back_whole(client, redis):

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
+from core.redis_conn import DurabilityCheck, check_durability
+from operations.doctor import doctor
 from receiver.app import create_app
-from receiver.doctor import doctor
 from tests.conftest import capture, free_port, post, redis_binary
-from workers.redis_conn import DurabilityCheck, check_durability
 
 SAFE = ("--maxmemory-policy", "noeviction", "--appendonly", "yes", "--save", "")
 

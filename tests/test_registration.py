@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from operations import webhook_registry as registry
+from operations.cvat_webhooks import receiver_url
+from operations.webhook_registry import DEPLOYMENT_KEY
 from receiver.secrets_store import SecretStore, add_secret, parse_secrets
 from receiver.settings import Settings
 from receiver.signature import Verdict, sign
@@ -20,9 +23,6 @@ from tests import live_receiver as live
 from tests.conftest import SECRET
 from tests.cvat_server import CvatTestServer
 from tests.cvat_server.webhooks import ORGANIZATION_EVENTS, PROJECT_EVENTS
-from workers import webhook_registry as registry
-from workers.cvat_webhooks import receiver_url
-from workers.webhook_registry import DEPLOYMENT_KEY
 
 # Fixtures shared with test_doctor and test_reconcile.
 cvat_server = cvat_fixtures.cvat_server
@@ -262,9 +262,9 @@ def test_register_server_on_cvat_2_73_says_it_has_no_server_webhooks(cli, cvat_s
 def test_a_refused_server_type_is_explained_too(cvat_gateway, cvat_server, redis, tmp_path):
     """Should a CVAT list server events yet refuse the type on creation (as 2.73 refuses it), the
     refusal is explained the same way."""
-    from receiver.cvat_events import SERVER_EVENTS
-    from receiver.registration import RegistrationError, register
-    from workers.cvat_webhooks import Scope
+    from core.cvat_events import SERVER_EVENTS
+    from operations.cvat_webhooks import Scope
+    from operations.registration import RegistrationError, register
 
     class ListsServerEvents:
         """The real client, but its event list claims the server type (our boundary, not CVAT's)."""

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from core.contract import EXPORT_QUEUE, LIGHT_QUEUE
+from core.delivery_log import DeliveryLog
+from core.queueing import queue
+from operations.cli import main
 from receiver.app import create_app
-from receiver.cli import main
 from tests.conftest import capture, post, with_settings
-from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE
-from workers.delivery_log import DeliveryLog
-from workers.queueing import queue
 
 ADMIN = "rematch-admin-token-0123456789abcdef-xyz"
 BEARER = {"Authorization": f"Bearer {ADMIN}"}

@@ -19,12 +19,13 @@ from rq.executions import Execution
 from rq.job import Job
 from rq.scheduler import RQScheduler
 
+from core.contract import LIGHT_QUEUE, ActionCall
+from core.delivery_log import DeliveryLog
+from core.logs import quiet_rq
+from core.queueing import SERIALIZER, enqueue, queue
+from core.retry import RetryPolicy
+from tests.conftest import stored
 from workers import rq_gaps
-from workers.contract import LIGHT_QUEUE, ActionCall
-from workers.delivery_log import DeliveryLog
-from workers.logs import quiet_rq
-from workers.queueing import SERIALIZER, enqueue, queue
-from workers.retry import RetryPolicy
 from workers.worker import build_worker
 
 
@@ -195,7 +196,7 @@ def test_a_failed_action_is_one_log_line_and_its_traceback_is_in_the_delivery_lo
         enqueue([call], redis, pipe, failure_ttl=3600)
         pipe.execute()
     caplog.set_level(logging.INFO)
-    quiet_rq()  # as every worker process's logging setup does (workers.logs.configure)
+    quiet_rq()  # as every worker process's logging setup does (core.logs.configure)
     w = build_worker(settings.workers, queues=(LIGHT_QUEUE,), kind="simple", name="failing")
     w.work(burst=True, with_scheduler=False)
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -208,7 +209,7 @@ def test_a_failed_action_is_one_log_line_and_its_traceback_is_in_the_delivery_lo
     assert delivery is not None
     [failed] = [s for s in delivery.timeline if s["step"] in ("failed", "retrying")]
     assert failed["traceback"].startswith("Traceback") or "Traceback" in failed["traceback"]
-    assert "t0ken-for-test" not in str(delivery.to_json())
+    assert "t0ken-for-test" not in str(delivery.to_json(shown=stored))
     assert Job.fetch(call.job_id, connection=redis, serializer=SERIALIZER).get_status() == (
         "scheduled" if how.startswith("will retry") else "failed")
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from core.errors import PermanentError
+from core.rule_secrets import unseal
 from receiver.rules.templating import render, render_params
 from workers.actions import notify
-from workers.errors import PermanentError
-from workers.rule_secrets import unseal
 
 ENV = {"HOOK_URL": "https://hooks.example.com/services/T0/B0/s3cr3t", "TOKEN": "tok$en"}
 

@@ -11,15 +11,15 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from receiver.cli import main
-from receiver.events import parse_event
+from core.cvat_formats import format_problem, known_formats
+from core.events import parse_event
+from operations.cli import main
 from receiver.rules import RulesError, load_rules, parse_rules
 from receiver.rules.shapes import ADDED, TEMPLATE_ONLY, path_problem, shapes
 from receiver.rules.templating import template_variables
 from tests import make_cvat_formats, make_payload_shapes
 from tests.conftest import PAYLOADS, ROOT
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer
-from workers.actions._formats import format_problem, known_formats
 
 
 def rules_text(on: str, condition: str = "", action: str = "{action: notify, url: 'http://x/', text: hi}") -> str:
@@ -159,7 +159,7 @@ def test_every_real_delivery_fits_its_shape() -> None:
 
 def test_shipped_formats_are_a_real_cvat_list() -> None:
     """The offline list is CVAT's: versioned names, import and export kept apart."""
-    data = json.loads((ROOT / "workers" / "actions" / "cvat_formats.json").read_text(encoding="utf-8"))
+    data = json.loads(make_cvat_formats.TARGET.read_text(encoding="utf-8"))
     assert data["cvat_version"] == "2.73.0" and make_cvat_formats.TARGET.name == "cvat_formats.json"
     assert {"COCO 1.0", "CVAT for images 1.1", "YOLO 1.1"} <= set(known_formats("export"))
     assert "CVAT 1.1" in known_formats("import") and "CVAT 1.1" not in known_formats("export")

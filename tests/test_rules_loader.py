@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from core.retry import DEFAULT_BACKOFF, RetryPolicy
 from receiver.rules import (
     All,
     AnyOf,
@@ -18,7 +19,6 @@ from receiver.rules import (
     load_rules,
     parse_rules,
 )
-from workers.retry import DEFAULT_BACKOFF, RetryPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 

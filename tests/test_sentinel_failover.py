@@ -14,15 +14,15 @@ from redis import Redis
 from rq import Worker
 from rq.registry import ScheduledJobRegistry
 
+from core.contract import LIGHT_QUEUE
+from core.delivery_log import DeliveryLog
+from core.redis_conn import connect
+from core.settings import WorkerSettings
 from receiver.app import create_app
 from receiver.settings import Settings
 from tests.conftest import SECRET, capture, signed
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer
 from tests.procs import Proc, RedisProc, WorkerProc, children, clean_env, free_port, redis_binary, wait_for
-from workers.contract import LIGHT_QUEUE
-from workers.delivery_log import DeliveryLog
-from workers.redis_conn import connect
-from workers.settings import WorkerSettings
 
 MASTER = "cvat-hooks"
 """The name the Sentinel monitors the master under."""
@@ -87,12 +87,12 @@ def sentinel_world(tmp_path: Path) -> Iterator[tuple[RedisProc, Proc, Proc, int]
 
 
 def started_up(redis: Redis) -> None:
-    """Wait until the worker's start-up look at CVAT (``receiver.worker_start``) is done."""
+    """Wait until the worker's start-up look at CVAT (``operations.worker_start``) is done."""
     from rq.exceptions import NoSuchJobError
     from rq.job import Job
 
-    from receiver.worker_start import LEARN_JOB_ID
-    from workers.queueing import SERIALIZER
+    from core.queueing import SERIALIZER
+    from operations.worker_start import LEARN_JOB_ID
 
     def done() -> bool:
         try:

@@ -19,7 +19,7 @@ from tests.conftest import ROOT, capture, free_port
 from tests.procs import http
 
 TIMESTAMPED = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ")
-"""The start of every log line of every process (workers.logs)."""
+"""The start of every log line of every process (core.logs)."""
 
 
 def trial_secret(data_dir: Path) -> str:
@@ -37,7 +37,7 @@ def trial(tmp_path: Path):
     env.update(CVAT_HOOKS_DATA_DIR=str(tmp_path / "var"), CVAT_HOOKS_RULES=str(ROOT / "rules.yaml"),
                TMPDIR=str(tmp_path / "tmp"), PYTHONUNBUFFERED="1")
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "receiver.cli", "serve", "--port", str(port), "--workers", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "operations.cli", "serve", "--port", str(port), "--workers", "1"],
                             env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -73,7 +73,7 @@ def test_trial_serves_verifies_and_runs_a_worker(trial):
     # No CVAT is configured in the trial: the worker runs the job and records a clear permanent failure.
     shown: dict = {}
     for _ in range(100):
-        out = subprocess.run([sys.executable, "-m", "receiver.cli", "deliveries", "show", receipt["delivery_id"],
+        out = subprocess.run([sys.executable, "-m", "operations.cli", "deliveries", "show", receipt["delivery_id"],
                               "--json"], env=env, cwd=data_dir.parent, capture_output=True, text=True)
         shown = json.loads(out.stdout) if out.returncode == 0 else {}
         if shown.get("status") == "failed":
@@ -112,8 +112,8 @@ def test_trial_commands_agree_with_the_running_trial(trial, tmp_path: Path):
     assert [line for line in logged if not TIMESTAMPED.match(line)] == []
     names = {TIMESTAMPED.match(line)[0].split()[2] for line in logged}  # type: ignore[index]
     assert {"gunicorn.error:", "gunicorn.access:", "rq.worker:"} <= names, names
-    assert any("WARNING receiver.serve: cvat: CVAT_URL is not set" in line for line in logged)
-    assert any("WARNING receiver.cli: worker: CVAT_URL is not set" in line for line in logged)
+    assert any("WARNING operations.serve: cvat: CVAT_URL is not set" in line for line in logged)
+    assert any("WARNING operations.cli: worker: CVAT_URL is not set" in line for line in logged)
     assert any('gunicorn.access: 127.0.0.1 - - "POST /webhooks/cvat HTTP/1.1" 202' in line for line in logged)
     assert list((tmp_path / "tmp").iterdir()) == []
 
@@ -133,7 +133,7 @@ def test_trial_keeps_its_secret_across_restarts(tmp_path: Path):
 def test_an_older_trial_secret_moves_into_the_store_once(tmp_path: Path):
     """A trial secret an older version kept in var/webhook-secret is taken into the store and the file
     deleted: the webhook set up with it keeps working, and doctor finds it where register writes."""
-    from receiver.doctor import Status, doctor
+    from operations.doctor import Status, doctor
     from receiver.settings import Settings
 
     (tmp_path / "webhook-secret").write_text("an-older-trial-secret-0123456789abcdef\n")
@@ -155,7 +155,7 @@ def test_production_serve_without_secret_refuses(tmp_path: Path):
     """`serve` with a Redis configured but no secret exits with a message naming CVAT_HOOKS_SECRET."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CVAT_HOOKS_", "CVAT_"))}
     env["CVAT_HOOKS_REDIS_URL"] = "redis://127.0.0.1:1/0"
-    out = subprocess.run([sys.executable, "-m", "receiver.cli", "serve", "--port", str(free_port())],
+    out = subprocess.run([sys.executable, "-m", "operations.cli", "serve", "--port", str(free_port())],
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0
     assert "CVAT_HOOKS_SECRET" in out.stderr
@@ -166,15 +166,15 @@ def test_the_trial_banner_is_one_log_line_without_the_secret_in_json_mode(tmp_pa
     naming where the secret is kept, never the secret; in text mode it prints the secret and the CLI."""
     import logging
 
-    from receiver.serve import ServeOptions, print_trial_banner
+    from operations.serve import ServeOptions, print_trial_banner
     from receiver.settings import Settings
 
     env = {"CVAT_HOOKS_DATA_DIR": str(tmp_path), "CVAT_HOOKS_LOG_FORMAT": "json"}
     settings, created = Settings.from_env(env).with_trial_secret()
-    with caplog.at_level(logging.INFO, logger="receiver.serve"):
+    with caplog.at_level(logging.INFO, logger="operations.serve"):
         print_trial_banner(settings, ServeOptions(), created)
     assert capsys.readouterr().out == ""
-    [line] = [r.getMessage() for r in caplog.records if r.name == "receiver.serve"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "operations.serve"]
     assert str(tmp_path / "webhook-secrets") in line and settings.secrets[0] not in line
     print_trial_banner(Settings.from_env({"CVAT_HOOKS_DATA_DIR": str(tmp_path)}), ServeOptions(), False)
     text = capsys.readouterr().out

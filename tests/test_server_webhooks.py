@@ -11,11 +11,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from receiver.cvat_events import SERVER_EVENTS
+from core.cvat_events import SERVER_EVENTS
+from operations import webhook_registry as registry
 from tests import live_receiver as live
 from tests.cvat_fixtures import CLIENT_TIMEOUT
 from tests.cvat_server import CvatTestServer
-from workers import webhook_registry as registry
 
 live_receiver = live.live_receiver
 cli = live.cli

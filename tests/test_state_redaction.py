@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from receiver.events import parse_event
-from receiver.receipts import Batch, Receipts
-from receiver.state import StateStore
-from workers.redaction import Redactor
+from core.events import parse_event
+from core.receipts import Batch, Receipts
+from core.redaction import Redactor
+from core.state import StateStore
 
 PAYLOADS = Path(__file__).resolve().parent / "payloads"
 SECRET = "tok-9f8e7d6c5b4a"

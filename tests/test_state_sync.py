@@ -1,5 +1,5 @@
 """Transitions from the first event on a CVAT that sends no ``before_update`` (2.76+): learning the
-current state of projects, tasks and jobs from CVAT's API (``receiver.state_sync``)."""
+current state of projects, tasks and jobs from CVAT's API (``operations.state_sync``)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from receiver.state import StateStore
-from receiver.state_sync import FULL_EVERY, learn_states
+from core.delivery_log import DeliveryLog
+from core.state import StateStore
+from operations.state_sync import FULL_EVERY, learn_states
 from tests.conftest import capture, post, signed
-from workers.delivery_log import DeliveryLog
 from workers.gateway import Resource
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]
 
+from core.errors import ErrorKind, PermanentError, classify
+from core.settings import WorkerSettings
 from tests.conftest import free_port
 from tests.moto_s3 import bucket, s3_endpoint, use_endpoint
-from workers.errors import ErrorKind, PermanentError, classify
-from workers.settings import WorkerSettings
 from workers.storage import (
     STALE_SECONDS,
     TMP_DIR,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from receiver.events import parse_event
+from core.events import parse_event
 from receiver.rules import (
     RenderError,
     TemplateError,

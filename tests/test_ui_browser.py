@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from werkzeug.serving import make_server
 
+from core.contract import EXPORT_QUEUE
+from core.delivery_log import DeliveryLog
+from core.queueing import queue
 from receiver.admin import auth
 from receiver.app import create_app
 from tests.conftest import capture, free_port, post, signed, with_settings
-from workers.contract import EXPORT_QUEUE
-from workers.delivery_log import DeliveryLog
-from workers.queueing import queue
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -259,7 +259,7 @@ def test_a_ping_offers_neither_replay_nor_rematch(live, browser_page):
 def test_queues_page_lists_a_dead_letter_and_requeues_it(live, redis, settings, worker_env, browser_page):
     """A job a real worker gave up on is listed as a dead letter with its error; Requeue (a CSRF-checked POST)
     puts it back on its queue."""
-    from workers.contract import LIGHT_QUEUE
+    from core.contract import LIGHT_QUEUE
     from workers.worker import build_worker
 
     body, _ = capture("create_task.json")
@@ -300,7 +300,7 @@ def many_deliveries(live, count: int) -> list[int]:
 def test_paging_search_chart_and_auto_refresh(live, redis, browser_page):
     """55 deliveries: two pages (50 + 5), a search by job id finds one, the hour chart counts them all and
     shows a failure, and the auto-refresh toggle makes the page reload itself."""
-    from workers import metrics
+    from core import metrics
 
     many_deliveries(live, 55)
     metrics.inc(redis, "cvat_hooks_action_runs_total", action="export", outcome="failed")

@@ -14,10 +14,10 @@ from rq.job import Job
 from bench import dispatch
 from bench.noop_action import NAME, register
 from bench.procs import RedisProc
-from workers import metrics
+from core import metrics
+from core.contract import EXPORT_QUEUE, LIGHT_QUEUE
+from core.queueing import SERIALIZER, enqueue, queue
 from workers.actions import REGISTRY
-from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE
-from workers.queueing import SERIALIZER, enqueue, queue
 from workers.worker import build_worker
 
 
@@ -89,7 +89,7 @@ def test_a_running_action_reads_started_then_its_end(redis: Redis, settings, wor
     import threading
     import time
 
-    from workers.delivery_log import STARTED_PREFIX, DeliveryLog, record_key
+    from core.delivery_log import STARTED_PREFIX, DeliveryLog, record_key
 
     monkeypatch.setitem(REGISTRY, NAME, None)
     register()
@@ -187,7 +187,7 @@ def test_one_renewal_thread_serves_every_job_of_a_worker(redis: Redis, settings)
 
 
 def test_recycling_limits_say_why():
-    from workers.settings import Recycle
+    from core.settings import Recycle
 
     assert Recycle(max_rss_mb=100, max_jobs=0).due(10**6, 99 * 2**20) is None
     assert "CVAT_HOOKS_WORKER_MAX_RSS_MB=100" in (Recycle(max_rss_mb=100).due(1, 101 * 2**20) or "")
@@ -260,7 +260,7 @@ def test_light_processes_run_that_many_light_actions_at_once(tmp_path: Path, lig
 
 
 def test_light_processes_must_be_a_positive_count():
-    from workers.settings import WorkerSettings
+    from core.settings import WorkerSettings
 
     assert WorkerSettings.from_env({}).light_processes == 1
     assert WorkerSettings.from_env({"CVAT_HOOKS_LIGHT_PROCESSES": "4"}).light_processes == 4

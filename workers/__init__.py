@@ -1,5 +1,5 @@
-"""cvat-hooks workers: run the actions matched by the receiver against CVAT.
+"""cvat-hooks workers: the RQ worker processes and the actions they run against CVAT.
 
-This package never imports Flask or ``receiver``; the receiver imports its light modules
-(``contract``, ``delivery_log``, ``actions`` registry) to enqueue work and record deliveries.
+Imports ``core`` only (``tests/test_package_lines.py``). The receiver knows the workers through the
+job contract in ``core`` and the action registry ``workers.actions`` alone.
 """

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from workers.contract import ActionCall
-from workers.settings import WorkerSettings
+from core.contract import ActionCall
+from core.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from redis import Redis

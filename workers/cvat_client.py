@@ -12,7 +12,7 @@ Decisions, and why:
   jobs. Requests go through ``ApiClient.call_api`` with the endpoint's path, method and auth, and
   plain JSON bodies, for the same reason: the server, not the SDK's copy of its enums, validates.
 * **No retries here.** urllib3's own retries are switched off; a failure is raised once, as
-  ``TransientError`` or ``PermanentError`` decided by ``workers.errors.classify`` alone, and RQ
+  ``TransientError`` or ``PermanentError`` decided by ``core.errors.classify`` alone, and RQ
   retries the whole job with its backoff. The one exception is a login session that expired: with
   username/password we log in again and repeat the call once, since a 401 there is not the caller's
   fault and a new session fixes it.
@@ -59,11 +59,11 @@ from cvat_sdk.api_client.api_client import Endpoint  # type: ignore[import-untyp
 from cvat_sdk.core.client import AccessTokenCredentials, Client, Config  # type: ignore[import-untyped]
 from cvat_sdk.core.helpers import make_request_headers  # type: ignore[import-untyped]
 
+from core.errors import ActionError, ErrorKind, PermanentError, TransientError, classify, status_of
+from core.redaction import Redactor
+from core.settings import CvatSettings
 from workers.annotation_gateway import AnnotateOutcome, ImportMode, ImportOutcome, Progress
-from workers.errors import ActionError, ErrorKind, PermanentError, TransientError, classify, status_of
 from workers.gateway import ExportKind, ExportOutcome, ExportRequest, LabelSet, Resource
-from workers.redaction import Redactor
-from workers.settings import CvatSettings
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ class CvatClient:
 
     def newest_first(self, resource: Resource, *, page: int = 1, page_size: int = PAGE_SIZE) -> dict[str, Any]:
         """One page of every job, task or project the account sees, most recently updated first
-        (``count``, ``next``, ``results``): how ``receiver.state_sync`` catches up in a few pages."""
+        (``count``, ``next``, ``results``): how ``operations.state_sync`` catches up in a few pages."""
         return self._call(self._api(resource).list_endpoint, sort="-updated_date", page=page,
                           page_size=page_size)
 
@@ -506,7 +506,7 @@ class CvatClient:
         (``PATCH .../annotations?action=create``, or ``PUT`` with ``clear_existing``). Its calls
         have no timeout of their own; the queue's job timeout bounds the whole run. A function that
         breaks the SDK's interface, a task without image data and an answer CVAT refuses fail
-        permanently; 5xx, 408, 429 and network errors transiently (``workers.errors.classify``).
+        permanently; 5xx, 408, 429 and network errors transiently (``core.errors.classify``).
         """
         from cvat_sdk.auto_annotation import BadFunctionError, annotate_task  # type: ignore[import-untyped]
         from cvat_sdk.datasets.common import UnsupportedDatasetError  # type: ignore[import-untyped]
@@ -562,7 +562,7 @@ class CvatClient:
         self._wait(rq_id, started, what="import", failure=PermanentError)
         return ImportOutcome(rq_id=rq_id, server_seconds=time.monotonic() - started)
 
-    # -- webhooks and server checks (for workers.cvat_webhooks) ----------------------------------
+    # -- webhooks and server checks (for operations.cvat_webhooks) ----------------------------------
 
     @contextlib.contextmanager
     def _org(self, slug: str | None) -> Iterator[Any]:

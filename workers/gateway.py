@@ -75,7 +75,7 @@ class LabelSet:
 
 
 class CvatGateway(Protocol):
-    """The CVAT operations the actions use. Errors: see ``workers.errors`` (classified in one place)."""
+    """The CVAT operations the actions use. Errors: see ``core.errors`` (classified in one place)."""
 
     def annotation_formats(self) -> list[str]:
         """Names of the export formats the server offers (``GET /api/server/annotation/formats``)."""

@@ -6,7 +6,7 @@ import socket
 import urllib.request
 from pathlib import Path
 
-from workers.settings import WorkerSettings
+from core.settings import WorkerSettings
 
 
 def role(cmdline_path: Path = Path("/proc/1/cmdline")) -> str:
@@ -23,7 +23,7 @@ def check(*, port: int, settings: WorkerSettings) -> tuple[bool, str]:
     if role() == "worker":
         from rq import Worker
 
-        from workers.redis_conn import connect
+        from core.redis_conn import connect
 
         try:
             redis = connect(settings.redis_url)

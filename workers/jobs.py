@@ -1,7 +1,7 @@
 """The single RQ entry point: run one action of one delivery, and record every attempt.
 
 Each attempt is written to the delivery log *before* an error is re-raised, so what a user reads
-is never behind what happened. Whether RQ retries is decided here, from ``workers.errors.classify``:
+is never behind what happened. Whether RQ retries is decided here, from ``core.errors.classify``:
 a permanent error sets the job's remaining retries to zero before RQ sees the exception.
 """
 
@@ -19,17 +19,17 @@ from rq import get_current_job
 from rq.exceptions import AbandonedJobError
 from rq.job import Job
 
-from workers import metrics
+from core import metrics
+from core.contract import ActionCall
+from core.delivery_log import Attempt, DeliveryLog
+from core.errors import ErrorKind, PermanentError, UnknownAction, classify
+from core.logs import RECORDED_NOTE
+from core.redaction import Redactor
+from core.redis_conn import connect
+from core.settings import WorkerSettings
 from workers.actions import runner
 from workers.context import ActionContext
-from workers.contract import ActionCall
-from workers.delivery_log import Attempt, DeliveryLog
-from workers.errors import ErrorKind, PermanentError, UnknownAction, classify
 from workers.gateway import CvatGateway
-from workers.logs import RECORDED_NOTE
-from workers.redaction import Redactor
-from workers.redis_conn import connect
-from workers.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from redis.client import Pipeline
@@ -79,7 +79,7 @@ def attempt_of(job: Job | None, call: ActionCall) -> int:
 
 
 def run_action(data: dict[str, Any]) -> dict[str, Any]:
-    """Run one attempt of one action (the RQ job function named in ``workers.contract.JOB_FUNCTION``).
+    """Run one attempt of one action (the RQ job function named in ``core.contract.JOB_FUNCTION``).
 
     The attempt reads top to bottom: its start recorded in the delivery log, the action, its
     outcome recorded (a failure before it is re-raised, so the log is never behind what happened),

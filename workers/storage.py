@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import unquote
 
-from workers.contract import JOB_TIMEOUT
-from workers.errors import TRANSIENT_STATUSES, PermanentError, TransientError
-from workers.settings import WorkerSettings
+from core.contract import JOB_TIMEOUT
+from core.errors import TRANSIENT_STATUSES, PermanentError, TransientError
+from core.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from boto3.s3.transfer import TransferConfig  # type: ignore[import-untyped]
@@ -157,7 +157,7 @@ def parse_source(url: Any, settings: WorkerSettings | None = None) -> Source:
 SERVICE_FILES = ("webhook-secret", "webhook-secrets", "journal", "redis.rdb", "appendonly", "dump.rdb",
                  "redis.socket", "redis.pid", TMP_DIR)
 """Names of what the service keeps in its data directory (``receiver.settings`` ``SECRET_FILE`` and
-``SECRETS_FILE``, ``receiver.journal``, ``receiver.serve``'s embedded Redis, our staging directory).
+``SECRETS_FILE``, ``receiver.journal``, ``operations.serve``'s embedded Redis, our staging directory).
 An export never writes an entry of the data directory whose name is one of these or starts with one
 followed by ``.``, ``-`` or ``_`` (``redis.rdb.settings``, ``journal-<ns>.draining``,
 ``appendonly.aof``, ``appendonlydir``), nor anything inside such an entry."""
@@ -605,7 +605,7 @@ def _client_error_status(exc: BaseException) -> int | None:
 def _raise_s3_error(exc: Exception, dest: S3Destination, what: str) -> NoReturn:
     """Raise our error for a boto3 failure: S3's answers classified by status, credentials permanent.
 
-    Anything else (connection errors, timeouts) is re-raised unchanged for ``workers.errors.classify``,
+    Anything else (connection errors, timeouts) is re-raised unchanged for ``core.errors.classify``,
     which already knows botocore's names.
     """
     error = _client_error(exc)

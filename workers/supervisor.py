@@ -7,7 +7,7 @@ times the CPU of a no-op run in-process), which light actions (label checks, not
 updates: a few HTTP calls) cannot afford. A long action forked per job costs little time, but the
 work-horse's copy of its parent's pages shows in the memory the worker is charged for (bench/:
 +67 MB RSS for any export); in-process, an export costs what it buffers. Each long-running queue
-(``workers.contract.OWN_PROCESS_QUEUES``: exports, auto-annotation) keeps a child of its own, so a
+(``core.contract.OWN_PROCESS_QUEUES``: exports, auto-annotation) keeps a child of its own, so a
 long action cannot hold up label checks, and one that crashes or is killed for its memory takes
 nothing else with it.
 
@@ -60,8 +60,8 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from workers.contract import OWN_PROCESS_QUEUES, QUEUE_PREFIX, QUEUES
-from workers.settings import WorkerSettings
+from core.contract import OWN_PROCESS_QUEUES, QUEUE_PREFIX, QUEUES
+from core.settings import WorkerSettings
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -106,7 +106,7 @@ def recover(redis: Redis, worker_name: str, queues: Sequence[str]) -> list[str]:
     started go through RQ's abandoned-job handling (our failure callback, then ``job.retry`` or the
     failed registry), those it had not yet started back on their queue. Returns the job ids handed
     to RQ."""
-    from workers.queueing import queue
+    from core.queueing import queue
     from workers.rq_gaps import hand_over
     from workers.worker import UNSTARTED, note_requeued
 
@@ -130,8 +130,8 @@ def run_scheduler(settings: WorkerSettings, queues: Sequence[str], name: str) ->
     """The scheduler child: RQ's scheduler loop (``workers.rq_gaps.Scheduler``) until stopped (0), or
     until Redis fails it (1: the parent restarts it as soon as Redis answers, under the same name, so
     it takes its own lock back at once)."""
-    from workers.queueing import SERIALIZER
-    from workers.redis_conn import connect
+    from core.queueing import SERIALIZER
+    from core.redis_conn import connect
     from workers.rq_gaps import Scheduler
 
     # Held while the scheduler runs: RQ's scheduler makes its connections from this one's settings,
@@ -162,7 +162,7 @@ class Supervisor:
     @property
     def redis(self) -> Redis:
         if self._redis is None:
-            from workers.redis_conn import connect
+            from core.redis_conn import connect
 
             self._redis = connect(self.settings.redis_url)
         return self._redis

@@ -21,12 +21,12 @@ from rq import SimpleWorker, Worker
 from rq.exceptions import StopRequested
 from rq.worker import BaseWorker
 
+from core.contract import JOB_FUNCTION, QUEUES, ActionCall
+from core.queueing import SERIALIZER, queue
+from core.redis_conn import connect
+from core.settings import Recycle, WorkerSettings
 from workers import rq_gaps
-from workers.contract import JOB_FUNCTION, QUEUES, ActionCall
 from workers.jobs import on_work_horse_killed, runtime
-from workers.queueing import SERIALIZER, queue
-from workers.redis_conn import connect
-from workers.settings import Recycle, WorkerSettings
 
 if TYPE_CHECKING:
     from redis import Redis

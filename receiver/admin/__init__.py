@@ -13,7 +13,7 @@ from flask import Flask
 
 def init_admin(app: Flask) -> None:
     """Register the admin API and UI blueprints (after :func:`receiver.app.init_intake`); with the
-    admin open, sample the queue depth once a minute for the UI's charts (:mod:`workers.history`)."""
+    admin open, sample the queue depth once a minute for the UI's charts (:mod:`core.history`)."""
     from receiver.admin import api, auth, ui
     from receiver.current import EXTENSION
 
@@ -21,14 +21,14 @@ def init_admin(app: Flask) -> None:
     app.register_blueprint(ui.bp)
     intake = app.extensions[EXTENSION]
     if auth.disabled_reason(intake.settings) is None:
-        from workers.history import start_sampler
+        from core.history import start_sampler
 
         start_sampler(intake, lambda owner: owner.redis, queue_depth)
 
 
 def queue_depth(redis: Any) -> int:
     """Jobs waiting in every queue (one ``LLEN`` each)."""
-    from workers.contract import QUEUES
-    from workers.queueing import queue
+    from core.contract import QUEUES
+    from core.queueing import queue
 
     return sum(queue(name, redis).count for name in QUEUES)

@@ -12,11 +12,12 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from redis.exceptions import RedisError
 
+from core.replay import NothingToReplay, replay
 from receiver.admin import auth
 from receiver.admin.queries import BadFilter, Filters, rules_json, stats, valid_delivery_id
 from receiver.current import intake
 from receiver.rematch import rematch
-from workers.replay import NothingToReplay, replay
+from workers.actions import public_params
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def delivery(delivery_id: str):  # type: ignore[no-untyped-def]
     found = _find(delivery_id)
     if found is None:
         return _error(404, "no such delivery (unknown, expired, or an ambiguous prefix)")
-    return jsonify(found.to_json())
+    return jsonify(found.to_json(shown=public_params))
 
 
 @bp.post("/deliveries/<delivery_id>/replay")

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from workers.delivery_log import INDEX_KEY
-from workers.history import Bucket, buckets
+from core.delivery_log import INDEX_KEY
+from core.history import Bucket, buckets
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -69,6 +69,6 @@ def _chart(id_: str, title: str, data: list[Bucket], step: int) -> Chart:
 
 
 def charts(redis: Redis, *, now: float | None = None) -> list[Chart]:
-    """The hour and day charts, from :mod:`workers.history` and the delivery index."""
+    """The hour and day charts, from :mod:`core.history` and the delivery index."""
     return [_chart(id_, title, buckets(redis, INDEX_KEY, span=span, step=step, now=now), step)
             for id_, title, span, step in SPANS]

@@ -12,17 +12,17 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from workers import metrics
-from workers.contract import QUEUES
-from workers.delivery_log import INDEX_KEY, Delivery, DeliveryLog, DeliveryStatus
+from core import metrics
+from core.contract import QUEUES
+from core.delivery_log import INDEX_KEY, Delivery, DeliveryLog, DeliveryStatus
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from redis import Redis
 
+    from core.redaction import Redactor
     from receiver.rules.model import RuleSet
-    from workers.redaction import Redactor
 
 DEFAULT_LIMIT = 50
 """Deliveries listed when no ``limit`` is given."""
@@ -169,7 +169,7 @@ def throughput(redis: Redis, *, now: float | None = None) -> dict[str, int]:
 def counters(redis: Redis) -> dict[str, dict[str, int]]:
     """Totals since the metrics began: deliveries by outcome, action runs by outcome, rejections by reason."""
     totals: dict[str, dict[str, int]] = {"deliveries": {}, "actions": {}, "rejected": {}}
-    # Field format ``name|label1|label2`` (workers.metrics); the outcome or reason is the last label.
+    # Field format ``name|label1|label2`` (core.metrics); the outcome or reason is the last label.
     wanted = {"cvat_hooks_deliveries_total": "deliveries", "cvat_hooks_action_runs_total": "actions",
               "cvat_hooks_rejected_total": "rejected"}
     for key, value in redis.hgetall(metrics.COUNTERS_KEY).items():
@@ -185,12 +185,12 @@ def queue_stats(redis: Redis) -> dict[str, dict[str, int]]:
     """Per queue: jobs waiting, running, waiting for a retry, and given up (RQ's failed registry)."""
     from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
-    from workers.queueing import queue
+    from core.queueing import queue
 
     found: dict[str, dict[str, int]] = {}
     for name in QUEUES:
         q = queue(name, redis)
-        # No RQ cleanup from a page view: that is the workers' maintenance (see workers.metrics).
+        # No RQ cleanup from a page view: that is the workers' maintenance (see core.metrics).
         found[name] = {"queued": q.count, "running": StartedJobRegistry(queue=q).get_job_count(cleanup=False),
                        "scheduled": ScheduledJobRegistry(queue=q).get_job_count(cleanup=False),
                        "failed": FailedJobRegistry(queue=q).get_job_count(cleanup=False)}
@@ -263,7 +263,7 @@ def operations(redis: Redis) -> dict[str, Any]:
     from rq.job import Job
     from rq.registry import FailedJobRegistry, ScheduledJobRegistry
 
-    from workers.queueing import queue
+    from core.queueing import queue
 
     scheduled: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
@@ -295,7 +295,7 @@ def requeue(redis: Redis, job_id: str) -> str:
     from rq.exceptions import InvalidJobOperation, NoSuchJobError
     from rq.registry import FailedJobRegistry
 
-    from workers.queueing import queue
+    from core.queueing import queue
 
     for name in QUEUES:
         registry = FailedJobRegistry(queue=queue(name, redis))

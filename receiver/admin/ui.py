@@ -19,6 +19,8 @@ from flask import Blueprint, Response, current_app, g, redirect, render_template
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from redis.exceptions import RedisError
 
+from core.delivery_log import Delivery
+from core.replay import NothingToReplay, replay, why_not
 from receiver.admin import auth
 from receiver.admin.charts import charts
 from receiver.admin.queries import (
@@ -34,8 +36,6 @@ from receiver.admin.queries import (
 )
 from receiver.current import intake
 from receiver.rematch import rematch
-from workers.delivery_log import Delivery
-from workers.replay import NothingToReplay, replay, why_not
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +194,7 @@ def delivery(delivery_id: str):  # type: ignore[no-untyped-def]
 def _verdicts(found: Delivery) -> dict[str, Any] | None:
     """Every rule's verdict on the kept payload with the rules in force now (``rules test``'s
     explanation), or ``None`` when the payload cannot be judged again."""
-    from receiver.events import canonical
+    from core.events import canonical
     from receiver.try_rules import explain_payload
 
     payload = found.record.get("payload")

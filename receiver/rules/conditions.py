@@ -25,7 +25,7 @@ from typing import Any
 
 import re2  # type: ignore[import-untyped]
 
-from receiver.events import Event
+from core.events import Event
 from receiver.rules.model import All, AnyOf, Check, Condition, Not, Previous
 
 _MISSING = object()

@@ -26,7 +26,9 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 import workers.actions
-from receiver.cvat_events import EVENT_NAMES, expand, resource_of
+from core.cvat_events import EVENT_NAMES, expand, resource_of
+from core.retry import RetryPolicy
+from core.rule_secrets import NAME as SECRET_NAME
 from receiver.rules.conditions import RegexError, compile_regex
 from receiver.rules.model import (
     OPERATORS,
@@ -45,8 +47,6 @@ from receiver.rules.model import (
 from receiver.rules.own_events import OPT_OUT_KEY, self_trigger_warning
 from receiver.rules.shapes import path_problem
 from receiver.rules.templating import Placeholder, check_template, parse_template
-from workers.retry import RetryPolicy
-from workers.rule_secrets import NAME as SECRET_NAME
 
 Validator = Callable[[str, Mapping[str, Any]], list[str]]
 """``(action name, params without 'action') -> problems``; :func:`workers.actions.validate_params`."""

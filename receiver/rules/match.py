@@ -17,12 +17,12 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import workers.actions
-from receiver.events import Event
+from core.events import Event
+from core.retry import RetryPolicy
 from receiver.rules.conditions import Reasons
 from receiver.rules.model import Previous, Rule, RuleSet
 from receiver.rules.own_events import CONTEXT_KEY, caused_by, guard
 from receiver.rules.templating import RenderError, render_params, template_variables
-from workers.retry import RetryPolicy
 
 
 class ActionInfo(Protocol):

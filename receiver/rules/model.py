@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from receiver.cvat_events import EVENT_NAMES, PING, expand, matches
-from workers.retry import RetryPolicy
+from core.cvat_events import EVENT_NAMES, PING, TRACKED_RESOURCES, expand, matches
+from core.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from receiver.rules.conditions import Judge
@@ -86,9 +86,6 @@ Condition = Check | All | AnyOf | Not
 
 _KNOWN_EVENTS = frozenset(EVENT_NAMES)
 
-TRACKED_RESOURCES = ("project", "task", "job")
-"""Resources whose state the receiver remembers between events (``receiver.state.TRACKED``)."""
-
 
 def _transition_resources(condition: Condition | None) -> set[str]:
     """The tracked resources whose fields a condition compares with their previous state."""
@@ -122,7 +119,7 @@ class Rule:
 
     id: str
     on: tuple[str, ...]
-    """Event names or ``*`` patterns (see :mod:`receiver.cvat_events`)."""
+    """Event names or ``*`` patterns (see :mod:`core.cvat_events`)."""
     condition: Condition | None
     actions: tuple[ActionDecl, ...]
     retry: RetryPolicy = field(default_factory=RetryPolicy)

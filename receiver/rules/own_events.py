@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from receiver.cvat_events import matches
+from core.cvat_events import matches
 from receiver.rules.model import ActionDecl, Rule
 
 CONTEXT_KEY = "caused_by_cvat_hooks"

@@ -1,7 +1,7 @@
 """Hold a loaded rule set's format names to a CVAT server's own list (``rules check --online``).
 
 The receiver loads rules without CVAT, against the shipped list of CVAT's names
-(``workers.actions._formats``); a server may have switched a format off, or a newer one may offer
+(``core.cvat_formats``); a server may have switched a format off, or a newer one may offer
 more. This is the same check with the server's list, kept pure: the caller asks the server.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from core.cvat_formats import FormatKind, format_problem
 from receiver.rules.model import Problem, RuleSet
-from workers.actions._formats import FormatKind, format_problem
 
 FORMAT_KINDS: dict[str, FormatKind] = {"export": "export", "import_annotations": "import"}
 """The actions whose ``format`` parameter names a CVAT format, and of which kind."""

@@ -23,8 +23,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from receiver.cvat_events import resource_of
-from receiver.events import ID_NAMES
+from core.cvat_events import resource_of
+from core.events import ID_NAMES
 from receiver.rules.own_events import CONTEXT_KEY
 
 ANY = "*"

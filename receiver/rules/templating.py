@@ -13,7 +13,7 @@ parts of the template are the rules author's and are checked by storage, not her
 
 Parameters that may hold credentials (``ActionSpec.secret_params``: ``notify``'s URL and headers) are
 rendered *sealed*: ``${NAME}`` (an upper-case name) stays a reference that only the worker resolves,
-from its own environment, when it sends (``workers.rule_secrets``), so the value never reaches the
+from its own environment, when it sends (``core.rule_secrets``), so the value never reaches the
 RQ job, the delivery record or Redis; every other ``$`` becomes ``$$``, so a payload value can never
 smuggle in a reference of its own.
 """
@@ -29,9 +29,9 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
-from receiver.events import Event
+from core.events import Event
+from core.rule_secrets import NAME as SECRET_NAME
 from receiver.rules.conditions import getter, is_missing
-from workers.rule_secrets import NAME as SECRET_NAME
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _INDEX = re.compile(r"[0-9]+")

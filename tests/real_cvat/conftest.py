@@ -34,6 +34,7 @@ from typing import Any
 import pytest
 
 from tests.procs import ReceiverProc, RedisProc, WorkerProc, clean_env, cli_argv, wait_for
+from workers.actions import public_params
 
 URL_VAR = "CVAT_HOOKS_TEST_CVAT_URL"
 USER_VAR = "CVAT_HOOKS_TEST_CVAT_USERNAME"
@@ -263,7 +264,7 @@ class Deployment:
 
         def check() -> bool:
             for item in self._log().list(limit=200):
-                summary = item.to_json()
+                summary = item.to_json(shown=public_params)
                 if predicate(summary) and (not done or item.status.value in ("succeeded", "failed", "no_match")):
                     found.update(summary)
                     return True
@@ -279,13 +280,13 @@ class Deployment:
         failed wait shows."""
         lines = []
         for item in self._log().list(limit=count):
-            d = item.to_json()
+            d = item.to_json(shown=public_params)
             lines.append(f"{d.get('event')} {d.get('ids')} source={d.get('transitions')} rules={rules_of(d)} "
                          f"actions={[(a.get('action'), a.get('status'), a.get('error')) for a in d['actions']]}")
         return "\n".join(lines) + "\nworker log:\n" + self.worker.log_text()[-2500:]
 
     def _log(self) -> Any:
-        from workers.delivery_log import DeliveryLog
+        from core.delivery_log import DeliveryLog
 
         return DeliveryLog(self.redis.client(), retention_seconds=86400)
 

@@ -9,8 +9,8 @@ An action module defines:
 - ``validate(params: Mapping[str, Any]) -> list[str]``: problems with the *unrendered* parameters
   (placeholders such as ``{job_id}`` are still in the strings), one sentence each, empty if fine;
 - ``run(ctx: workers.context.ActionContext) -> dict``: do the work, idempotently, and return the
-  JSON result recorded in the delivery log. Raise ``workers.errors`` errors on purpose; anything
-  else is classified by ``workers.errors.classify``;
+  JSON result recorded in the delivery log. Raise ``core.errors`` errors on purpose; anything
+  else is classified by ``core.errors.classify``;
 - optionally ``causes(params) -> tuple[str, ...]``: which of its :attr:`ActionSpec.causes` these
   parameters can actually make CVAT send (``check_labels`` changes nothing unless ``add_missing``).
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from workers.contract import ANNOTATE_QUEUE, EXPORT_QUEUE, LIGHT_QUEUE
+from core.contract import ANNOTATE_QUEUE, EXPORT_QUEUE, LIGHT_QUEUE
 
 COMMON_PARAMS = frozenset({"require_all_jobs"})
 """Parameters any action accepts; handled by ``workers.jobs`` before the action runs."""
@@ -49,7 +49,7 @@ class ActionSpec:
     contain ``/`` or ``..``, so an event cannot steer a write outside its directory."""
     secret_params: frozenset[str] = frozenset()
     """Parameters that may hold credentials: rendered sealed, so they may reference ``${NAME}``
-    values the worker reads from its environment at run time (``workers.rule_secrets``)."""
+    values the worker reads from its environment at run time (``core.rule_secrets``)."""
     summary: str = ""
     causes: tuple[str, ...] = ()
     """CVAT events the action's own changes make CVAT send back (the one table of them): a rule
@@ -197,8 +197,8 @@ def runner(name: str) -> Callable[..., dict[str, Any]]:
     why for a plugin this worker cannot load)."""
     spec = dict.get(REGISTRY, name)
     if spec is None:
+        from core.errors import UnknownAction
         from workers.actions.plugins import PluginError, resolve
-        from workers.errors import UnknownAction
 
         try:
             spec = resolve(name, REGISTRY.keys())

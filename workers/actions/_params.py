@@ -6,9 +6,9 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from core.contract import ActionCall
+from core.errors import PermanentError
 from workers.actions import COMMON_PARAMS
-from workers.contract import ActionCall
-from workers.errors import PermanentError
 
 KEY_PREFIX = "cvat-hooks"
 _PLACEHOLDER = re.compile(r"\{[^{}]*\}")

@@ -19,7 +19,7 @@ A module that cannot be imported fails the run permanently, with the import erro
 
 The task is read from the event (``task_id``: ``completed:request[create:task]`` with
 ``request.status: finished`` is when a task has its data). It runs on its own queue
-(``workers.contract.ANNOTATE_QUEUE``, 4 h per run) in a worker process of its own.
+(``core.contract.ANNOTATE_QUEUE``, 4 h per run) in a worker process of its own.
 
 Progress: ``annotated N of M frames`` steps in the delivery's timeline, at most one per tenth of the
 frames or per ``PROGRESS_SECONDS``, and one at the end.
@@ -47,10 +47,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
+from core.errors import ActionError, PermanentError
 from workers.actions._params import KEY_PREFIX, event_id, has_placeholder, text, unknown_params
 from workers.annotation_gateway import AnnotationGateway
 from workers.context import ActionContext
-from workers.errors import ActionError, PermanentError
 from workers.gateway import Resource
 from workers.storage import TMP_DIR
 

@@ -30,9 +30,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from core.errors import PermanentError
 from workers.actions._params import event_id, unknown_params
 from workers.context import ActionContext
-from workers.errors import PermanentError
 
 PARAMS = ("require", "on_mismatch")
 ON_MISMATCH = ("report", "add_missing", "fail")

@@ -38,10 +38,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from workers.actions._formats import format_problem
+from core.cvat_formats import format_problem
+from core.errors import PermanentError
 from workers.actions._params import KEY_PREFIX, event_id, has_placeholder, text, unknown_params
 from workers.context import ActionContext
-from workers.errors import PermanentError
 from workers.gateway import ExportKind, ExportRequest, Resource
 from workers.storage import CloudDestination, Destination, LocalDestination, Storage, parse_destination
 

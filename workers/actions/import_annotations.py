@@ -33,11 +33,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
-from workers.actions._formats import format_problem
+from core.cvat_formats import format_problem
+from core.errors import PermanentError
 from workers.actions._params import KEY_PREFIX, event_id, has_placeholder, text, unknown_params
 from workers.annotation_gateway import AnnotationGateway, ImportMode
 from workers.context import ActionContext
-from workers.errors import PermanentError
 from workers.gateway import Resource
 from workers.storage import Storage, parse_source
 

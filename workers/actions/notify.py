@@ -8,7 +8,7 @@ Parameters::
     timeout: 5                                  # seconds; default CVAT_HOOKS_NOTIFY_TIMEOUT
     headers: {Authorization: "Bearer ${API_TOKEN}"}   # optional extra request headers
 
-``url`` and ``headers`` may reference the worker's environment as ``${NAME}`` (``workers.rule_secrets``):
+``url`` and ``headers`` may reference the worker's environment as ``${NAME}`` (``core.rule_secrets``):
 the credential then never leaves the worker's memory (not the RQ job, the delivery record, Redis).
 
 Bodies:
@@ -21,7 +21,7 @@ Bodies:
   shape accepted both by Teams Workflows webhooks and the older Office 365 connector webhooks
   (https://learn.microsoft.com/en-us/microsoftteams/platform/webhooks-and-connectors/how-to/connectors-using).
 
-A 2xx answer is success; the rest is classified as everywhere (``workers.errors.classify``: 5xx, 408
+A 2xx answer is success; the rest is classified as everywhere (``core.errors.classify``: 5xx, 408
 and 429 are retried, other statuses fail at once), connection errors and timeouts are retried.
 Redirects are not followed: a redirect could lead to a host the allow-list would have refused.
 
@@ -63,10 +63,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from core.errors import ErrorKind, PermanentError, TransientError, classify
+from core.rule_secrets import forbidden, is_reference, references, unseal
 from workers.actions._params import call_key, has_placeholder, text, unknown_params
 from workers.context import ActionContext
-from workers.errors import ErrorKind, PermanentError, TransientError, classify
-from workers.rule_secrets import forbidden, is_reference, references, unseal
 
 PARAMS = ("url", "text", "format", "timeout", "headers")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -251,7 +251,7 @@ def _reference_problems(params: Mapping[str, Any]) -> list[str]:
 
 
 def unsealed(params: Mapping[str, Any], lookup: Any) -> dict[str, Any]:
-    """``params`` with the sealed URL and header values resolved (``workers.rule_secrets.unseal``)."""
+    """``params`` with the sealed URL and header values resolved (``core.rule_secrets.unseal``)."""
     resolved = dict(params)
     if isinstance(params.get("url"), str):
         resolved["url"] = unseal(params["url"], lookup)

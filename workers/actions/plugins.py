@@ -10,7 +10,7 @@ The callable is declared with :func:`action`, which says what the receiver check
 CVAT events it can cause (the loop guard, ``receiver.rules.own_events``)::
 
     from workers.actions.plugins import Param, action
-    from workers.errors import PermanentError, TransientError
+    from core.errors import PermanentError, TransientError
 
     @action(summary="count a task's jobs", params={"task": Param(int, required=True)})
     def count_jobs(ctx):
@@ -19,7 +19,7 @@ CVAT events it can cause (the loop guard, ``receiver.rules.own_events``)::
 It gets the built-in actions' :class:`workers.context.ActionContext` (CVAT as ``ctx.gateway``, the
 event, the call with its delivery id, rule, action index and replay number, Redis, ``ctx.note``),
 returns a JSON object for the delivery log, and raises ``TransientError`` (retried) or
-``PermanentError`` (not); any other exception is classified by ``workers.errors.classify``.
+``PermanentError`` (not); any other exception is classified by ``core.errors.classify``.
 
 A plugin name never shadows a built-in action: a built-in name always means the built-in, and
 ``cvat-hooks actions list`` reports an entry point that tries. Only a callable carrying the
@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
 
+from core.contract import EXPORT_QUEUE, LIGHT_QUEUE
 from workers.actions import COMMON_PARAMS, ActionSpec
-from workers.contract import EXPORT_QUEUE, LIGHT_QUEUE
 
 ENTRY_POINT_GROUP = "cvat_hooks.actions"
 DECLARATION_ATTR = "__cvat_hooks_action__"
@@ -226,7 +226,7 @@ class PluginAction:
 
     def run(self, ctx: Any) -> dict[str, Any]:
         """Check the rendered parameters, convert them to their declared types, add defaults, run."""
-        from workers.errors import PermanentError
+        from core.errors import PermanentError
 
         problems = self.validate(ctx.params, rendered=True)
         if problems:

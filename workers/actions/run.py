@@ -25,7 +25,7 @@ an environment of ``PATH`` (``/usr/local/bin:/usr/bin:/bin``), ``LANG``, the rul
 replay: a script that changes something keyed by it acts once). None of the worker's own
 environment reaches it: not the CVAT token, webhook secrets or AWS keys. A value the script needs
 that is a secret is written ``${NAME}`` in ``env`` and read from the worker's environment when the
-script starts (``workers.rule_secrets``), so it is never stored in Redis; output is masked with it.
+script starts (``core.rule_secrets``), so it is never stored in Redis; output is masked with it.
 Loader variables (``LD_*``, ``BASH_ENV``, ``PYTHONPATH``...) cannot be set: they would run code
 from elsewhere than the allowed directories.
 
@@ -54,10 +54,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.errors import PermanentError, TransientError
+from core.redaction import Redactor
 from workers.actions._params import call_key, text, unknown_params
 from workers.context import ActionContext
-from workers.errors import PermanentError, TransientError
-from workers.redaction import Redactor
 
 PARAMS = ("command", "env", "timeout", "cwd", "causes")
 EX_TEMPFAIL = 75
@@ -123,7 +123,7 @@ def validate(params: Mapping[str, Any], *, dirs: tuple[Path, ...] | None = None,
             problems.append(f"command[0] must be an absolute path written out, without placeholders, not {exe!r}")
         elif at_load:
             if dirs is None:
-                from workers.settings import run_dirs
+                from core.settings import run_dirs
 
                 dirs = run_dirs()
             if dirs is None:
@@ -249,7 +249,7 @@ def communicate(proc: subprocess.Popen[bytes], stdin: bytes, timeout: float) -> 
 
 def child_env(ctx: ActionContext, env: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
     """The script's whole environment, and the secret values in it (to mask in its output)."""
-    from workers.rule_secrets import unseal
+    from core.rule_secrets import unseal
 
     out = {"PATH": CHILD_PATH, "LANG": "C.UTF-8"}
     secrets = []

@@ -28,6 +28,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from core.errors import PermanentError
 from workers.actions import JOB_STAGES, JOB_STATES
 from workers.actions._params import (
     KEY_PREFIX,
@@ -39,7 +40,6 @@ from workers.actions._params import (
     unknown_params,
 )
 from workers.context import ActionContext
-from workers.errors import PermanentError
 from workers.gateway import Resource
 
 PARAMS = ("stage", "state", "assignee", "job")

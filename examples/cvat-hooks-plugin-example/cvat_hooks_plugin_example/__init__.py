@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from core.errors import PermanentError, TransientError
 from workers.actions.plugins import Param, action
 from workers.context import ActionContext
-from workers.errors import PermanentError, TransientError
 
 
 @action(

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
+from core.contract import ActionCall
+from core.errors import PermanentError, TransientError
+from core.settings import WorkerSettings
 from workers import actions
 from workers.actions import plugins
 from workers.context import ActionContext
-from workers.contract import ActionCall
-from workers.errors import PermanentError, TransientError
-from workers.settings import WorkerSettings
 
 HERE = Path(__file__).resolve().parents[1]
 

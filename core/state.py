@@ -15,20 +15,20 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from receiver.rules.model import TRACKED_RESOURCES
-from workers.redaction import Redactor
+from core.cvat_events import TRACKED_RESOURCES
+from core.redaction import Redactor
 
 if TYPE_CHECKING:
     from redis import Redis
 
-    from receiver.events import Event
+    from core.events import Event
 
 TRACKED = frozenset(TRACKED_RESOURCES)
 """Resources whose last-seen state is kept (those with a lifecycle rules care about)."""
 
 KEY = "cvat-hooks:state:{resource}:{id}"
 SYNC_KEY = "cvat-hooks:state-sync:{resource}"
-"""Hash of ``receiver.state_sync``'s progress per resource type: ``newest`` (the newest
+"""Hash of ``operations.state_sync``'s progress per resource type: ``newest`` (the newest
 ``updated_date`` learned) and ``full_at`` (epoch seconds of the last walk through everything)."""
 
 LEARNED = "learned"
@@ -37,7 +37,7 @@ LEARNED = "learned"
 # swap(key, updated_date, delivery_id, snapshot_json, ttl) -> {source, previous-snapshot-json}.
 # The delivery that last set the state is remembered with the snapshot it replaced, so the same
 # delivery processed again (a retry after a 503, or a second receiver) gets the same answer instead
-# of "no change". receiver.receipts runs it inside the script that also checks for duplicates.
+# of "no change". core.receipts runs it inside the script that also checks for duplicates.
 # A snapshot learned from CVAT's API (``LEARNED``) is only the old state of events newer than it. With
 # the event's own ``updated_date`` it is the state this very event produced, not the one before it;
 # an older event (a late or redelivered one) was never compared with it by a delivery, so it is not

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.retry import RetryPolicy
+from core.retry import RetryPolicy
 
 JOB_FUNCTION = "workers.jobs.run_action"
 """Dotted path of the single RQ entry point every action job calls."""
@@ -59,7 +59,7 @@ class ActionCall:
     params: dict[str, Any]
     """Parameters with every ``{placeholder}`` already rendered by the receiver."""
     event: dict[str, Any]
-    """The event essentials (:meth:`receiver.events.Event.essentials`): name, ids, dates, resource."""
+    """The event essentials (:meth:`core.events.Event.essentials`): name, ids, dates, resource."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     run: int = 0
     """0 for the run the delivery caused, n for the n-th replay (which gets a job id of its own)."""

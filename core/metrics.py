@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from redis import Redis
     from redis.client import Pipeline
 
-    from receiver.receipts import Batch
+    from core.receipts import Batch
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,10 @@ def _field(name: str, labels: Mapping[str, str]) -> str:
 
 def inc(target: Redis | Pipeline | Batch, name: str, amount: int = 1, **labels: str) -> None:
     """Count ``amount`` on a counter (on a pipeline: sent with the caller's other writes). An action
-    run given up is also counted in its minute, for the admin UI's chart (:mod:`workers.history`)."""
+    run given up is also counted in its minute, for the admin UI's chart (:mod:`core.history`)."""
     target.hincrby(COUNTERS_KEY, _field(name, labels), amount)
     if name == "cvat_hooks_action_runs_total" and labels.get("outcome") == "failed":
-        from workers.history import count_failure
+        from core.history import count_failure
 
         count_failure(target)
 
@@ -140,7 +140,7 @@ class RedisCollector:
         from rq import Worker
         from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
-        from workers.queueing import queue
+        from core.queueing import queue
 
         depth = GaugeMetricFamily("cvat_hooks_queue_depth", "Jobs waiting in each queue.", labels=["queue"])
         started = GaugeMetricFamily("cvat_hooks_jobs_running", "Jobs being run now.", labels=["queue"])

@@ -6,7 +6,7 @@ Decisions, and why:
   organization or server with the same target URL and updates its events and ``is_active`` instead of
   adding a second one (two webhooks would deliver everything twice). Its secret is kept unless asked to
   rotate: CVAT never shows a secret back, so the one the receiver holds stays right.
-* **Remembered by this deployment** (``workers.webhook_registry``): the webhook ``register`` creates or
+* **Remembered by this deployment** (``operations.webhook_registry``): the webhook ``register`` creates or
   finds is remembered in this deployment's Redis and marked ``cvat-hooks <deployment id>`` in CVAT;
   ``reconcile``, ``ping`` and ``unregister`` act only on those, never on another deployment's. A
   webhook found by its target URL but made before (plain ``cvat-hooks``) or marked by another
@@ -33,11 +33,10 @@ from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
-from receiver import cvat_events
-from receiver.rules import RulesError, load_rules
-from receiver.secrets_store import add_secret
-from workers import webhook_registry as registry
-from workers.cvat_webhooks import (
+from core import cvat_events
+from core.errors import ActionError
+from operations import webhook_registry as registry
+from operations.cvat_webhooks import (
     ORGANIZATION,
     PROJECT,
     SERVER,
@@ -52,8 +51,9 @@ from workers.cvat_webhooks import (
     visible_webhooks,
     webhooks_in,
 )
-from workers.errors import ActionError
-from workers.webhook_registry import Known, Ownership
+from operations.webhook_registry import Known, Ownership
+from receiver.rules import RulesError, load_rules
+from receiver.secrets_store import add_secret
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -278,7 +278,7 @@ def unregister(gateway: WebhookGateway, scope: Scope, redis: Redis, url: str | N
 
 
 def list_webhooks(gateway: WebhookGateway) -> list[Webhook]:
-    """Every webhook visible to the credentials (``workers.webhook_registry.Known.ownership`` says whose)."""
+    """Every webhook visible to the credentials (``operations.webhook_registry.Known.ownership`` says whose)."""
     return visible_webhooks(gateway)
 
 

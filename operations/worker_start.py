@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from receiver.reconcile import schedule_periodic
+from core.contract import LIGHT_QUEUE
+from core.queueing import SERIALIZER, queue
+from core.redaction import Redactor
+from operations.reconcile import schedule_periodic
 from receiver.settings import Settings
-from workers.contract import LIGHT_QUEUE
-from workers.queueing import SERIALIZER, queue
-from workers.redaction import Redactor
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 LEARN_JOB_ID = "cvat-hooks-learn-states"
 """The one-off state-learning job a starting worker queues (a fixed id: workers starting together
 queue one, not one each)."""
-LEARN_JOB_FUNCTION = "receiver.worker_start.learn_now"
+LEARN_JOB_FUNCTION = "operations.worker_start.learn_now"
 LEARN_TIMEOUT = 1800
 """Seconds a walk through every project, task and job may take."""
 
@@ -49,8 +49,12 @@ def queue_learning(redis: Redis) -> bool:
         job = Job.fetch(LEARN_JOB_ID, connection=redis, serializer=SERIALIZER)
     except NoSuchJobError:
         job = None
-    if job is not None and job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.STARTED):
+    if job is not None and job.get_status(refresh=False) == JobStatus.STARTED:
         return False
+    if job is not None and job.get_status(refresh=False) == JobStatus.QUEUED:
+        if job.func_name == LEARN_JOB_FUNCTION:
+            return False
+        job.delete()  # queued by an older release under a name this one no longer imports
     queue(LIGHT_QUEUE, redis).enqueue(LEARN_JOB_FUNCTION, job_id=LEARN_JOB_ID, job_timeout=LEARN_TIMEOUT,
                                       result_ttl=86400, failure_ttl=7 * 86400,
                                       description="cvat-hooks: learn CVAT's current state")
@@ -58,7 +62,7 @@ def queue_learning(redis: Redis) -> bool:
 
 
 def learn_now() -> dict[str, Any]:
-    """The queued job: learn who the workers are in CVAT (``workers.service_account``), then the
+    """The queued job: learn who the workers are in CVAT (``core.service_account``), then the
     state of every project, task and job the receiver never saw.
 
     Never raises: a CVAT that is down now is no failed action to list among the dead letters, and the
@@ -66,11 +70,11 @@ def learn_now() -> dict[str, Any]:
     """
     from rq import get_current_job
 
-    from receiver.state import StateStore
-    from receiver.state_sync import learn_states
+    from core.redis_conn import connect
+    from core.service_account import learn
+    from core.state import StateStore
+    from operations.state_sync import learn_states
     from workers.cvat_client import CvatClient
-    from workers.redis_conn import connect
-    from workers.service_account import learn
 
     settings = Settings.from_env()
     if not settings.workers.cvat.configured:

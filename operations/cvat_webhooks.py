@@ -14,7 +14,7 @@ belongs to no organization: it is listed and created without an organization con
 
 Which webhooks are this deployment's is not decided here: several cvat-hooks deployments may share
 one CVAT, so ``Webhook.is_cvat_hooks`` only says a webhook *looks* like some cvat-hooks deployment's;
-``workers.webhook_registry`` knows the ones this deployment registered.
+``operations.webhook_registry`` knows the ones this deployment registered.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ class Webhook:
     @property
     def is_cvat_hooks(self) -> bool:
         """Made by some ``cvat-hooks register`` (description), or pointing at a cvat-hooks receiver (path).
-        Not necessarily this deployment's: ``workers.webhook_registry`` knows those."""
+        Not necessarily this deployment's: ``operations.webhook_registry`` knows those."""
         path = urllib.parse.urlsplit(self.target_url).path.rstrip("/")
         return self.deployment is not None or path.endswith(RECEIVER_PATH)
 

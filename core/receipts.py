@@ -2,7 +2,7 @@
 
 :meth:`Receipts.claim` watches the event's seen key (``WATCH``) for the whole delivery. ``begin``
 (one Lua script): was this event stored before? Then note the duplicate (delivery log, metric) and
-stop. Otherwise swap the resource's last-seen state (``receiver.state``) and say what was there,
+stop. Otherwise swap the resource's last-seen state (``core.state``) and say what was there,
 which the rules need. :meth:`Claim.commit`: one ``MULTI``/``EXEC`` on a real redis-py pipeline that
 marks the event seen and holds the delivery record, the metrics and its RQ jobs, written there by
 RQ's own ``Queue.enqueue_many``; if another receiver stored the event since the ``WATCH``, Redis
@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import WatchError
 
-from receiver.state import SWAP_FUNCTION, Seen, StateStore, seen_from
+from core.state import SWAP_FUNCTION, Seen, StateStore, seen_from
 
 if TYPE_CHECKING:
     from redis import Redis
     from redis.client import Pipeline
 
-    from receiver.events import Event
+    from core.events import Event
 
 SEEN_KEY = "cvat-hooks:seen:{}"
 

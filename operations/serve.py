@@ -31,7 +31,7 @@ WORKER_CONNECTIONS = 1000
 ACCESS_LOG_FORMAT = '%(h)s %(l)s %(u)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)ss "%(a)s"'
 """gunicorn's default access line without the query string (``%(U)s`` is the path alone) and
 without the Referer: either may carry a token someone put in a URL (security issue, item 11). No
-``%(t)s`` either: the line goes through ``workers.logs``' format, which starts with the time."""
+``%(t)s`` either: the line goes through ``core.logs``' format, which starts with the time."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def gunicorn_command(opts: ServeOptions) -> list[str]:
         "--access-logfile", "-",
         "--access-logformat", ACCESS_LOG_FORMAT,
         "--error-logfile", "-",
-        # gunicorn's own lines and the access log in the one format of every process (workers.logs).
+        # gunicorn's own lines and the access log in the one format of every process (core.logs).
         "--logger-class", "receiver.http_logs.GunicornLogger",
         "--no-control-socket",  # not used, and two receivers on one host would fight over its path
         # Heartbeat files in memory: works with a read-only root filesystem, and is faster than disk.
@@ -116,7 +116,7 @@ def serve(settings: Settings, opts: ServeOptions) -> int:
         "receiver": subprocess.Popen(gunicorn_command(opts), env=env),
     }
     if with_worker:
-        children["worker"] = subprocess.Popen([sys.executable, "-m", "receiver.cli", "worker"], env=env)
+        children["worker"] = subprocess.Popen([sys.executable, "-m", "operations.cli", "worker"], env=env)
 
     stopping = False
 
@@ -136,7 +136,7 @@ def serve(settings: Settings, opts: ServeOptions) -> int:
                 if name == "worker":
                     log.warning("worker exited with %s; restarting it", code)
                     time.sleep(1)
-                    children[name] = subprocess.Popen([sys.executable, "-m", "receiver.cli", "worker"], env=env)
+                    children[name] = subprocess.Popen([sys.executable, "-m", "operations.cli", "worker"], env=env)
                 else:
                     log.error("receiver exited with %s", code)
                     stopping, status = True, code or 1
@@ -164,7 +164,7 @@ def cli_command() -> str:
     if found and script.exists() and Path(found).resolve() == script.resolve():
         return "cvat-hooks"
     if not script.exists():
-        return f"{sys.executable} -m receiver.cli"
+        return f"{sys.executable} -m operations.cli"
     with contextlib.suppress(ValueError):
         return str(Path(os.path.abspath(script)).relative_to(Path.cwd()))
     return str(script)

@@ -65,6 +65,10 @@ SERVER_EVENTS: tuple[str, ...] = (
 
 PING = "ping"
 
+TRACKED_RESOURCES = ("project", "task", "job")
+"""Resources whose state cvat-hooks remembers between events (``core.state``): a rule may compare
+their fields with the previous state."""
+
 EVENT_NAMES: tuple[str, ...] = tuple(sorted({*ORGANIZATION_EVENTS, *SERVER_EVENTS, PING}))
 """Every event name a CVAT webhook can send, sorted."""
 
@@ -98,7 +102,7 @@ _KNOWN = frozenset(EVENT_NAMES)
 
 def resource_of(name: str) -> str | None:
     """The payload key an event's object sits under: ``job`` for ``update:job``, ``request`` for
-    ``completed:request[...]``, ``webhook`` for ``ping`` (as :func:`receiver.events.parse_event` does)."""
+    ``completed:request[...]``, ``webhook`` for ``ping`` (as :func:`core.events.parse_event` does)."""
     if name == PING:
         return "webhook"
     _, sep, rest = name.partition(":")

@@ -17,18 +17,18 @@ import json
 import logging
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from workers.redaction import Redactor
+from core.redaction import Redactor
 
 if TYPE_CHECKING:
     from redis import Redis
     from redis.client import Pipeline
 
-    from receiver.receipts import Batch
+    from core.receipts import Batch
 
 log = logging.getLogger(__name__)
 
@@ -174,11 +174,10 @@ class Delivery:
             "duplicates": int(self.record.get("duplicates", 0)),
         }
 
-    def to_json(self) -> dict[str, Any]:
-        """The whole delivery as shown (CLI, admin API): action parameters as ``public_params`` shows them."""
-        from workers.actions import public_params
-
-        actions = [{**a, "params": public_params(str(a.get("action")), a.get("params") or {})}
+    def to_json(self, *, shown: Callable[[str, Mapping[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """The whole delivery as shown (CLI, admin API), each action's parameters as ``shown`` (the
+        action registry's ``public_params``) gives them: the record keeps them whole, for a replay."""
+        actions = [{**a, "params": shown(str(a.get("action")), a.get("params") or {})}
                    if isinstance(a.get("params"), dict) else a for a in self.actions.values()]
         return {**self.record, "status": self.status.value, "actions": actions, "timeline": self.timeline}
 

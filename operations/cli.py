@@ -32,8 +32,8 @@ def _echo_json(data: Any) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """cvat-hooks: turn CVAT webhooks into dependable automation."""
-    from workers.logs import configure
-    from workers.redaction import Redactor
+    from core.logs import configure
+    from core.redaction import Redactor
 
     settings = _settings()
     configure(settings.log_format, redactor=Redactor(settings.sensitive_values()), level=settings.log_level)
@@ -48,8 +48,8 @@ def main() -> None:
               help="also run an RQ worker (default: only with the embedded Redis)")
 def serve(host: str, port: int, workers: int, with_worker: bool | None) -> None:
     """Run the receiver (with an embedded Redis and a worker when no Redis is configured)."""
-    from receiver.serve import ServeOptions
-    from receiver.serve import serve as run_serve
+    from operations.serve import ServeOptions
+    from operations.serve import serve as run_serve
 
     try:
         sys.exit(run_serve(_settings(), ServeOptions(host=host, port=port, workers=workers,
@@ -69,15 +69,15 @@ def serve(host: str, port: int, workers: int, with_worker: bool | None) -> None:
 def worker(burst: bool, queues: tuple[str, ...], kind: str) -> None:
     """Run RQ workers for the actions (with RQ's scheduler, for delayed retries and the periodic
     reconcile, every CVAT_HOOKS_RECONCILE_MINUTES)."""
-    from receiver.worker_start import at_start as start_hook
+    from core.contract import QUEUES
+    from core.redis_conn import RedisConfigError
+    from operations.worker_start import at_start as start_hook
     from workers import supervisor
-    from workers.contract import QUEUES
-    from workers.redis_conn import RedisConfigError
     from workers.worker import run
 
     settings = _settings()
     if problem := settings.cvat_problem:
-        logging.getLogger("receiver.cli").warning("worker: %s", problem)
+        logging.getLogger("operations.cli").warning("worker: %s", problem)
     at_start = partial(start_hook, settings)
     try:
         if kind == "split":
@@ -227,8 +227,8 @@ def send(payload: Path, url: str | None, port: int, secret: str | None) -> None:
 
     The file is a raw body (examples/payloads/) or a capture with "body_raw". Exits 1 unless the
     answer is 2xx."""
-    from receiver.send import SendError, target_url
-    from receiver.send import send as do_send
+    from operations.send import SendError, target_url
+    from operations.send import send as do_send
 
     try:
         url = target_url(url or f"http://127.0.0.1:{port}")
@@ -251,10 +251,10 @@ def deliveries() -> None:
 
 
 def _log() -> Any:
-    from receiver.serve import redis_url_for
-    from workers.delivery_log import DeliveryLog
-    from workers.redaction import Redactor
-    from workers.redis_conn import RedisConfigError, connect
+    from core.delivery_log import DeliveryLog
+    from core.redaction import Redactor
+    from core.redis_conn import RedisConfigError, connect
+    from operations.serve import redis_url_for
 
     settings = _settings()
     url, keep_alive = redis_url_for(settings)
@@ -312,7 +312,9 @@ def deliveries_show(delivery_id: str, as_json: bool) -> None:
     if delivery is None:
         raise click.ClickException(f"no delivery {delivery_id!r} (unknown, or older than the retention)")
     if as_json:
-        _echo_json(delivery.to_json())
+        from workers.actions import public_params
+
+        _echo_json(delivery.to_json(shown=public_params))
         return
     r = delivery.record
     click.echo(f"delivery {delivery.id}\n  event     {r['event']}\n  received  {r['received_at']}\n"
@@ -347,8 +349,8 @@ def deliveries_replay(delivery_id: str | None, force: bool, rematch: bool, statu
     the actions that match now are run. Without an ID, every delivery the filters select is
     replayed (after outages): the count is shown first and confirmed unless --yes.
     """
+    from core.replay import NothingToReplay
     from receiver.bulk_replay import MAX_BULK, replay_all, replay_one
-    from workers.replay import NothingToReplay
 
     bulk = any((status, since, until, rule, event))
     if bool(delivery_id) == bulk:
@@ -387,8 +389,8 @@ def _replay_options(log: Any, rematch: bool, force: bool, dry_run: bool) -> dict
     """The rules (with --rematch) and service account a replay judges with, and its flags."""
     options: dict[str, Any] = {"force": force, "dry_run": dry_run}
     if rematch:
+        from core.service_account import ServiceAccount
         from receiver.rules import RulesError, load_rules
-        from workers.service_account import ServiceAccount
 
         settings = _settings()
         try:
@@ -405,9 +407,9 @@ def _replay_options(log: Any, rematch: bool, force: bool, dry_run: bool) -> dict
 @contextlib.contextmanager
 def _cvat(settings: Settings) -> Iterator[Any]:
     """A CVAT client for a command; CVAT's and the user's errors become one-line ClickExceptions."""
-    from receiver.reconcile import ReconcileBusy
+    from core.errors import ActionError
+    from operations.reconcile import ReconcileBusy
     from workers.cvat_client import CvatClient
-    from workers.errors import ActionError
 
     try:
         with CvatClient(settings.workers.cvat) as client:
@@ -417,7 +419,7 @@ def _cvat(settings: Settings) -> Iterator[Any]:
 
 
 def _scope(project_id: int | None, org: str | None, server: bool = False, *, required: bool = True) -> Any:
-    from workers.cvat_webhooks import Scope
+    from operations.cvat_webhooks import Scope
 
     given = [project_id is not None, org is not None, server].count(True)
     if not given and not required:
@@ -440,8 +442,8 @@ def _deployment_redis(settings: Settings) -> Any:
     checked to answer: the webhook commands remember and look up this deployment's webhooks there."""
     from redis.exceptions import RedisError
 
-    from receiver.serve import redis_url_for
-    from workers.redis_conn import RedisConfigError, connect
+    from core.redis_conn import RedisConfigError, connect
+    from operations.serve import redis_url_for
 
     where = "CVAT_HOOKS_REDIS_URL" if settings.redis_url else f"the embedded Redis in {settings.data_dir}"
     try:
@@ -470,8 +472,8 @@ def register(project_id: int | None, org: str | None, server: bool, public_url: 
              rotate_secret: bool) -> None:
     """Create or update the CVAT webhook of a project, organization or the server, for the events the
     rules need, and remember it as this deployment's (in its Redis)."""
-    from receiver.registration import describe, needed_events
-    from receiver.registration import register as do_register
+    from operations.registration import describe, needed_events
+    from operations.registration import register as do_register
 
     settings = _settings()
     scope = _scope(project_id, org, server)
@@ -486,10 +488,10 @@ def register(project_id: int | None, org: str | None, server: bool, public_url: 
 
 def _learn_states(cvat: Any, redis: Any, settings: Settings) -> None:
     """After ``register``: learn CVAT's current state, so the first change of each job fires."""
-    from receiver.state import StateStore
-    from receiver.state_sync import learn_states
-    from workers.errors import ActionError
-    from workers.redaction import Redactor
+    from core.errors import ActionError
+    from core.redaction import Redactor
+    from core.state import StateStore
+    from operations.state_sync import learn_states
 
     try:
         report = learn_states(cvat, StateStore(redis, settings.state_seconds,
@@ -507,7 +509,7 @@ def _learn_states(cvat: Any, redis: Any, settings: Settings) -> None:
 def unregister(project_id: int | None, org: str | None, server: bool, url: str | None) -> None:
     """Delete this deployment's webhook(s) of a project, organization or the server (another
     deployment's are left alone)."""
-    from receiver.registration import unregister as do_unregister
+    from operations.registration import unregister as do_unregister
 
     settings = _settings()
     scope = _scope(project_id, org, server)
@@ -530,9 +532,9 @@ def webhooks() -> None:
 def webhooks_list(as_json: bool) -> None:
     """Every webhook visible to the CVAT credentials, with its last delivery and whose it is
     (* = this deployment's, o = another cvat-hooks deployment's, ? = cvat-hooks' but not adopted)."""
-    from receiver.registration import list_webhooks, unadopted_hint
-    from workers import webhook_registry as registry
-    from workers.webhook_registry import Ownership
+    from operations import webhook_registry as registry
+    from operations.registration import list_webhooks, unadopted_hint
+    from operations.webhook_registry import Ownership
 
     settings = _settings()
     known = registry.load(_deployment_redis(settings))
@@ -563,9 +565,9 @@ def webhooks_list(as_json: bool) -> None:
 @click.option("--timeout", default=10.0, show_default=True, help="seconds to wait for the receiver's record")
 def ping(webhook_id: int | None, project_id: int | None, org: str | None, server: bool, timeout: float) -> None:
     """Have CVAT ping the webhook(s) and wait until this receiver recorded it: the round trip, or why not."""
-    from receiver.doctor import ping as do_ping
-    from receiver.doctor import ping_targets
-    from workers import webhook_registry as registry
+    from operations import webhook_registry as registry
+    from operations.doctor import ping as do_ping
+    from operations.doctor import ping_targets
 
     if webhook_id is not None and (project_id is not None or org is not None or server):
         raise click.UsageError("give --webhook, --project, --org or --server, not several")
@@ -584,9 +586,9 @@ def ping(webhook_id: int | None, project_id: int | None, org: str | None, server
 @click.option("--json", "as_json", is_flag=True)
 def doctor(as_json: bool) -> None:
     """One report to paste into an issue: CVAT, token, webhooks, Redis, rules, workers (exit 1 on FAIL)."""
-    from receiver.doctor import doctor as run_doctor
+    from core.errors import ActionError
+    from operations.doctor import doctor as run_doctor
     from workers.cvat_client import CvatClient
-    from workers.errors import ActionError
 
     settings = _settings()
     gateway, cvat_problem, redis, redis_problem = None, None, None, None
@@ -616,8 +618,8 @@ def doctor(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def reconcile(since: str, dry_run: bool, max_tries: int, as_json: bool) -> None:
     """Ask CVAT to redeliver what the receiver never recorded (failed or missed deliveries)."""
-    from receiver.reconcile import reconcile as run_reconcile
-    from workers.redaction import Redactor
+    from core.redaction import Redactor
+    from operations.reconcile import reconcile as run_reconcile
 
     settings, log = _settings(), _log()
     with _cvat(settings) as cvat:

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from workers.cvat_webhooks import ORGANIZATION, PROJECT, SERVER, Scope, Webhook, description_for
-from workers.delivery_log import PREFIX
+from core.delivery_log import PREFIX
+from operations.cvat_webhooks import ORGANIZATION, PROJECT, SERVER, Scope, Webhook, description_for
 
 if TYPE_CHECKING:
     from redis import Redis

@@ -19,7 +19,7 @@ import re
 import sys
 import time
 
-from workers.redaction import RedactingFilter, Redactor
+from core.redaction import RedactingFilter, Redactor
 
 _DELIVERY = re.compile(r"\bdelivery ([0-9a-f]{12,64})\b")
 RECORDED_NOTE = "cvat-hooks: this failure is recorded in the delivery log, with its traceback"

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from rq import Callback, Queue, Retry
 from rq.serializers import JSONSerializer
 
-from workers.contract import FAILURE_CALLBACK, JOB_FUNCTION, ActionCall, job_timeout
+from core.contract import FAILURE_CALLBACK, JOB_FUNCTION, ActionCall, job_timeout
 
 if TYPE_CHECKING:
     from redis import Redis

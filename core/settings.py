@@ -87,7 +87,7 @@ class CvatSettings:
     service_account: str | None = None
     """The CVAT username the workers act as (``CVAT_HOOKS_SERVICE_ACCOUNT``, else ``CVAT_USERNAME``):
     events it caused do not re-fire the rule whose action caused them. ``None`` with a token: the
-    workers ask CVAT at start and leave it in Redis (``workers.service_account``)."""
+    workers ask CVAT at start and leave it in Redis (``core.service_account``)."""
 
     @property
     def configured(self) -> bool:
@@ -154,7 +154,7 @@ class WorkerSettings:
 
     environment: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     """The process environment as read at start: where ``${NAME}`` references in rules come from
-    (``workers.rule_secrets``)."""
+    (``core.rule_secrets``)."""
 
     def rule_secret(self, name: str) -> str | None:
         """The value a rule's ``${name}`` stands for (``None`` when unset or empty)."""

@@ -43,7 +43,7 @@ class CurrentUser(Protocol):
 
 def learn(gateway: CurrentUser, redis: Redis, *, configured: str | None = None) -> str | None:
     """Ask CVAT who the workers are and store the username under :data:`KEY` (the job a worker queues
-    when it starts, ``receiver.worker_start.learn_now``).
+    when it starts, ``operations.worker_start.learn_now``).
 
     Returns the username, or ``None`` when CVAT or Redis could not be asked (logged, never raised: a
     worker without it still runs actions, only the loop guard is off until the next start). When a

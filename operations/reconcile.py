@@ -4,12 +4,12 @@ CVAT before mid-2026 never retries a failed delivery, newer CVAT gives up after 
 and the receiver can be down or unreachable. CVAT keeps every delivery attempt
 (``GET /api/webhooks/{id}/deliveries``, each with the payload it sent in ``request``) and can send
 one again (``POST .../deliveries/{id}/redelivery``). So for every webhook of this deployment (the ones
-its ``register`` remembered in its Redis, ``workers.webhook_registry``; another deployment's on the same
+its ``register`` remembered in its Redis, ``operations.webhook_registry``; another deployment's on the same
 CVAT, or a cvat-hooks webhook this deployment never registered, are left alone and listed in the run):
 
 * read its deliveries back to a horizon (``--since``, 4 days by default, never further back than the
   receiver remembers delivery ids: ``CVAT_HOOKS_DEDUPE_DAYS``);
-* compute each payload's delivery id as the receiver does (``receiver.events.delivery_id_of``) and
+* compute each payload's delivery id as the receiver does (``core.events.delivery_id_of``) and
   look for the receiver's ``cvat-hooks:seen:<id>`` key;
 * redeliver the payloads the receiver has no key for, whatever status CVAT recorded (a failure, or a
   2xx from something that was not this receiver). A failed delivery the receiver *did* record was
@@ -37,12 +37,16 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import LockError, RedisError
 
-from receiver.events import delivery_id_of
-from receiver.receipts import SEEN_KEY
-from receiver.settings import Settings
-from workers import webhook_registry as registry
-from workers.contract import LIGHT_QUEUE
-from workers.cvat_webhooks import (
+from core.contract import LIGHT_QUEUE
+from core.delivery_log import PREFIX as KEY_PREFIX
+from core.delivery_log import iso
+from core.errors import ActionError
+from core.events import delivery_id_of
+from core.queueing import SERIALIZER, queue
+from core.receipts import SEEN_KEY
+from core.redaction import Redactor
+from operations import webhook_registry as registry
+from operations.cvat_webhooks import (
     Webhook,
     WebhookGateway,
     deliveries_since,
@@ -51,11 +55,7 @@ from workers.cvat_webhooks import (
     parse_time,
     visible_webhooks,
 )
-from workers.delivery_log import PREFIX as KEY_PREFIX
-from workers.delivery_log import iso
-from workers.errors import ActionError
-from workers.queueing import SERIALIZER, queue
-from workers.redaction import Redactor
+from receiver.settings import Settings
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -81,7 +81,9 @@ LOCK_SECONDS = 1800
 """Longest a run may hold the lock (and the periodic job's timeout)."""
 JOB_ID = "cvat-hooks-reconcile"
 """The periodic job's id: deterministic, so every worker finds the same one instead of adding its own."""
-JOB_FUNCTION = "receiver.reconcile.scheduled_run"
+JOB_FUNCTION = "operations.reconcile.scheduled_run"
+"""What the periodic job calls, by name: a job scheduled under another name (an older release's
+module) is replaced when a worker starts."""
 SCHEDULE_LOCK = f"{PREFIX}:schedule-lock"
 FIRST_RUN_DELAY = 60
 """Seconds after a worker starts before the first periodic run (at most one period)."""
@@ -318,8 +320,8 @@ def scheduled_run() -> dict[str, Any]:
     """The periodic job, run by an RQ worker. Never raises: RQ repeats a job only after a success."""
     from rq import get_current_job
 
+    from core.redis_conn import connect
     from workers.cvat_client import CvatClient
-    from workers.redis_conn import connect
 
     settings = Settings.from_env()
     if not settings.workers.cvat.configured:
@@ -351,9 +353,9 @@ def scheduled_run() -> dict[str, Any]:
 
 
 def _learn_states(settings: Settings, redis: Redis, redactor: Redactor) -> dict[str, Any]:
-    """After the reconcile, on the same schedule: learn what CVAT has now (``receiver.state_sync``)."""
-    from receiver.state import StateStore
-    from receiver.state_sync import learn_states
+    """After the reconcile, on the same schedule: learn what CVAT has now (``operations.state_sync``)."""
+    from core.state import StateStore
+    from operations.state_sync import learn_states
     from workers.cvat_client import CvatClient
 
     try:
@@ -392,7 +394,7 @@ def ensure_scheduled(redis: Redis, minutes: float, *, first_delay: float = FIRST
             job.delete()
             return "removed"
         alive = (JobStatus.SCHEDULED, JobStatus.QUEUED, JobStatus.DEFERRED)
-        if job is not None and status in alive and job.repeat_intervals == [interval]:
+        if job is not None and status in alive and job.repeat_intervals == [interval] and job.func_name == JOB_FUNCTION:
             return "kept"
         if job is not None:
             job.delete()

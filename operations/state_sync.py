@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from receiver.state import SYNC_KEY, StateStore
+from core.state import SYNC_KEY, StateStore
 from workers.gateway import Resource
 
 log = logging.getLogger(__name__)

@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
-from receiver import cvat_events
-from receiver.events import delivery_id_of
-from receiver.reconcile import recent_runs
-from receiver.rules import RulesError, load_rules
-from receiver.secrets_store import SecretStore
-from receiver.settings import LEGACY_TRIAL_SECRET_FILE, Settings
-from workers import webhook_registry as registry
-from workers.contract import QUEUES
-from workers.cvat_webhooks import (
+from core import cvat_events
+from core.contract import QUEUES
+from core.delivery_log import DeliveryLog
+from core.errors import ActionError
+from core.events import delivery_id_of
+from core.redaction import Redactor
+from operations import webhook_registry as registry
+from operations.cvat_webhooks import (
     ORGANIZATION,
     PROJECT,
     SERVER,
@@ -37,10 +36,11 @@ from workers.cvat_webhooks import (
     visible_webhooks,
     webhooks_in,
 )
-from workers.delivery_log import DeliveryLog
-from workers.errors import ActionError
-from workers.redaction import Redactor
-from workers.webhook_registry import Known, Ownership
+from operations.reconcile import recent_runs
+from operations.webhook_registry import Known, Ownership
+from receiver.rules import RulesError, load_rules
+from receiver.secrets_store import SecretStore
+from receiver.settings import LEGACY_TRIAL_SECRET_FILE, Settings
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -320,7 +320,7 @@ def _cvat(gateway: ServerGateway, report: Report, needed: set[str] | None, known
 
 def _not_mine(known: Known, visible: list[Webhook]) -> list[Check]:
     """cvat-hooks webhooks this deployment leaves alone, and remembered ones CVAT no longer lists."""
-    from receiver.registration import unadopted_hint
+    from operations.registration import unadopted_hint
 
     checks: list[Check] = []
     unadopted = [w for w in visible if known.ownership(w) is Ownership.UNADOPTED]
@@ -406,7 +406,7 @@ def _redis(settings: Settings, redis: Redis, report: Report) -> None:
     from rq import Worker
     from rq.registry import FailedJobRegistry
 
-    from workers.queueing import SERIALIZER, queue
+    from core.queueing import SERIALIZER, queue
 
     try:
         redis.ping()
@@ -442,7 +442,7 @@ def _durability(redis: Redis) -> Check:
     """Can this Redis lose what the receiver acknowledged (eviction: FAIL; no persistence: WARN)?"""
     from redis.exceptions import RedisError
 
-    from workers.redis_conn import check_durability
+    from core.redis_conn import check_durability
 
     name = "redis durability"
     try:

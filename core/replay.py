@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from workers.contract import ActionCall
-from workers.delivery_log import ActionStatus, Delivery, DeliveryLog, Outcome
-from workers.queueing import enqueue
-from workers.retry import RetryPolicy
+from core.contract import ActionCall
+from core.delivery_log import ActionStatus, Delivery, DeliveryLog, Outcome
+from core.queueing import enqueue
+from core.retry import RetryPolicy
 
 IN_FLIGHT = frozenset({ActionStatus.QUEUED, ActionStatus.STARTED, ActionStatus.RETRYING})
 """Action states a replay never doubles."""

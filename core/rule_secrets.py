@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from workers.errors import PermanentError
+from core.errors import PermanentError
 
 FORBIDDEN_PREFIXES = ("CVAT_", "AWS_")
 """Prefixes of the service's own configuration, which holds its credentials."""

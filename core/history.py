@@ -2,9 +2,9 @@
 
 Cheap on purpose (issue 18, item 9):
 - deliveries cost no write at all: they are counted from the delivery index (``ZCOUNT`` of its
-  receipt times, :data:`workers.delivery_log.INDEX_KEY`);
+  receipt times, :data:`core.delivery_log.INDEX_KEY`);
 - failures are one ``HINCRBY`` (plus its ``EXPIRE``) per action run given up, written by
-  :func:`workers.metrics.inc` beside the counter it already increments, in the same transaction;
+  :func:`core.metrics.inc` beside the counter it already increments, in the same transaction;
 - queue depth is sampled once a minute by each receiver process (:func:`sample_depth`), and the
   first sample of a minute wins (``HSETNX``), so more processes cost no more than a write each.
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from redis import Redis
     from redis.client import Pipeline
 
-    from receiver.receipts import Batch
+    from core.receipts import Batch
 
 log = logging.getLogger(__name__)
 
