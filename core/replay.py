@@ -8,6 +8,8 @@ with the rules in force now (``--rematch``) needs the receiver's matching, so it
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from core.contract import ActionCall
@@ -19,25 +21,48 @@ IN_FLIGHT = frozenset({ActionStatus.QUEUED, ActionStatus.STARTED, ActionStatus.R
 """Action states a replay never doubles."""
 
 
+class Remedy(StrEnum):
+    """What would make a refused replay run something. Each front end words it in its own terms (the
+    CLI's ``--force``, the UI's checkbox, the API's ``"force": true``)."""
+
+    FORCE = "force"
+    """Run the actions that already succeeded again."""
+    REMATCH = "rematch"
+    """Judge the delivery again with the rules in force now."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a replay would run nothing, and what would make it run something (if anything would)."""
+
+    reason: str
+    remedy: Remedy | None = None
+
+
 class NothingToReplay(Exception):
-    """Nothing a replay could run: the message says why and what would (``--force``, ``--rematch``)."""
+    """Nothing a replay could run; :attr:`refusal` says why and what would."""
+
+    def __init__(self, delivery_id: str, refusal: Refusal) -> None:
+        super().__init__(f"delivery {delivery_id}: {refusal.reason}")
+        self.delivery_id = delivery_id
+        self.refusal = refusal
 
 
-def why_not(delivery: Delivery, *, force: bool = False) -> str | None:
+def why_not(delivery: Delivery, *, force: bool = False) -> Refusal | None:
     """Why a plain replay of ``delivery`` would run nothing (``None``: it would run something).
 
     The UI offers its Replay button, and the CLI tries, only when this is ``None``.
     """
     if delivery.record.get("outcome") == Outcome.PING:
-        return "it is a ping: no rule judges a ping and it has no action to run"
+        return Refusal("it is a ping: no rule judges a ping and it has no action to run")
     latest = delivery.latest_actions()
     if not latest:
-        return "it matched no rule, so there is no action to run again (--rematch judges it with the current rules)"
+        return Refusal("it matched no rule, so there is no action to run again", Remedy.REMATCH)
     statuses = {ActionStatus(a["status"]) for a in latest}
     if statuses <= IN_FLIGHT:
-        return "no failed action to replay: its actions are still queued or running"
+        return Refusal("no failed action to replay: its actions are still queued or running")
     if not force and ActionStatus.FAILED not in statuses:
-        return "no failed action to replay (use --force to run succeeded ones again)"
+        return Refusal("no failed action to replay: its actions succeeded", Remedy.FORCE)
     return None
 
 
@@ -47,9 +72,9 @@ def replay(log: DeliveryLog, delivery: Delivery, *, force: bool = False) -> list
     Actions still queued or running are never doubled. Without ``force``, a delivery whose actions
     all succeeded has nothing to replay: that is how a replay of a finished delivery stays one effect.
     """
-    reason = why_not(delivery, force=force)
-    if reason is not None:
-        raise NothingToReplay(f"delivery {delivery.id}: {reason}")
+    refusal = why_not(delivery, force=force)
+    if refusal is not None:
+        raise NothingToReplay(delivery.id, refusal)
     chosen = [a for a in delivery.latest_actions()
               if ActionStatus(a["status"]) not in IN_FLIGHT and (force or a["status"] == ActionStatus.FAILED)]
     essentials = delivery.essentials

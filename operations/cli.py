@@ -349,7 +349,7 @@ def deliveries_replay(delivery_id: str | None, force: bool, rematch: bool, statu
     the actions that match now are run. Without an ID, every delivery the filters select is
     replayed (after outages): the count is shown first and confirmed unless --yes.
     """
-    from core.replay import NothingToReplay
+    from core.replay import NothingToReplay, Remedy
     from receiver.bulk_replay import MAX_BULK, replay_all, replay_one
 
     bulk = any((status, since, until, rule, event))
@@ -364,7 +364,9 @@ def deliveries_replay(delivery_id: str | None, force: bool, rematch: bool, statu
         try:
             jobs = replay_one(log, delivery, **options)
         except NothingToReplay as exc:
-            raise click.ClickException(f"nothing to replay: {exc}") from exc
+            remedy = {Remedy.FORCE: " (--force runs succeeded actions again)",
+                      Remedy.REMATCH: " (--rematch judges it with the current rules)"}.get(exc.refusal.remedy, "")
+            raise click.ClickException(f"nothing to replay: {exc}{remedy}") from exc
         verb = "would queue" if dry_run else "queued"
         click.echo(f"delivery {delivery.id}: {verb} {len(jobs)} job(s): {', '.join(jobs) or '-'}")
         return

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from core.delivery_log import Delivery, DeliveryLog
+from core.keys import BULK_REPLAY_KEY as PROGRESS_KEY
 from core.replay import NothingToReplay, replay
 from receiver.rematch import rematch
 
@@ -28,11 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PROGRESS_KEY = "cvat-hooks:bulk-replay:"
-"""Redis hash per bulk replay started from the UI: ``total``, ``done``, ``replayed``, ``skipped``,
-``jobs``, ``finished`` (0/1), ``error``; kept :data:`PROGRESS_SECONDS`."""
 PROGRESS_SECONDS = 86400
-"""Seconds a bulk replay's progress stays readable."""
+"""Seconds a bulk replay's progress (a Redis hash under :data:`PROGRESS_KEY`: ``total``, ``done``,
+``replayed``, ``skipped``, ``jobs``, ``finished`` (0/1), ``error``) stays readable."""
 MAX_BULK = 2000
 """Most deliveries one bulk replay takes (the list scans as many recent ones)."""
 
@@ -61,9 +60,9 @@ def replay_one(log: DeliveryLog, delivery: Delivery, *, rules: RuleSet | None = 
     if dry_run:
         from core.replay import why_not
 
-        reason = why_not(delivery, force=force)
-        if reason is not None:
-            raise NothingToReplay(f"delivery {delivery.id}: {reason}")
+        refusal = why_not(delivery, force=force)
+        if refusal is not None:
+            raise NothingToReplay(delivery.id, refusal)
         return []
     return replay(log, delivery, force=force)
 

@@ -21,7 +21,7 @@ from typing import Any
 from core.contract import ActionCall
 from core.delivery_log import ActionStatus, Delivery, DeliveryLog, Outcome
 from core.events import BadEvent, canonical, parse_event
-from core.replay import IN_FLIGHT, NothingToReplay, next_run, queue_runs
+from core.replay import IN_FLIGHT, NothingToReplay, Refusal, Remedy, next_run, queue_runs
 from receiver.dispatch import calls_for
 from receiver.rules import Explanation, RuleSet, explain, previous_without_state
 
@@ -50,14 +50,14 @@ def judge(delivery: Delivery, rules: RuleSet, *, service_account: str | None = N
           now: datetime | None = None) -> tuple[Any, list[Explanation]]:
     """The event rebuilt from the kept payload, and every rule's verdict on it now (with reasons)."""
     if delivery.record.get("outcome") == Outcome.PING:
-        raise NothingToReplay(f"delivery {delivery.id}: it is a ping: no rule judges a ping")
+        raise NothingToReplay(delivery.id, Refusal("it is a ping: no rule judges a ping"))
     payload = delivery.record.get("payload")
     if not isinstance(payload, dict):
-        raise NothingToReplay(f"delivery {delivery.id}: its payload was not kept, it cannot be judged again")
+        raise NothingToReplay(delivery.id, Refusal("its payload was not kept, it cannot be judged again"))
     try:
         event = dataclasses.replace(parse_event(canonical(payload)), delivery_id=delivery.id)
     except BadEvent as exc:
-        raise NothingToReplay(f"delivery {delivery.id}: its payload cannot be read again: {exc}") from exc
+        raise NothingToReplay(delivery.id, Refusal(f"its payload cannot be read again: {exc}")) from exc
     verdicts = explain(rules, event, previous_without_state(event), now or datetime.now(UTC),
                        service_account=service_account)
     return event, verdicts
@@ -74,6 +74,7 @@ def rematch(log: DeliveryLog, delivery: Delivery, rules: RuleSet, *, force: bool
     latest = {(a["rule_id"], int(a["index"])): a for a in delivery.latest_actions()}
     calls: list[ActionCall] = []
     kept: list[str] = []
+    succeeded = False
     for call in calls_for(event, matches):
         before = latest.get((call.rule_id, call.index))
         if before is not None:
@@ -82,7 +83,8 @@ def rematch(log: DeliveryLog, delivery: Delivery, rules: RuleSet, *, force: bool
                 kept.append(f"rule {call.rule_id} action {call.index}: still {status.value}")
                 continue
             if status in (ActionStatus.SUCCEEDED, ActionStatus.SKIPPED) and not force:
-                kept.append(f"rule {call.rule_id} action {call.index}: already {status.value} (--force runs it again)")
+                kept.append(f"rule {call.rule_id} action {call.index}: already {status.value}")
+                succeeded = True
                 continue
         calls.append(dataclasses.replace(call, run=next_run(delivery, call.rule_id, call.index)))
     version = rules.digest[:12]
@@ -90,7 +92,8 @@ def rematch(log: DeliveryLog, delivery: Delivery, rules: RuleSet, *, force: bool
         errors = [f"{v.rule_id}: {e}" for v in verdicts if v.match is not None for e in v.match.errors]
         why = "; ".join(kept + errors) or "no rule matches it now: " + "; ".join(
             f"{v.rule_id}: {v.reasons[-1] if v.reasons else 'no match'}" for v in verdicts)
-        raise NothingToReplay(f"delivery {delivery.id}: nothing to run with rules version {version}: {why}")
+        raise NothingToReplay(delivery.id, Refusal(f"nothing to run with rules version {version}: {why}",
+                                                   Remedy.FORCE if succeeded else None))
     if dry_run:
         return Rematch(delivery.id, version, verdicts, [c.job_id for c in calls], kept)
     job_ids = queue_runs(log, calls, lambda c: f"re-matched with rules version {version}: run {c.run} of "

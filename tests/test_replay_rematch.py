@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from core.contract import EXPORT_QUEUE, LIGHT_QUEUE
 from core.delivery_log import DeliveryLog
 from core.queueing import queue
+from core.replay import why_not
 from operations.cli import main
 from receiver.app import create_app
 from tests.conftest import capture, post, with_settings
@@ -112,6 +113,28 @@ def test_api_rematch(client, redis, rules_file: Path):
     assert answer.status_code == 202, answer.json
     assert answer.json["jobs"] == [f"cvh-{delivery_id[:32]}-notify-issues-0"]
     assert {r["rule_id"]: r["matched"] for r in answer.json["rules"]}["notify-issues"] is True
+
+
+def test_a_refusal_names_its_remedy_in_each_front_ends_own_terms(client, cli, redis):
+    """What would make a refused replay run something is worded by the CLI as a flag, by the API as a
+    JSON field, by the UI as its control: none of them shows another's wording."""
+    from receiver.admin.ui import _say
+
+    unmatched = deliver(client, "create_issue.json")
+    done = deliver(client, "update_job_completed.json")
+    log = DeliveryLog(redis, retention_seconds=3600)
+    for job_id in log.get(done).actions:
+        log.action_succeeded(done, job_id, attempt=1, started=time.time(), result={})
+    for delivery_id, remedy, flag in ((unmatched, "rematch", "--rematch judges"), (done, "force", "--force runs")):
+        code, out = cli("deliveries", "replay", delivery_id)
+        assert code == 1 and flag in out, out
+        answer = client.post(f"/api/deliveries/{delivery_id}/replay", headers=BEARER)
+        assert answer.status_code == 409 and answer.json["remedy"] == remedy
+        assert f'{{"{remedy}": true}}' in answer.json["error"] and "--" not in answer.json["error"]
+        shown = _say(why_not(log.get(delivery_id)))
+        assert shown is not None and "--" not in shown and ("tick 'force'" in shown or "'Re-match'" in shown)
+    assert client.post(f"/api/deliveries/{done}/replay", json={"force": True}, headers=BEARER).status_code == 202
+    assert client.post(f"/api/deliveries/{done}/replay", headers=BEARER).json["remedy"] is None  # still queued
 
 
 def test_bulk_replay_counts_confirms_and_replays(client, cli, redis):

@@ -125,8 +125,9 @@ def replay_delivery(delivery_id: str):  # type: ignore[no-untyped-def]
             answer = {"delivery_id": found.id, "jobs": replay(intake().deliveries, found, force=force),
                       "force": force, "rematch": False}
     except NothingToReplay as exc:
-        message = str(exc).replace("--force", '"force": true').replace("--rematch", '"rematch": true')
-        return _error(409, message, delivery_id=found.id)
+        remedy = exc.refusal.remedy
+        message = f'{exc} ({{"{remedy}": true}} would run it)' if remedy else str(exc)
+        return _error(409, message, delivery_id=found.id, remedy=remedy.value if remedy else None)
     log.info("delivery %s: replay%s from the admin api queued %d job(s)", found.id,
              " (re-matched)" if again else "", len(answer["jobs"]))
     return jsonify(answer), 202

@@ -20,7 +20,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from redis.exceptions import RedisError
 
 from core.delivery_log import Delivery
-from core.replay import NothingToReplay, replay, why_not
+from core.replay import NothingToReplay, Refusal, Remedy, replay, why_not
 from receiver.admin import auth
 from receiver.admin.charts import charts
 from receiver.admin.queries import (
@@ -183,12 +183,22 @@ def delivery(delivery_id: str):  # type: ignore[no-untyped-def]
         return _message("No such delivery", "Unknown, expired, or an ambiguous id prefix.", 404)
     flash = _read_flash()
     ping = found.record.get("outcome") == "ping"
-    offers = {"replay": why_not(found), "force": why_not(found, force=True),
+    offers = {"replay": _say(why_not(found)), "force": _say(why_not(found, force=True)),
               "rematch": "it is a ping: no rule judges a ping" if ping else None}
     page = _page("admin_detail.html", d=found, summary=found.summary(), header=stats(intake().redis),
                  payload=json.dumps(found.record.get("payload"), indent=2, ensure_ascii=False),
                  actions=_actions(found), flash=flash, offers=offers, verdicts=None if ping else _verdicts(found))
     return _with_flash(page, flash)
+
+
+_REMEDIES = {Remedy.FORCE: " (tick 'force' to run succeeded actions again)",
+             Remedy.REMATCH: " ('Re-match' judges it with the current rules)"}
+"""A refused replay's remedy, in this page's terms."""
+
+
+def _say(refusal: Refusal | None) -> str | None:
+    """A refusal as the detail page shows it (``None``: the button is offered)."""
+    return None if refusal is None else refusal.reason + _REMEDIES.get(refusal.remedy, "")
 
 
 def _verdicts(found: Delivery) -> dict[str, Any] | None:
@@ -225,9 +235,7 @@ def replay_delivery(delivery_id: str):  # type: ignore[no-untyped-def]
         flash = {"kind": "ok", "message": f"{what} queued {len(job_ids)} job(s): {', '.join(job_ids)}"}
         log.info("delivery %s: %s from the admin ui queued %d job(s)", found.id, what.lower(), len(job_ids))
     except NothingToReplay as exc:
-        reason = str(exc).replace("use --force to run", "tick 'force' to run").replace(
-            "--rematch judges", "'Re-match' judges").replace("(--force runs it again)", "(tick 'force')")
-        flash = {"kind": "warn", "message": f"Nothing replayed: {reason}"}
+        flash = {"kind": "warn", "message": f"Nothing replayed: {exc}{_REMEDIES.get(exc.refusal.remedy, '')}"}
     return _redirect_with_flash(url_for(".delivery", delivery_id=found.id), flash)
 
 
