@@ -15,12 +15,15 @@ RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgr
 
 WORKDIR /app
 # Dependencies first, so a code change does not reinstall them.
-COPY pyproject.toml README.md ./
 COPY requirements/run.lock ./requirements/run.lock
+# The locked versions only (./dev lock upgrades them), so an upstream release cannot change the image.
+RUN pip install --no-cache-dir -r requirements/run.lock
+COPY pyproject.toml README.md ./
+COPY core ./core
 COPY receiver ./receiver
 COPY workers ./workers
-# The locked versions only (./dev lock upgrades them), so an upstream release cannot change the image.
-RUN pip install --no-cache-dir -c requirements/run.lock . && rm -rf build *.egg-info
+COPY operations ./operations
+RUN pip install --no-cache-dir --no-deps . && pip check && rm -rf build *.egg-info
 COPY rules.yaml ./
 COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
 

@@ -129,7 +129,19 @@ def run_phases(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], di
             errors[name] = f"{type(exc).__name__}: {exc}"
             log(f"{name} failed: {errors[name]}")
             traceback.print_exc()
+        settle(work / name, keep=args.keep)
     return results, errors
+
+
+def settle(phase_dir: Path, *, keep: bool) -> None:
+    """Leave the machine to the next phase as quiet as the phase found it: the files it wrote are
+    removed and written back now (``sync``), instead of being flushed by the kernel while the next
+    phase measures (the export phase leaves gigabytes of dirty pages; the latency phase after it
+    measured a p99 of 28 ms in the suite against 7 ms alone)."""
+    if not keep:
+        shutil.rmtree(phase_dir, ignore_errors=True)
+    os.sync()
+    time.sleep(2.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ from core.redaction import Redactor
 from core.service_account import ServiceAccount
 from core.state import Seen
 from receiver.journal import Journal, JournalFull
-from receiver.rules import Explanation, Match, Previous, RuleStore, match, previous_from_payload
+from receiver.rules import Explanation, Match, Previous, RuleStore, match, previous_without_state
 from receiver.secrets_store import SecretStore
 from receiver.settings import Settings
 from receiver.signature import HEADER, Verdict
@@ -205,11 +205,9 @@ def transitions_for(event: Event, seen: Seen) -> Previous:
     Without them, an event older than what we already saw never fires a transition (our memory is
     newer than its old state), and otherwise our last-seen snapshot decides.
     """
-    if event.action == "create":
-        return Previous(event.resource, {}, "created")
-    from_payload = previous_from_payload(event)
-    if from_payload is not None:
-        return from_payload
+    from_event = previous_without_state(event)
+    if from_event.source != "unknown":  # CVAT's own fields, or a creation (nothing before it)
+        return from_event
     if seen.source == "stale":
         return Previous(event.resource, None, "stale")
     if seen.source == "last-seen":

@@ -160,7 +160,7 @@ def target(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
                          workers=WorkerSettings(redis_url=server.url, data_dir=base / "data"))
     redis = Redis.from_url(server.url)
     # Thousands of rejections would each log a warning into pytest's capture: not what is tested here.
-    quiet = [logging.getLogger(name) for name in ("receiver", "workers")]
+    quiet = [logging.getLogger(name) for name in ("core", "receiver", "workers", "operations")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
         logger.setLevel(logging.ERROR)
