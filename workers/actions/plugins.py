@@ -9,8 +9,7 @@ The callable is declared with :func:`action`, which says what the receiver check
 ``rules.yaml`` loads (the parameters, as for the built-in actions), which queue runs it, and which
 CVAT events it can cause (the loop guard, ``receiver.rules.own_events``)::
 
-    from workers.actions.plugins import Param, action
-    from core.errors import PermanentError, TransientError
+    from workers.actions.plugins import Param, PermanentError, TransientError, action
 
     @action(summary="count a task's jobs", params={"task": Param(int, required=True)})
     def count_jobs(ctx):
@@ -37,7 +36,12 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TypeVar
 
 from core.contract import EXPORT_QUEUE, LIGHT_QUEUE
+from core.errors import PermanentError, TransientError
 from workers.actions import COMMON_PARAMS, ActionSpec
+
+__all__ = ["Param", "PermanentError", "TransientError", "action"]
+"""What a plugin imports: the declaration, and the two errors that say whether to retry (the
+errors live in ``core.errors``, shared with the rest of cvat-hooks; this is their address for plugins)."""
 
 ENTRY_POINT_GROUP = "cvat_hooks.actions"
 DECLARATION_ATTR = "__cvat_hooks_action__"
@@ -226,8 +230,6 @@ class PluginAction:
 
     def run(self, ctx: Any) -> dict[str, Any]:
         """Check the rendered parameters, convert them to their declared types, add defaults, run."""
-        from core.errors import PermanentError
-
         problems = self.validate(ctx.params, rendered=True)
         if problems:
             raise PermanentError(f"action {self.name}: " + "; ".join(problems))

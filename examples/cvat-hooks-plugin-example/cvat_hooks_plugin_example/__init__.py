@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from core.errors import PermanentError, TransientError
-from workers.actions.plugins import Param, action
+from workers.actions.plugins import Param, PermanentError, TransientError, action
 from workers.context import ActionContext
 
 
