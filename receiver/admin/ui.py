@@ -191,8 +191,8 @@ def delivery(delivery_id: str):  # type: ignore[no-untyped-def]
     return _with_flash(page, flash)
 
 
-_REMEDIES = {Remedy.FORCE: " (tick 'force' to run succeeded actions again)",
-             Remedy.REMATCH: " ('Re-match' judges it with the current rules)"}
+_REMEDIES: dict[Remedy | None, str] = {Remedy.FORCE: " (tick 'force' to run succeeded actions again)",
+                                       Remedy.REMATCH: " ('Re-match' judges it with the current rules)"}
 """A refused replay's remedy, in this page's terms."""
 
 
