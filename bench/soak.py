@@ -289,6 +289,7 @@ def pending_deliveries(redis_url: str) -> set[str]:
     queued, taken (intermediate queue), running, or scheduled for a retry. An expected action whose
     job is there is "not run yet"; one whose job is nowhere is lost."""
     from redis import Redis
+    from rq.intermediate_queue import IntermediateQueue
     from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
     from core.contract import QUEUES
@@ -299,10 +300,11 @@ def pending_deliveries(redis_url: str) -> set[str]:
     try:
         for name in QUEUES:
             q = rq_queue(name, redis)
-            ids += [i.decode() for i in redis.lrange(q.key, 0, -1)]
-            ids += [i.decode() for i in redis.lrange(q.intermediate_queue_key, 0, -1)]
-            ids += [e.decode().split(":", 1)[0] for e in redis.zrange(StartedJobRegistry(queue=q).key, 0, -1)]
-            ids += [i.decode() for i in redis.zrange(ScheduledJobRegistry(queue=q).key, 0, -1)]
+            ids += q.get_job_ids()
+            ids += IntermediateQueue(q.key, redis).get_job_ids()
+            # cleanup=False: counting must not move what it counts (RQ's cleanup fails expired entries).
+            ids += StartedJobRegistry(queue=q).get_job_ids(cleanup=False)
+            ids += ScheduledJobRegistry(queue=q).get_job_ids(cleanup=False)
     finally:
         redis.close()
     return {i[4:36] for i in ids if i.startswith("cvh-")}
@@ -311,6 +313,7 @@ def pending_deliveries(redis_url: str) -> set[str]:
 def drained(redis_url: str) -> bool:
     """Nothing queued, running or waiting for a retry."""
     from redis import Redis
+    from rq.intermediate_queue import IntermediateQueue
     from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
     from core.contract import QUEUES
