@@ -272,8 +272,8 @@ def test_two_workers_run_the_periodic_reconcile_once_per_period(cvat_server, reg
     gaps = [later["ts"] - earlier["ts"] for earlier, later in zip(runs, runs[1:], strict=False)]
     assert min(gaps) > period * 0.5, gaps
     assert runs[0]["redelivered_count"] == 1 and all(r["redelivered_count"] == 0 for r in runs[1:])
-    jobs = [key for key in redis.scan_iter("rq:job:*")
+    jobs = [key for key in redis.scan_iter(Job.redis_job_namespace_prefix + "*")
             if redis.type(key) == b"hash" and b"reconcile" in (redis.hget(key, "description") or b"")]
-    assert jobs == [f"rq:job:{JOB_ID}".encode()]
+    assert jobs == [Job.key_for(JOB_ID).encode()]
     assert json.loads(redis.lindex(RUNS_KEY, 0))["webhooks"] == [1]
     assert time.time() - runs[0]["ts"] < 30

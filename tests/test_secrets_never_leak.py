@@ -33,8 +33,11 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
+from rq.registry import FailedJobRegistry
 
+from core.contract import QUEUES
 from core.delivery_log import DeliveryLog
+from core.queueing import queue
 from tests.conftest import capture, stored
 from tests.cvat_server import CvatTestServer, WebhookSink
 from tests.moto_s3 import s3_endpoint
@@ -304,8 +307,8 @@ def test_no_secret_appears_in_any_output(world: World) -> None:
     for path in sorted((world.tmp / "redis").rglob("*")):
         if path.is_file():
             world.outputs.add("aof", path.read_bytes())
-    failed_jobs = [k for k in redis.scan_iter("rq:job:*")
-                   if redis.type(k) == b"hash" and redis.hget(k, "status") == b"failed"]
+    failed_jobs = [job_id for name in QUEUES
+                   for job_id in FailedJobRegistry(queue=queue(name, redis)).get_job_ids(cleanup=False)]
     assert failed_jobs, "failed jobs (and their exception strings) were searched"
     assert len(world.outputs.items) > 100
 
