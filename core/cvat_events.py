@@ -92,14 +92,6 @@ def expand(pattern: str) -> list[str]:
     return [name for name in EVENT_NAMES if matches(pattern, name)]
 
 
-def is_known(name: str) -> bool:
-    """Whether CVAT can send an event of this exact name."""
-    return name in _KNOWN
-
-
-_KNOWN = frozenset(EVENT_NAMES)
-
-
 def resource_of(name: str) -> str | None:
     """The payload key an event's object sits under: ``job`` for ``update:job``, ``request`` for
     ``completed:request[...]``, ``webhook`` for ``ping`` (as :func:`core.events.parse_event` does)."""

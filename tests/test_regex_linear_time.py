@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from receiver.rules import RulesError, evaluate, parse_rules
+from receiver.rules import RulesError, parse_rules
+from tests.judging import evaluate
 
 RULE = """\
 version: 1

@@ -6,8 +6,6 @@ Everything here is pure except :class:`RuleStore`, which reads the file and relo
 from __future__ import annotations
 
 from receiver.rules.conditions import (
-    Verdict,
-    evaluate,
     lookup,
     previous_from_payload,
     previous_without_state,
@@ -60,9 +58,7 @@ __all__ = [
     "TemplateError",
     "Check",
     "Validator",
-    "Verdict",
     "check_template",
-    "evaluate",
     "explain",
     "load_rules",
     "lookup",

@@ -11,15 +11,16 @@ never matches.
 
 A condition is compiled once per rule (:func:`compile_condition`) into a judge that gives the
 verdict at once and the reasons only when called. The receiver matches every delivery against
-every rule but records reasons only for the rules that fire; ``rules test`` (:func:`evaluate`,
-``explain``) asks for all of them. Both go through the same judge, so they cannot disagree.
+every rule but records reasons only for the rules that fire; ``rules test`` (``explain``) asks for
+all of them. Both go through the same judge, so they cannot disagree. The reasons explain the whole
+decision: a failed ``all`` gives the reasons of its failing items, a matched one all of them; a
+matched ``any`` those of its matching items.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Any
 
@@ -39,14 +40,6 @@ Judgement = tuple[bool, Reasons]
 
 Judge = Callable[[Mapping[str, Any], Previous | None], Judgement]
 """A condition compiled once (:func:`compile_condition`), applied to an event context and previous state."""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Whether a condition held, and the human-readable reasons (for the delivery log, ``rules test``)."""
-
-    matched: bool
-    reasons: tuple[str, ...] = ()
 
 
 def _walk(data: Any, steps: tuple[tuple[str, bool], ...]) -> Any:
@@ -410,7 +403,7 @@ def compile_condition(cond: Condition | None) -> Judge:
     """Turn a condition tree into one judge, once per rule (see :attr:`Rule.judge`).
 
     Matching many events against the same rules then pays neither for the type and operator
-    dispatch nor for formatting reasons nobody reads; :func:`evaluate` is this, with the reasons.
+    dispatch nor for formatting reasons nobody reads.
     """
     if cond is None:
         return lambda ctx, previous: (True, _NO_CONDITIONS)
@@ -428,15 +421,6 @@ def compile_condition(cond: Condition | None) -> Judge:
         return _not(compile_condition(cond.item))
     raise TypeError(f"not a condition: {cond!r}")
 
-
-def evaluate(cond: Condition | None, ctx: Mapping[str, Any], previous: Previous | None = None) -> Verdict:
-    """Evaluate a condition tree against an event context (:meth:`Event.context`).
-
-    The reasons explain the whole decision: a failed ``all`` gives the reasons of its failing
-    items, a matched one all of them; a matched ``any`` those of its matching items.
-    """
-    ok, why = compile_condition(cond)(ctx, previous)
-    return Verdict(ok, why())
 
 
 def previous_from_payload(event: Event) -> Previous | None:

@@ -57,7 +57,6 @@ VERSION = 1
 TOP_KEYS = ("version", "rules")
 RULE_KEYS = ("id", "description", "on", "if", "do", "retry", OPT_OUT_KEY)
 RETRY_KEYS = ("attempts", "backoff")
-GROUP_KEYS = ("all", "any", "not")
 
 _SLUG = re.compile(r"[a-z0-9][a-z0-9_-]*")
 _PATH = re.compile(r"[^.\s]+(?:\.[^.\s]+)*")

@@ -28,10 +28,6 @@ OPERATORS = SCALAR_OPERATORS + TRANSITION_OPERATORS
 _RULES_FOR_NAMES = 512
 """Event names whose rules :meth:`RuleSet.rules_for` remembers: CVAT has about 50."""
 
-PREVIOUS_SOURCES = ("payload", "last-seen", "created", "stale", "unknown")
-"""The usual values of :attr:`Previous.source`."""
-
-
 @dataclass(frozen=True)
 class Previous:
     """What the resource of an event looked like before it, as far as the receiver knows.
