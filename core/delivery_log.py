@@ -4,7 +4,7 @@ Written by the receiver (inside the same Redis transaction that enqueues the job
 workers (one entry per step, written *before* an error is re-raised so a crash cannot hide it).
 Read by ``cvat-hooks deliveries`` and the admin API. Every record expires after the retention.
 
-Keys (``P`` = ``cvat-hooks``):
+Keys (named in :mod:`core.keys`; ``P`` = ``cvat-hooks``):
 - ``P:delivery:<id>``: hash; ``record`` = the receipt JSON, ``action:<job_id>`` = one action's state,
   ``started:<job_id>`` = the attempt of it that is running, if one is (see :func:`running`);
 - ``P:delivery:<id>:timeline``: list of JSON steps, oldest first;
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from core.keys import DELIVERIES_KEY as INDEX_KEY
+from core.keys import DELIVERY_KEY, DELIVERY_TIMELINE_KEY
 from core.redaction import Redactor
 
 if TYPE_CHECKING:
@@ -32,8 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREFIX = "cvat-hooks"
-INDEX_KEY = f"{PREFIX}:deliveries"
 DUPLICATES_FIELD = "duplicates"
 LAST_DUPLICATE_FIELD = "last_duplicate_at"
 """Fields of the record's hash beside ``record``, merged into it when read (see ``_build``)."""
@@ -45,11 +45,11 @@ first, so the start can ride in the worker's own transaction), removed by the wr
 
 
 def record_key(delivery_id: str) -> str:
-    return f"{PREFIX}:delivery:{delivery_id}"
+    return DELIVERY_KEY.format(delivery_id)
 
 
 def timeline_key(delivery_id: str) -> str:
-    return f"{PREFIX}:delivery:{delivery_id}:timeline"
+    return DELIVERY_TIMELINE_KEY.format(delivery_id)
 
 
 class Outcome(StrEnum):

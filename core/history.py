@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from core.keys import HISTORY_KEY as KEY
+
 if TYPE_CHECKING:
     from redis import Redis
     from redis.client import Pipeline
@@ -30,8 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KEY = "cvat-hooks:history:"
-"""Prefix of the hourly hashes; the rest is the hour since the epoch."""
 KEEP_SECONDS = 26 * 3600
 """Seconds an hour's figures are kept: the day chart plus the hour being written."""
 SAMPLE_SECONDS = 60.0

@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import RedisError
 
+from core.keys import METRIC_COUNTERS_KEY as COUNTERS_KEY
+from core.keys import METRIC_HISTOGRAMS_KEY as HISTOGRAMS_KEY
+
 if TYPE_CHECKING:
     from redis import Redis
     from redis.client import Pipeline
@@ -21,12 +24,6 @@ if TYPE_CHECKING:
     from core.receipts import Batch
 
 log = logging.getLogger(__name__)
-
-COUNTERS_KEY = "cvat-hooks:metrics:counters"
-HISTOGRAMS_KEY = "cvat-hooks:metrics:buckets"
-"""Histogram observations, one count per bucket an observation *falls in* (not cumulative: one write
-per observation instead of one per bucket); :class:`RedisCollector` cumulates them when rendering.
-Renamed from ``...:histograms`` (cumulative counts) so the two forms never mix after an upgrade."""
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 """Seconds: an action takes from a few ms (notify) to many minutes (a large export)."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from redis.exceptions import WatchError
 
+from core.keys import SEEN_KEY
 from core.state import SWAP_FUNCTION, Seen, StateStore, seen_from
 
 if TYPE_CHECKING:
@@ -29,8 +30,6 @@ if TYPE_CHECKING:
     from redis.client import Pipeline
 
     from core.events import Event
-
-SEEN_KEY = "cvat-hooks:seen:{}"
 
 # ops: a flat ARGV slice of commands, each as <argc> <command> <args...>; the pseudo command
 # IFEXISTS <key> <n> skips the next n commands when key does not exist.

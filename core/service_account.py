@@ -23,11 +23,10 @@ from typing import Any, Protocol
 from redis import Redis
 from redis.exceptions import RedisError
 
+from core.keys import SERVICE_ACCOUNT_KEY as KEY
+
 log = logging.getLogger(__name__)
 
-KEY = "cvat-hooks:service-account"
-"""String: the username the workers last found themselves to be in CVAT (no expiry: a restart of
-the workers with another account overwrites it)."""
 CACHE_SECONDS = 60.0
 """Seconds a receiver keeps the account it read from Redis."""
 MISS_SECONDS = 10.0

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from core.cvat_events import TRACKED_RESOURCES
+from core.keys import STATE_KEY as KEY
 from core.redaction import Redactor
 
 if TYPE_CHECKING:
@@ -25,11 +26,6 @@ if TYPE_CHECKING:
 
 TRACKED = frozenset(TRACKED_RESOURCES)
 """Resources whose last-seen state is kept (those with a lifecycle rules care about)."""
-
-KEY = "cvat-hooks:state:{resource}:{id}"
-SYNC_KEY = "cvat-hooks:state-sync:{resource}"
-"""Hash of ``operations.state_sync``'s progress per resource type: ``newest`` (the newest
-``updated_date`` learned) and ``full_at`` (epoch seconds of the last walk through everything)."""
 
 LEARNED = "learned"
 """The delivery id recorded with a snapshot learned from CVAT's API rather than from a delivery."""

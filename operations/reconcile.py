@@ -38,12 +38,17 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import LockError, RedisError
 
 from core.contract import LIGHT_QUEUE
-from core.delivery_log import PREFIX as KEY_PREFIX
 from core.delivery_log import iso
 from core.errors import ActionError
 from core.events import delivery_id_of
+from core.keys import RECONCILE_JOB_ID as JOB_ID
+from core.keys import RECONCILE_LOCK_KEY as LOCK_KEY
+from core.keys import RECONCILE_RUNS_KEY as RUNS_KEY
+from core.keys import RECONCILE_SCHEDULE_LOCK_KEY as SCHEDULE_LOCK
+from core.keys import RECONCILE_TRIES_KEY as TRIES_KEY
+from core.keys import RECONCILE_WATERMARK_KEY as WATERMARK_KEY
+from core.keys import SEEN_KEY
 from core.queueing import SERIALIZER, queue
-from core.receipts import SEEN_KEY
 from core.redaction import Redactor
 from operations import webhook_registry as registry
 from operations.cvat_webhooks import (
@@ -69,22 +74,14 @@ MAX_TRIES = 3
 OVERLAP = 600
 """Seconds before the last clean run's newest delivery that a periodic run reads again (CVAT writes
 delivery records from several workers, not quite in order)."""
-PREFIX = f"{KEY_PREFIX}:reconcile"
-RUNS_KEY = f"{PREFIX}:runs"
 RUNS_KEPT = 100
 LISTED = 200
 """Entries of each list kept in a run's record (the counts are always complete)."""
-TRIES_KEY = PREFIX + ":tries:{}"
-WATERMARK_KEY = PREFIX + ":watermark:{}"
-LOCK_KEY = f"{PREFIX}:lock"
 LOCK_SECONDS = 1800
 """Longest a run may hold the lock (and the periodic job's timeout)."""
-JOB_ID = "cvat-hooks-reconcile"
-"""The periodic job's id: deterministic, so every worker finds the same one instead of adding its own."""
 JOB_FUNCTION = "operations.reconcile.scheduled_run"
 """What the periodic job calls, by name: a job scheduled under another name (an older release's
 module) is replaced when a worker starts."""
-SCHEDULE_LOCK = f"{PREFIX}:schedule-lock"
 FIRST_RUN_DELAY = 60
 """Seconds after a worker starts before the first periodic run (at most one period)."""
 REPEATS = 10**9

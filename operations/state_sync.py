@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from core.state import SYNC_KEY, StateStore
+from core.keys import STATE_SYNC_KEY as SYNC_KEY
+from core.state import StateStore
 from workers.gateway import Resource
 
 log = logging.getLogger(__name__)

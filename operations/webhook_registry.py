@@ -29,16 +29,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from core.delivery_log import PREFIX
+from core.keys import DEPLOYMENT_KEY, WEBHOOKS_KEY
 from operations.cvat_webhooks import ORGANIZATION, PROJECT, SERVER, Scope, Webhook, description_for
 
 if TYPE_CHECKING:
     from redis import Redis
 
-DEPLOYMENT_KEY = f"{PREFIX}:deployment"
-"""This deployment's id (string, no expiry)."""
-WEBHOOKS_KEY = f"{PREFIX}:webhooks"
-"""Hash of the webhooks this deployment registered: id -> JSON (no expiry)."""
 ID_BYTES = 6
 """Random bytes of a deployment id (12 hex characters)."""
 

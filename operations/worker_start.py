@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from core.contract import LIGHT_QUEUE
+from core.keys import LEARN_STATES_JOB_ID as LEARN_JOB_ID
 from core.queueing import SERIALIZER, queue
 from core.redaction import Redactor
 from operations.reconcile import schedule_periodic
@@ -21,9 +22,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LEARN_JOB_ID = "cvat-hooks-learn-states"
-"""The one-off state-learning job a starting worker queues (a fixed id: workers starting together
-queue one, not one each)."""
 LEARN_JOB_FUNCTION = "operations.worker_start.learn_now"
 LEARN_TIMEOUT = 1800
 """Seconds a walk through every project, task and job may take."""

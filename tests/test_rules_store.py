@@ -78,7 +78,7 @@ def test_reload(tmp_path: Path, new: str | None, reloaded: bool, ids: list[str])
         path.unlink()
     else:
         write(path, new, tick=1)
-    assert store.reload() is reloaded
+    assert store.check() is reloaded
     assert [r.id for r in store.current.rules] == ids
 
 
@@ -89,7 +89,7 @@ def test_failed_reload_is_logged_with_the_problems(tmp_path: Path, caplog: pytes
     store = make_store(path)
     write(path, BAD, tick=1)
     with caplog.at_level(logging.ERROR, logger="receiver.rules.store"):
-        store.reload()
+        store.check()
     [record] = [r for r in caplog.records if r.name == "receiver.rules.store" and r.levelno >= logging.ERROR]
     assert record.levelno == logging.ERROR
     assert record.getMessage().startswith(f"rules {path}: reload failed, keeping 1 previous rule(s) (version ")
@@ -161,9 +161,9 @@ def test_the_last_good_rules_follow_successful_reloads_only(tmp_path: Path) -> N
     write(path, rules_text("a"), tick=0)
     store = kept_store(path, tmp_path / "data")
     write(path, rules_text("c"), tick=1)
-    assert store.reload() and store.problem is None
+    assert store.check() and store.problem is None
     write(path, BAD, tick=2)
-    assert not store.reload() and store.problem
+    assert not store.check() and store.problem
     assert [r.id for r in kept_store(path, tmp_path / "data").current.rules] == ["c"]
 
 
@@ -185,7 +185,7 @@ def test_no_good_rules_at_all_starts_empty_and_not_usable(tmp_path: Path) -> Non
     assert store.current.rules == () and not store.usable
     assert store.problem and "no last good rules" in store.problem
     write(path, rules_text("fixed"), tick=1)
-    assert store.reload() and store.usable and store.problem is None
+    assert store.check() and store.usable and store.problem is None
 
 
 def test_readyz_says_why_rules_are_missing_or_stale(settings: Any, rules_file: Path) -> None:
@@ -255,9 +255,9 @@ def test_one_process_logs_a_reload_at_its_level_the_others_at_debug(tmp_path: Pa
     stores = [kept_store(path, tmp_path / "data", redis) for _ in range(3)]
     with caplog.at_level(logging.DEBUG, logger="receiver.rules.store"):
         write(path, BAD, tick=1)
-        assert [s.reload() for s in stores] == [False] * 3
+        assert [s.check() for s in stores] == [False] * 3
         write(path, rules_text("a", "c"), tick=2)
-        assert [s.reload() for s in stores] == [True] * 3
+        assert [s.check() for s in stores] == [True] * 3
     refused = [r for r in caplog.records if "reload failed" in r.getMessage()]
     loaded = [r for r in caplog.records if "reloaded" in r.getMessage()]
     assert sorted(r.levelno for r in refused) == [logging.DEBUG, logging.DEBUG, logging.ERROR]

@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 from redis.exceptions import RedisError
 from werkzeug.exceptions import TooManyRequests
 
+from core.keys import ADMIN_FAILURES_KEY as FAILURE_KEY
+
 if TYPE_CHECKING:
     from redis import Redis
 
@@ -53,8 +55,6 @@ MAX_FAILURES = 10
 """Wrong tokens one client address may send within :data:`FAILURE_WINDOW` before it gets 429s."""
 FAILURE_WINDOW = 300
 """Seconds over which failures are counted (and a locked-out address waits)."""
-FAILURE_KEY = "cvat-hooks:admin:failures:"
-"""Redis key prefix of the failure counts, one key per client address (expiring with the window)."""
 
 log = logging.getLogger(__name__)
 

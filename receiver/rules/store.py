@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.keys import RULES_ANNOUNCED_KEY as ANNOUNCED_KEY
+from core.keys import RULES_LAST_GOOD_KEY
 from receiver.rules.loader import load_rules
 from receiver.rules.model import RulesError, RuleSet
 
@@ -44,12 +46,10 @@ log = logging.getLogger(__name__)
 CHECK_INTERVAL = 1.0
 """Seconds between two ``stat`` calls of the rules file by :meth:`RuleStore.maybe_reload`."""
 
-ANNOUNCED_KEY = "cvat-hooks:rules:announced:"
-"""Redis key prefix claimed (``SET NX``) by the process that logs one reload outcome at INFO/ERROR
-level; the rest of the key is the outcome, the file's digest and its mtime, so a later edit back to
-the same text is announced again."""
 ANNOUNCED_SECONDS = 120
-"""Seconds a claim lives: far longer than the workers of one host take to notice the same change."""
+"""Seconds a claim under :data:`ANNOUNCED_KEY` lives (one process logs a reload outcome at INFO/ERROR
+level; the outcome, the file's digest and its mtime end the key, so a later edit back to the same
+text is announced again): far longer than the workers of one host take to notice the same change."""
 
 Signature = tuple[int, int, int] | None
 """``(mtime_ns, size, inode)`` of the file, or ``None`` when it cannot be read."""
@@ -58,7 +58,7 @@ Signature = tuple[int, int, int] | None
 class LastGoodRules:
     """The last rules text that loaded, on the data volume and (best effort) in Redis for new pods."""
 
-    KEY = "cvat-hooks:rules:last-good"
+    KEY = RULES_LAST_GOOD_KEY
     """Redis hash: ``text``, ``digest``, ``saved_at`` (seconds since the epoch)."""
 
     def __init__(self, directory: Path, redis: Any | None = None) -> None:
@@ -226,12 +226,8 @@ class RuleStore:
         """The rules in force (one attribute read: safe from any thread)."""
         return self._current
 
-    def reload(self) -> bool:
-        """Re-read the file; ``True`` if new rules are in force, ``False`` if the old ones were kept."""
-        with self._lock:
-            return self._reload_locked()
-
     def _reload_locked(self) -> bool:
+        """Re-read the file; ``True`` if new rules are in force, ``False`` if the old ones were kept."""
         # Record the file's state before reading: a change during the read is seen next time.
         self._signature = _signature(self.path)
         self._checked_at = self._clock()

@@ -8,9 +8,9 @@ from typing import Any
 
 from core.contract import ActionCall
 from core.errors import PermanentError
+from core.keys import ACTION_CALL_KEY
 from workers.actions import COMMON_PARAMS
 
-KEY_PREFIX = "cvat-hooks"
 _PLACEHOLDER = re.compile(r"\{[^{}]*\}")
 
 
@@ -51,7 +51,8 @@ def event_id(event: Mapping[str, Any], name: str) -> int | None:
 
 def call_key(kind: str, call: ActionCall) -> str:
     """A Redis key unique to one run of one action of one rule for one delivery."""
-    return f"{KEY_PREFIX}:{kind}:{call.delivery_id}:{call.rule_id}:{call.index}:{call.run}"
+    return ACTION_CALL_KEY.format(kind=kind, delivery_id=call.delivery_id, rule_id=call.rule_id, index=call.index,
+                                  run=call.run)
 
 
 def text(raw: bytes | str | None) -> str | None:

@@ -48,14 +48,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from core.errors import ActionError, PermanentError
-from workers.actions._params import KEY_PREFIX, event_id, has_placeholder, text, unknown_params
+from core.keys import ANNOTATE_DONE_KEY as MARKER_PREFIX
+from workers.actions._params import event_id, has_placeholder, text, unknown_params
 from workers.annotation_gateway import AnnotationGateway
 from workers.context import ActionContext
 from workers.gateway import Resource
 from workers.storage import TMP_DIR
 
 PARAMS = ("function", "function_parameters", "conf_threshold", "allow_unmatched_labels", "clear_existing")
-MARKER_PREFIX = f"{KEY_PREFIX}:annotate-done:"
 MARKER_TTL = 30 * 86400
 """Seconds an annotate-done marker is kept (30 days)."""
 PROGRESS_SECONDS = 30.0

@@ -40,13 +40,13 @@ from typing import Any
 
 from core.cvat_formats import format_problem
 from core.errors import PermanentError
-from workers.actions._params import KEY_PREFIX, event_id, has_placeholder, text, unknown_params
+from core.keys import EXPORT_DONE_KEY as MARKER_PREFIX
+from workers.actions._params import event_id, has_placeholder, text, unknown_params
 from workers.context import ActionContext
 from workers.gateway import ExportKind, ExportRequest, Resource
 from workers.storage import CloudDestination, Destination, LocalDestination, Storage, parse_destination
 
 PARAMS = ("resource", "kind", "format", "include_images", "lightweight", "to")
-MARKER_PREFIX = f"{KEY_PREFIX}:export-done:"
 MARKER_TTL = 30 * 86400
 """Seconds an export-done marker is kept (30 days)."""
 
@@ -182,12 +182,10 @@ def check_format(ctx: ActionContext, fmt: str | None) -> None:
                          f"valid names: {', '.join(sorted(offered))}")
 
 
-def run(ctx: ActionContext, *, storage: Storage | None = None) -> dict[str, Any]:
+def run(ctx: ActionContext) -> dict[str, Any]:
     """Export once per resource version; see the module docstring."""
-    if storage is not None:
+    with Storage(ctx.settings) as storage:
         return _run(ctx, storage)
-    with Storage(ctx.settings) as own:
-        return _run(ctx, own)
 
 
 def _run(ctx: ActionContext, storage: Storage) -> dict[str, Any]:

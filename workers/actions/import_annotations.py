@@ -35,14 +35,14 @@ from typing import Any, cast
 
 from core.cvat_formats import format_problem
 from core.errors import PermanentError
-from workers.actions._params import KEY_PREFIX, event_id, has_placeholder, text, unknown_params
+from core.keys import IMPORT_DONE_KEY as MARKER_PREFIX
+from workers.actions._params import event_id, has_placeholder, text, unknown_params
 from workers.annotation_gateway import AnnotationGateway, ImportMode
 from workers.context import ActionContext
 from workers.gateway import Resource
 from workers.storage import Storage, parse_source
 
 PARAMS = ("from", "format", "resource", "mode")
-MARKER_PREFIX = f"{KEY_PREFIX}:import-done:"
 MARKER_TTL = 30 * 86400
 """Seconds an import-done marker is kept (30 days)."""
 HASH_CHUNK = 1024 * 1024
@@ -123,12 +123,10 @@ def sha256_of(path: Path) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def run(ctx: ActionContext, *, storage: Storage | None = None) -> dict[str, Any]:
+def run(ctx: ActionContext) -> dict[str, Any]:
     """Import once per file version; see the module docstring."""
-    if storage is not None:
+    with Storage(ctx.settings) as storage:
         return _run(ctx, storage)
-    with Storage(ctx.settings) as own:
-        return _run(ctx, own)
 
 
 def _run(ctx: ActionContext, storage: Storage) -> dict[str, Any]:

@@ -29,9 +29,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from core.errors import PermanentError
+from core.keys import ROUND_ROBIN_KEY
 from workers.actions import JOB_STAGES, JOB_STATES
 from workers.actions._params import (
-    KEY_PREFIX,
     as_id,
     call_key,
     event_id,
@@ -77,7 +77,7 @@ def validate(params: Mapping[str, Any]) -> list[str]:
 def round_robin_key(rule_id: str, names: list[str]) -> str:
     """The Redis counter of one rule's list (a new list, a new turn)."""
     digest = hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
-    return f"{KEY_PREFIX}:rr:{rule_id}:{digest}"
+    return ROUND_ROBIN_KEY.format(rule_id=rule_id, digest=digest)
 
 
 def pick_assignee(ctx: ActionContext, names: list[str]) -> str:
