@@ -313,21 +313,13 @@ def pending_deliveries(redis_url: str) -> set[str]:
 def drained(redis_url: str) -> bool:
     """Nothing queued, running or waiting for a retry."""
     from redis import Redis
-    from rq.intermediate_queue import IntermediateQueue
-    from rq.registry import ScheduledJobRegistry, StartedJobRegistry
 
-    from core.contract import QUEUES
-    from core.queueing import queue as rq_queue
+    from core.queue_stats import queue_stats
 
     try:
         redis = Redis.from_url(redis_url, socket_timeout=5)
         try:
-            # cleanup=False: counting must not run RQ's registry cleanup behind the workers' back
-            # (it drops expired entries of jobs that never started, which the workers rescue).
-            return all(rq_queue(q, redis).count == 0
-                       and StartedJobRegistry(q, connection=redis).get_job_count(cleanup=False) == 0
-                       and ScheduledJobRegistry(q, connection=redis).get_job_count(cleanup=False) == 0
-                       for q in QUEUES)
+            return all(s.queued == 0 and s.running == 0 and s.scheduled == 0 for s in queue_stats(redis).values())
         finally:
             redis.close()
     except Exception:

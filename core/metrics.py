@@ -134,10 +134,8 @@ class RedisCollector:
 
     def _rq_gauges(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
-        from rq import Worker
-        from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
 
-        from core.queueing import queue
+        from core.queue_stats import queue_stats, worker_count
 
         depth = GaugeMetricFamily("cvat_hooks_queue_depth", "Jobs waiting in each queue.", labels=["queue"])
         started = GaugeMetricFamily("cvat_hooks_jobs_running", "Jobs being run now.", labels=["queue"])
@@ -145,16 +143,13 @@ class RedisCollector:
                                       "Jobs waiting for a delayed retry.", labels=["queue"])
         failed = GaugeMetricFamily("cvat_hooks_jobs_failed",
                                    "Jobs that gave up (RQ's failed registry, the dead letters).", labels=["queue"])
-        for name in self.queues:
-            q = queue(name, self.redis)
-            depth.add_metric([name], q.count)
-            # get_job_count(cleanup=False): a scrape must not run RQ's cleanup, which would beat the
-            # workers' maintenance (workers.worker.workers.rq_gaps.rescue_expired) to a job a dead worker had taken.
-            started.add_metric([name], StartedJobRegistry(queue=q).get_job_count(cleanup=False))
-            scheduled.add_metric([name], ScheduledJobRegistry(queue=q).get_job_count(cleanup=False))
-            failed.add_metric([name], FailedJobRegistry(queue=q).get_job_count(cleanup=False))
+        for name, counts in queue_stats(self.redis, self.queues).items():
+            depth.add_metric([name], counts.queued)
+            started.add_metric([name], counts.running)
+            scheduled.add_metric([name], counts.scheduled)
+            failed.add_metric([name], counts.failed)
         workers = GaugeMetricFamily("cvat_hooks_workers", "RQ workers alive.")
-        workers.add_metric([], len(Worker.all(connection=self.redis)))
+        workers.add_metric([], worker_count(self.redis))
         up = GaugeMetricFamily("cvat_hooks_redis_up", "Whether Redis answered this scrape.")
         up.add_metric([], 1)
         yield from (depth, started, scheduled, failed, workers, up)

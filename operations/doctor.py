@@ -404,9 +404,9 @@ def _secrets(settings: Settings, report: Report) -> None:
 def _redis(settings: Settings, redis: Redis, report: Report) -> None:
     from redis.exceptions import RedisError
     from rq import Worker
-    from rq.registry import FailedJobRegistry
 
-    from core.queueing import SERIALIZER, queue
+    from core.queue_stats import queue_stats
+    from core.queueing import SERIALIZER
 
     try:
         redis.ping()
@@ -417,9 +417,9 @@ def _redis(settings: Settings, redis: Redis, report: Report) -> None:
     report.checks.append(_durability(redis))
     try:
         workers = Worker.all(connection=redis, serializer=SERIALIZER)
-        queues = {name: queue(name, redis) for name in QUEUES}
-        depth = {name: q.count for name, q in queues.items()}
-        failed = {name: FailedJobRegistry(queue=q).count for name, q in queues.items()}
+        counts = queue_stats(redis, QUEUES)
+        depth = {name: c.queued for name, c in counts.items()}
+        failed = {name: c.failed for name, c in counts.items()}
         runs = recent_runs(redis, 1)
     except RedisError as exc:
         report.checks.append(Check("workers", Status.FAIL, f"cannot read RQ's state: {exc}"))

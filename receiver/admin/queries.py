@@ -182,30 +182,22 @@ def counters(redis: Redis) -> dict[str, dict[str, int]]:
 
 
 def queue_stats(redis: Redis) -> dict[str, dict[str, int]]:
-    """Per queue: jobs waiting, running, waiting for a retry, and given up (RQ's failed registry)."""
-    from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegistry
+    """Per queue: jobs waiting, running, waiting for a retry, and given up (RQ's failed registry), as
+    ``doctor`` and ``/metrics`` count them (:mod:`core.queue_stats`)."""
+    from core.queue_stats import queue_stats as read
 
-    from core.queueing import queue
-
-    found: dict[str, dict[str, int]] = {}
-    for name in QUEUES:
-        q = queue(name, redis)
-        # No RQ cleanup from a page view: that is the workers' maintenance (see core.metrics).
-        found[name] = {"queued": q.count, "running": StartedJobRegistry(queue=q).get_job_count(cleanup=False),
-                       "scheduled": ScheduledJobRegistry(queue=q).get_job_count(cleanup=False),
-                       "failed": FailedJobRegistry(queue=q).get_job_count(cleanup=False)}
-    return found
+    return {name: counts.to_json() for name, counts in read(redis, QUEUES).items()}
 
 
 def stats(redis: Redis) -> dict[str, Any]:
     """Everything ``GET /api/stats`` and the UI header show."""
-    from rq import Worker
+    from core.queue_stats import worker_count
 
     queues = queue_stats(redis)
     return {
         "queues": queues,
         "failed_jobs": sum(q["failed"] for q in queues.values()),
-        "workers": Worker.count(connection=redis),
+        "workers": worker_count(redis),
         "throughput": throughput(redis),
         **counters(redis),
     }
