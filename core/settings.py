@@ -7,6 +7,7 @@ Everything of our own is ``CVAT_HOOKS_*``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -22,29 +23,71 @@ parent, which preloaded cvat-sdk and boto3; an export adds a few MB (bench/). A 
 holds memory some action left behind. The Kubernetes manifest limits the whole worker to 1 GiB."""
 
 
-def _bool(value: str | None, default: bool) -> bool:
-    if value is None or value == "":
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+class SettingError(ValueError):
+    """One environment variable holds a value no setting can come from. The message starts with the
+    variable's name and says what it must be; the value is shown (cut short) only for settings that
+    hold no secret."""
+
+    def __init__(self, variable: str, rule: str, raw: str) -> None:
+        self.variable = variable
+        shown = raw if len(raw) <= 40 else raw[:40] + "..."
+        super().__init__(f"{variable} must be {rule}, not {shown!r}")
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """A yes/no switch: a word that is neither (a typo of ``true`` turning TLS checks off) is refused."""
+    raw = env.get(name)
+    if raw is None or not raw.strip():
         return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
+    word = raw.strip().lower()
+    if word not in TRUE_WORDS + FALSE_WORDS:
+        raise SettingError(name, f"one of {', '.join(TRUE_WORDS)} or {', '.join(FALSE_WORDS)}", raw)
+    return word in TRUE_WORDS
 
 
-def _positive(env: Mapping[str, str], name: str, default: int) -> int:
-    """A whole number of at least 1 (a count of processes), or a ValueError naming the variable."""
-    raw = env.get(name) or str(default)
+def _whole(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, what: str = "a whole number") -> int:
+    """A whole number of at least ``minimum`` (``default`` when unset or empty)."""
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
     try:
-        value = int(raw)
+        value = int(raw.strip())
     except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"{name} must be a whole number of at least 1, not {raw!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise SettingError(name, f"{what} of at least {minimum}", raw)
     return value
 
 
+def _number(env: Mapping[str, str], name: str, default: float, *, zero: bool = False,
+            what: str = "a number") -> float:
+    """A finite number above 0 (or 0 too, with ``zero``: where 0 turns a thing off)."""
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise SettingError(name, f"{what} {'of at least 0' if zero else 'above 0'}", raw)
+    return value
+
+
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    """A count of processes: a whole number of at least 1."""
+    return _whole(env, name, default, minimum=1)
+
+
 def _username(env: Mapping[str, str], name: str) -> str | None:
-    """One CVAT username (Django's rule: letters, digits and ``@.+-_``), or a ValueError naming the variable."""
+    """One CVAT username (Django's rule: letters, digits and ``@.+-_``)."""
     raw = (env.get(name) or "").strip()
     if raw and not re.fullmatch(r"[\w.@+-]{1,150}", raw):
-        raise ValueError(f"{name} must be one CVAT username (letters, digits, @ . + - _), not {raw!r}")
+        raise SettingError(name, "one CVAT username (letters, digits, @ . + - _)", raw)
     return raw or None
 
 
@@ -65,7 +108,7 @@ def run_dirs(env: Mapping[str, str] | None = None) -> tuple[Path, ...] | None:
             continue
         path = Path(item.strip())
         if not path.is_absolute():
-            raise ValueError(f"CVAT_HOOKS_RUN_DIRS must list absolute directories, not {item.strip()!r}")
+            raise SettingError("CVAT_HOOKS_RUN_DIRS", "a list of absolute directories", item.strip())
         dirs.append(path.resolve())
     return tuple(dirs)
 
@@ -152,6 +195,12 @@ class WorkerSettings:
     time, and light actions mostly wait on CVAT or a notified host: more children run more of them
     at once, sharing the parent's preloaded pages, where another container would load its own."""
 
+    aws_environment: tuple[tuple[str, str], ...] | None = field(default=None, repr=False, compare=False)
+    """The ``AWS_*`` variables boto3 reads itself (endpoint, credentials, region, files) as read at
+    start, sorted: the process's shared S3 client is made under them (``workers.storage``), and a
+    worker's start warms one up only when there are some. ``None`` (settings not read from an
+    environment): every ``Storage`` makes an S3 client of its own, since nothing says which
+    environment a shared one would have been made under."""
     environment: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     """The process environment as read at start: where ``${NAME}`` references in rules come from
     (``core.rule_secrets``)."""
@@ -169,33 +218,55 @@ class WorkerSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> WorkerSettings:
-        """Read the ``CVAT_HOOKS_*``, ``CVAT_*`` variables."""
+        """Read the ``CVAT_HOOKS_*``, ``CVAT_*`` variables; a bad value raises :class:`SettingError`
+        naming its variable (the first one found)."""
         env = os.environ if env is None else env
         data_dir = Path(env.get("CVAT_HOOKS_DATA_DIR") or DEFAULT_DATA_DIR)
         return cls(
             redis_url=env.get("CVAT_HOOKS_REDIS_URL") or None,
             data_dir=data_dir,
             storage_roots=tuple(Path(p) for p in _list(env.get("CVAT_HOOKS_STORAGE_ROOTS"))),
-            retention_days=int(env.get("CVAT_HOOKS_RETENTION_DAYS") or DEFAULT_RETENTION_DAYS),
+            retention_days=_whole(env, "CVAT_HOOKS_RETENTION_DAYS", DEFAULT_RETENTION_DAYS, minimum=1,
+                                  what="a whole number of days"),
             cvat=CvatSettings(
                 url=env.get("CVAT_URL") or None,
                 access_token=env.get("CVAT_ACCESS_TOKEN") or None,
                 username=env.get("CVAT_USERNAME") or None,
                 password=env.get("CVAT_PASSWORD") or None,
                 organization=env.get("CVAT_ORG") or env.get("CVAT_HOOKS_CVAT_ORG") or None,
-                verify_tls=_bool(env.get("CVAT_HOOKS_CVAT_VERIFY_TLS"), True),
-                status_check_period=float(env.get("CVAT_HOOKS_CVAT_POLL_SECONDS") or 0.5),
+                verify_tls=_bool(env, "CVAT_HOOKS_CVAT_VERIFY_TLS", True),
+                status_check_period=_number(env, "CVAT_HOOKS_CVAT_POLL_SECONDS", 0.5, what="a number of seconds"),
                 service_account=(_username(env, "CVAT_HOOKS_SERVICE_ACCOUNT")
                                  or (env.get("CVAT_USERNAME") or "").strip() or None),
             ),
             notify_allowed_hosts=_list(env.get("CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS")),
-            notify_timeout=float(env.get("CVAT_HOOKS_NOTIFY_TIMEOUT") or 10),
+            notify_timeout=_number(env, "CVAT_HOOKS_NOTIFY_TIMEOUT", 10.0, what="a number of seconds"),
             run_dirs=run_dirs(env) or (),
-            maintenance_seconds=int(env.get("CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS") or 30),
-            recycle=Recycle(max_rss_mb=int(env.get("CVAT_HOOKS_WORKER_MAX_RSS_MB") or DEFAULT_MAX_RSS_MB),
-                            max_jobs=int(env.get("CVAT_HOOKS_WORKER_MAX_JOBS") or 0)),
+            maintenance_seconds=_whole(env, "CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS", 30, minimum=1,
+                                      what="a whole number of seconds"),
+            recycle=Recycle(max_rss_mb=_whole(env, "CVAT_HOOKS_WORKER_MAX_RSS_MB", DEFAULT_MAX_RSS_MB,
+                                              what="a whole number of megabytes"),
+                            max_jobs=_whole(env, "CVAT_HOOKS_WORKER_MAX_JOBS", 0)),
             light_processes=_positive(env, "CVAT_HOOKS_LIGHT_PROCESSES", 1),
             environment=dict(env),
+            aws_environment=tuple(sorted((k, v) for k, v in env.items() if k.startswith("AWS_"))),
             protected_files=tuple(Path(p) for p in (env.get("CVAT_HOOKS_SECRET_FILE"),
                                                     env.get("CVAT_HOOKS_RULES") or "rules.yaml") if p),
         )
+
+
+_process_settings: WorkerSettings | None = None
+
+
+def use_process_settings(settings: WorkerSettings | None) -> None:
+    """Hand the settings a process parsed at its start (``cvat-hooks worker``) to everything that
+    later asks :func:`process_settings` in it and in the processes it forks, so a worker reads its
+    environment once. ``None`` forgets them."""
+    global _process_settings
+    _process_settings = settings
+
+
+def process_settings() -> WorkerSettings:
+    """This process's worker settings: those its start handed over, else the environment's, read now
+    (a worker started without ``cvat-hooks worker``, e.g. by a test or a benchmark)."""
+    return _process_settings if _process_settings is not None else WorkerSettings.from_env()

@@ -19,10 +19,11 @@ from receiver.settings import ConfigError, Settings
 
 
 def _settings() -> Settings:
-    try:
-        return Settings.from_env()
-    except ValueError as exc:
-        raise click.ClickException(f"configuration: {exc}") from exc
+    """The settings the ``cvat-hooks`` group read once for this command (click's context object)."""
+    settings = click.get_current_context().find_object(Settings)
+    if settings is None:
+        raise RuntimeError("a cvat-hooks command ran outside the cvat-hooks group, which reads its settings")
+    return settings
 
 
 def _echo_json(data: Any) -> None:
@@ -30,12 +31,18 @@ def _echo_json(data: Any) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """cvat-hooks: turn CVAT webhooks into dependable automation."""
     from core.logs import configure
     from core.redaction import Redactor
 
-    settings = _settings()
+    if not isinstance(ctx.obj, Settings):
+        try:
+            ctx.obj = Settings.from_env()
+        except ValueError as exc:
+            raise click.ClickException(f"configuration: {exc}") from exc
+    settings: Settings = ctx.obj
     configure(settings.log_format, redactor=Redactor(settings.sensitive_values()), level=settings.log_level)
 
 
@@ -72,6 +79,7 @@ def worker(burst: bool, queues: tuple[str, ...], kind: str) -> None:
     from core.contract import QUEUES
     from core.redis_conn import RedisConfigError
     from operations.worker_start import at_start as start_hook
+    from receiver.settings import use_process_settings
     from workers import supervisor
     from workers.worker import run
 
@@ -79,12 +87,15 @@ def worker(burst: bool, queues: tuple[str, ...], kind: str) -> None:
     if problem := settings.cvat_problem:
         logging.getLogger("operations.cli").warning("worker: %s", problem)
     at_start = partial(start_hook, settings)
+    use_process_settings(settings)  # every job of this worker, and of the processes it forks, uses them
     try:
         if kind == "split":
             sys.exit(supervisor.run(settings.workers, burst=burst, queues=queues or QUEUES, at_start=at_start))
         run(settings.workers, burst=burst, queues=queues or QUEUES, kind=kind, at_start=at_start)
     except RedisConfigError as exc:
         raise click.ClickException(str(exc)) from exc
+    finally:
+        use_process_settings(None)
 
 
 @main.command()
@@ -364,8 +375,9 @@ def deliveries_replay(delivery_id: str | None, force: bool, rematch: bool, statu
         try:
             jobs = replay_one(log, delivery, **options)
         except NothingToReplay as exc:
-            remedy = {Remedy.FORCE: " (--force runs succeeded actions again)",
-                      Remedy.REMATCH: " (--rematch judges it with the current rules)"}.get(exc.refusal.remedy, "")
+            remedies: dict[Remedy | None, str] = {Remedy.FORCE: " (--force runs succeeded actions again)",
+                                                  Remedy.REMATCH: " (--rematch judges it with the current rules)"}
+            remedy = remedies.get(exc.refusal.remedy, "")
             raise click.ClickException(f"nothing to replay: {exc}{remedy}") from exc
         verb = "would queue" if dry_run else "queued"
         click.echo(f"delivery {delivery.id}: {verb} {len(jobs)} job(s): {', '.join(jobs) or '-'}")

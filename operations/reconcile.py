@@ -318,9 +318,10 @@ def scheduled_run() -> dict[str, Any]:
     from rq import get_current_job
 
     from core.redis_conn import connect
+    from receiver.settings import process_settings
     from workers.cvat_client import CvatClient
 
-    settings = Settings.from_env()
+    settings = process_settings()
     if not settings.workers.cvat.configured:
         return {"skipped": "CVAT is not configured"}
     job = get_current_job()

@@ -97,7 +97,11 @@ def gunicorn_command(opts: ServeOptions) -> list[str]:
 
 
 def serve(settings: Settings, opts: ServeOptions) -> int:
-    """Run until SIGINT/SIGTERM; returns the exit status."""
+    """Run until SIGINT/SIGTERM; returns the exit status.
+
+    The children (gunicorn, and the trial's worker) get this process's environment, passed through
+    whole rather than read, with the trial's Redis and data directory added: each child reads its
+    own settings from it once (``receiver.settings``), as it would when started on its own."""
     env = dict(os.environ)
     embedded = None
     trial = settings.redis_url is None

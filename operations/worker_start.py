@@ -72,9 +72,10 @@ def learn_now() -> dict[str, Any]:
     from core.service_account import learn
     from core.state import StateStore
     from operations.state_sync import learn_states
+    from receiver.settings import process_settings
     from workers.cvat_client import CvatClient
 
-    settings = Settings.from_env()
+    settings = process_settings()
     if not settings.workers.cvat.configured:
         return {"skipped": "CVAT is not configured"}
     job = get_current_job()

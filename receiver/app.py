@@ -20,14 +20,14 @@ from receiver.dispatch import Intake
 from receiver.journal import Journal
 from receiver.rules import RuleStore
 from receiver.rules.store import LastGoodRules
-from receiver.settings import Settings
+from receiver.settings import Settings, process_settings
 
 log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, *, redis: Redis | None = None) -> Flask:
     """Build the receiver app; refuses to start without a webhook secret or with bad rules."""
-    settings = settings or Settings.from_env()
+    settings = settings or process_settings()
     settings.require_secret()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body

@@ -16,7 +16,7 @@ from gunicorn.glogging import Logger  # type: ignore[import-untyped]
 
 from core.logs import configure
 from core.redaction import Redactor
-from receiver.settings import Settings
+from receiver.settings import Settings, use_process_settings
 
 
 class GunicornLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type hints
@@ -27,6 +27,7 @@ class GunicornLogger(Logger):  # type: ignore[misc]  # gunicorn ships no type hi
         super().setup(cfg)
         try:
             settings = Settings.from_env()
+            use_process_settings(settings)  # create_app, in the workers gunicorn forks, reads them
             configure(settings.log_format, redactor=Redactor(settings.sensitive_values()),
                       level=settings.log_level)
         except ValueError:  # a bad setting is reported by create_app, which refuses to start on it

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from core.settings import WorkerSettings, _bool, _list
+from core.settings import SettingError, WorkerSettings, _bool, _list, _number, _whole
+from core.settings import use_process_settings as core_use_process_settings
 from receiver.secrets_store import add_secret, read_secrets, take_in_legacy
 
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -37,14 +38,16 @@ log = logging.getLogger(__name__)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
-def _log_level(value: str | None) -> str:
-    """``CVAT_HOOKS_LOG_LEVEL``, or a ValueError naming the variable and the levels there are."""
-    level = (value or "info").strip().lower()
-    if level not in LOG_LEVELS:
-        raise ValueError(f"CVAT_HOOKS_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
-    return level
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    """One of ``choices``, in any case (``default`` when unset or empty)."""
+    raw = env.get(name) or ""
+    word = raw.strip().lower() or default
+    if word not in choices:
+        raise SettingError(name, f"one of {', '.join(choices)}", raw)
+    return word
 
 
 class ConfigError(RuntimeError):
@@ -156,7 +159,8 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Read the environment (``CVAT_HOOKS_SECRET`` is a comma list for rotation)."""
+        """Read the environment (``CVAT_HOOKS_SECRET`` is a comma list for rotation); a bad value
+        raises :class:`core.settings.SettingError` naming its variable (the first one found)."""
         env = os.environ if env is None else env
         workers = WorkerSettings.from_env(env)
         secret_file = Path(env["CVAT_HOOKS_SECRET_FILE"]) if env.get("CVAT_HOOKS_SECRET_FILE") else None
@@ -166,16 +170,45 @@ class Settings:
         return cls(
             secrets=secrets,
             secret_file=secret_file,
-            reconcile_minutes=float(env.get("CVAT_HOOKS_RECONCILE_MINUTES") or DEFAULT_RECONCILE_MINUTES),
-            insecure_no_signature=_bool(env.get("CVAT_HOOKS_INSECURE_NO_SIGNATURE"), False),
+            reconcile_minutes=_number(env, "CVAT_HOOKS_RECONCILE_MINUTES", DEFAULT_RECONCILE_MINUTES, zero=True,
+                                      what="a number of minutes"),
+            insecure_no_signature=_bool(env, "CVAT_HOOKS_INSECURE_NO_SIGNATURE", False),
             rules_path=Path(env.get("CVAT_HOOKS_RULES") or "rules.yaml"),
-            max_body=int(env.get("CVAT_HOOKS_MAX_BODY") or DEFAULT_MAX_BODY),
-            body_seconds=float(env.get("CVAT_HOOKS_BODY_SECONDS") or DEFAULT_BODY_SECONDS),
-            dedupe_seconds=int(float(env.get("CVAT_HOOKS_DEDUPE_DAYS") or DEFAULT_DEDUPE_DAYS) * 86400),
-            state_seconds=int(float(env.get("CVAT_HOOKS_STATE_DAYS") or DEFAULT_STATE_DAYS) * 86400),
+            max_body=_whole(env, "CVAT_HOOKS_MAX_BODY", DEFAULT_MAX_BODY, minimum=1, what="a whole number of bytes"),
+            body_seconds=_number(env, "CVAT_HOOKS_BODY_SECONDS", DEFAULT_BODY_SECONDS, what="a number of seconds"),
+            dedupe_seconds=_days(env, "CVAT_HOOKS_DEDUPE_DAYS", DEFAULT_DEDUPE_DAYS),
+            state_seconds=_days(env, "CVAT_HOOKS_STATE_DAYS", DEFAULT_STATE_DAYS),
             workers=workers,
-            journal_max_bytes=int(env.get("CVAT_HOOKS_JOURNAL_MAX_BYTES") or 256 * 1024 * 1024),
+            journal_max_bytes=_whole(env, "CVAT_HOOKS_JOURNAL_MAX_BYTES", 256 * 1024 * 1024,
+                                     what="a whole number of bytes"),
             admin_token=env.get("CVAT_HOOKS_ADMIN_TOKEN") or None,
-            log_format=(env.get("CVAT_HOOKS_LOG_FORMAT") or "text").lower(),
-            log_level=_log_level(env.get("CVAT_HOOKS_LOG_LEVEL")),
+            log_format=_choice(env, "CVAT_HOOKS_LOG_FORMAT", LOG_FORMATS, "text"),
+            log_level=_choice(env, "CVAT_HOOKS_LOG_LEVEL", LOG_LEVELS, "info"),
         )
+
+
+def _days(env: Mapping[str, str], name: str, default: int) -> int:
+    """A number of days (fractions allowed) as whole seconds, at least one."""
+    days = _number(env, name, default, what="a number of days")
+    if days * 86400 < 1:
+        raise SettingError(name, "a number of days of at least one second", env.get(name) or "")
+    return int(days * 86400)
+
+
+_process_settings: Settings | None = None
+
+
+def use_process_settings(settings: Settings | None) -> None:
+    """Hand the settings a process parsed at its start to everything that later asks
+    :func:`process_settings` in it and in the processes it forks (the worker part to
+    ``core.settings.process_settings`` too), so a process reads its environment once. ``None``
+    forgets them."""
+    global _process_settings
+    _process_settings = settings
+    core_use_process_settings(None if settings is None else settings.workers)
+
+
+def process_settings() -> Settings:
+    """This process's settings: those its start handed over (``cvat-hooks worker``, gunicorn's
+    logger set-up), else the environment's, read now."""
+    return _process_settings if _process_settings is not None else Settings.from_env()

@@ -103,7 +103,7 @@ def settings(redis_server: RedisServer, redis: Redis, rules_file: Path, tmp_path
 
 
 @pytest.fixture
-def worker_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+def worker_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """The environment a worker process of these settings reads (set for in-process workers too)."""
     from workers import jobs
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -303,24 +304,49 @@ def test_s3_unreachable_endpoint_is_transient(cfg: WorkerSettings, monkeypatch: 
 
 # -- the shared S3 client ------------------------------------------------------------------------
 
+def aws_now() -> tuple[tuple[str, str], ...]:
+    """The ``AWS_*`` variables of the environment now, as a worker's start reads them."""
+    aws = WorkerSettings.from_env(os.environ).aws_environment
+    assert aws is not None
+    return aws
+
+
+def as_read_at_start(cfg: WorkerSettings) -> WorkerSettings:
+    """``cfg`` as a worker's start reads it: with the ``AWS_*`` variables of the environment now."""
+    return replace(cfg, aws_environment=aws_now())
+
+
 def test_s3_client_is_shared_by_the_process_and_kept_open(s3_env: str, cfg: WorkerSettings) -> None:
     """Every Storage of a process uses one S3 client (made once, not per export), and closing a
     Storage leaves it usable for the next export."""
+    cfg = as_read_at_start(cfg)
     with Storage(cfg) as first:
         client = first.s3
     with bucket("exports-shared"), Storage(cfg) as second:
         assert second.s3 is client
         upload(second, "s3://exports-shared/a.zip", b"12345")
-    assert shared_s3_client() is client
+    assert shared_s3_client(aws_now()) is client
 
 
-def test_s3_client_is_made_again_when_the_aws_environment_changes(s3_env: str, cfg: WorkerSettings,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_s3_client_is_made_again_for_other_aws_settings(s3_env: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client made under other credentials or another endpoint is not reused."""
-    before = shared_s3_client()
+    before = shared_s3_client(aws_now())
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "rotated")
-    assert shared_s3_client() is not before
-    assert shared_s3_client() is shared_s3_client()
+    rotated = aws_now()
+    assert shared_s3_client(rotated) is not before
+    assert shared_s3_client(rotated) is shared_s3_client(rotated)
+
+
+def test_settings_not_read_from_an_environment_get_a_client_of_their_own(s3_env: str, cfg: WorkerSettings) -> None:
+    """Hand-made settings say nothing of the AWS environment they would be used under, so each
+    Storage of theirs makes a client of its own rather than take a shared one made under another."""
+    shared = shared_s3_client(aws_now())
+    with bucket("exports-own"), Storage(cfg) as storage:
+        own = storage.s3
+        assert own is not shared
+        upload(storage, "s3://exports-own/a.zip", b"12345")
+    with Storage(cfg) as again:
+        assert again.s3 is not own
 
 
 def test_warm_up_makes_the_shared_client_without_a_request(cfg: WorkerSettings, monkeypatch: pytest.MonkeyPatch,
@@ -328,9 +354,9 @@ def test_warm_up_makes_the_shared_client_without_a_request(cfg: WorkerSettings, 
     """A worker's parent can make the client its children inherit while S3 is unreachable."""
     port = free_port()  # nobody listens on it once its socket is closed
     use_endpoint(monkeypatch, f"http://127.0.0.1:{port}", tmp_path)
-    warm_up()
-    with Storage(cfg) as storage:
-        assert storage.s3 is shared_s3_client()
+    warm_up(aws_now())
+    with Storage(as_read_at_start(cfg)) as storage:
+        assert storage.s3 is shared_s3_client(aws_now())
 
 
 def test_warm_up_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:

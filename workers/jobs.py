@@ -26,7 +26,7 @@ from core.errors import ErrorKind, PermanentError, UnknownAction, classify
 from core.logs import RECORDED_NOTE
 from core.redaction import Redactor
 from core.redis_conn import connect
-from core.settings import WorkerSettings
+from core.settings import WorkerSettings, process_settings
 from workers.actions import runner
 from workers.context import ActionContext
 from workers.gateway import CvatGateway
@@ -63,8 +63,10 @@ class Runtime:
 
 @cache
 def runtime() -> Runtime:
-    """The process's runtime, from the environment."""
-    settings = WorkerSettings.from_env()
+    """The process's runtime, built at its first job (a Redis connection made before a fork would be
+    shared by the children) from the settings the worker's start parsed (``core.settings.process_settings``),
+    so no job reads the environment again."""
+    settings = process_settings()
     redis = connect(settings.redis_url)
     redactor = Redactor(settings.secrets())
     return Runtime(settings, redis, DeliveryLog(redis, retention_seconds=settings.retention_seconds,

@@ -349,7 +349,8 @@ class Storage:
     """Stages and commits export files; one per action run.
 
     Its S3 client is the process's shared one (:func:`shared_s3_client`), taken on first use, unless
-    ``s3_client_factory`` is given: a client of its own, closed by :meth:`close`.
+    ``s3_client_factory`` is given or the settings were not read from an environment
+    (``WorkerSettings.aws_environment`` is ``None``): a client of its own then, closed by :meth:`close`.
     """
 
     def __init__(self, settings: WorkerSettings, *, transfer_config: TransferConfig | None = None,
@@ -360,6 +361,7 @@ class Storage:
         when ``None``."""
         self._s3_client_factory = s3_client_factory
         self._s3_client: Any = None
+        self._own_client = False
 
     def parse(self, url: str) -> Destination:
         """:func:`parse_destination` with this worker's roots."""
@@ -369,15 +371,19 @@ class Storage:
     def s3(self) -> Any:
         """The boto3 S3 client, taken (or made) on first use."""
         if self._s3_client is None:
-            factory = self._s3_client_factory or shared_s3_client
-            self._s3_client = factory()
+            aws_environment = self.settings.aws_environment
+            if self._s3_client_factory is None and aws_environment is not None:
+                self._s3_client = shared_s3_client(aws_environment)
+            else:
+                self._own_client = True
+                self._s3_client = (self._s3_client_factory or _default_s3_client)()
         return self._s3_client
 
     def close(self) -> None:
         """Close our own S3 client's connections, if we made one; the shared client stays open for
         the next export of this process (its connections are kept alive for it)."""
         client, self._s3_client = self._s3_client, None
-        if client is not None and self._s3_client_factory is not None and hasattr(client, "close"):
+        if client is not None and self._own_client and hasattr(client, "close"):
             client.close()
 
     def __enter__(self) -> Storage:
@@ -524,13 +530,9 @@ _shared: tuple[tuple[tuple[str, str], ...], Any] | None = None
 """The process's S3 client, and the ``AWS_*`` environment it was made under."""
 
 
-def _aws_environment() -> tuple[tuple[str, str], ...]:
-    """What a boto3 client reads from the environment (endpoint, credentials, region, files)."""
-    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
-
-
-def shared_s3_client() -> Any:
-    """One boto3 S3 client per process, made again only if the ``AWS_*`` environment changed.
+def shared_s3_client(aws_environment: tuple[tuple[str, str], ...] = ()) -> Any:
+    """One boto3 S3 client per process, made again only for other ``AWS_*`` settings
+    (``WorkerSettings.aws_environment``, read once at the worker's start; boto3 itself reads them).
 
     Making a client costs about 0.25 s and 25 MB (botocore parses the S3 model, endpoint rules and
     partitions, and builds a class of 100+ methods); its first request about 13 MB more. Made once per
@@ -539,18 +541,17 @@ def shared_s3_client() -> Any:
     forks must not have sent requests with it (the children would share its pooled sockets).
     """
     global _shared
-    env = _aws_environment()
-    if _shared is not None and _shared[0] == env:
+    if _shared is not None and _shared[0] == aws_environment:
         return _shared[1]
     previous, _shared = _shared, None
     if previous is not None:
         previous[1].close()
     client = _default_s3_client()
-    _shared = (env, client)
+    _shared = (aws_environment, client)
     return client
 
 
-def warm_up() -> None:
+def warm_up(aws_environment: tuple[tuple[str, str], ...] = ()) -> None:
     """Make the shared S3 client, and parse the models of the operations an export uses, sending nothing.
 
     For a forking worker's parent, before it forks (``workers.worker.preload``): the work-horses then
@@ -562,7 +563,7 @@ def warm_up() -> None:
     Best effort: a failure (no boto3, no region) is logged, and exports make the client then.
     """
     try:
-        model = shared_s3_client().meta.service_model
+        model = shared_s3_client(aws_environment).meta.service_model
         for name in _WARM_UP_OPERATIONS:
             operation = model.operation_model(name)
             operation.input_shape, operation.output_shape  # noqa: B018 - parsed lazily, on access
