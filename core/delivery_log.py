@@ -192,9 +192,10 @@ class DeliveryLog:
 
     # -- receiver side -------------------------------------------------------------------------
 
-    def add_received(self, pipe: Pipeline, record: dict[str, Any], actions: Iterable[dict[str, Any]],
+    def add_received(self, pipe: Pipeline | Batch, record: dict[str, Any], actions: Iterable[dict[str, Any]],
                      at: float) -> None:
-        """Queue the writes of a new delivery on ``pipe`` (a MULTI pipeline: they land with its jobs)."""
+        """Queue the writes of a new delivery on ``pipe``: a MULTI pipeline, or the receiver's
+        :class:`~core.receipts.Batch` applied in one (either way they land with its jobs)."""
         did = record["delivery_id"]
         key = record_key(did)
         record = {**record, "received_at": iso(at), "received_ts": at}
@@ -211,7 +212,7 @@ class DeliveryLog:
         pipe.zadd(INDEX_KEY, {did: at})
         pipe.zremrangebyscore(INDEX_KEY, "-inf", at - self.retention)
 
-    def expire(self, pipe: Pipeline, delivery_id: str, seconds: int) -> None:
+    def expire(self, pipe: Pipeline | Batch, delivery_id: str, seconds: int) -> None:
         """Shorten a record's life (deliveries that matched nothing are only kept for debugging)."""
         pipe.expire(record_key(delivery_id), seconds)
         pipe.expire(timeline_key(delivery_id), seconds)

@@ -143,7 +143,7 @@ class Intake:
                     return self._duplicate(event)
                 return self._store(claim, event, [], Previous(None, None, "untracked"), now, Outcome.PING,
                                    if_duplicate)
-            begun = self.receipts.begin(event, if_duplicate)
+            begun = self.receipts.begin(event, if_duplicate, claim)
             if begun.duplicate:
                 return self._duplicate(event)
             self.rules.maybe_reload()
@@ -162,14 +162,16 @@ class Intake:
         calls = calls_for(event, matches)
         record = delivery_record(event, matches, calls, previous, outcome)
 
-        def writes(pipe: Pipeline) -> None:
-            self.deliveries.add_received(pipe, record, record_actions(calls), now)
-            if outcome is Outcome.NO_MATCH:
-                self.deliveries.expire(pipe, event.delivery_id, NO_MATCH_RETENTION)
-            enqueue(calls, self.redis, pipe, failure_ttl=self.settings.workers.retention_seconds)
-            metrics.inc(pipe, "cvat_hooks_deliveries_total", event=event.name, outcome=outcome.value)
+        ours = Batch()
+        self.deliveries.add_received(ours, record, record_actions(calls), now)
+        if outcome is Outcome.NO_MATCH:
+            self.deliveries.expire(ours, event.delivery_id, NO_MATCH_RETENTION)
+        metrics.inc(ours, "cvat_hooks_deliveries_total", event=event.name, outcome=outcome.value)
 
-        if not claim.commit(int(now), self.settings.dedupe_seconds, writes, if_duplicate):
+        def jobs(pipe: Pipeline) -> None:
+            enqueue(calls, self.redis, pipe, failure_ttl=self.settings.workers.retention_seconds)
+
+        if not claim.commit(int(now), self.settings.dedupe_seconds, jobs, if_duplicate, ours):
             # Another receiver stored this very event since our first look.
             return self._duplicate(event)
         job_ids = [call.job_id for call in calls]
