@@ -65,7 +65,6 @@ STALE_SECONDS = 2 * JOB_TIMEOUT
 VERSION_METADATA = "cvat-hooks-version"
 """S3 object metadata key holding the export's version key (``x-amz-meta-cvat-hooks-version``)."""
 
-SCHEMES = ("file", "s3", "cvat-cloud")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _PLACEHOLDER = re.compile(r"\{[^{}]*\}")
