@@ -294,11 +294,6 @@ class DeliveryLog:
         pipe.expire(timeline_key(delivery_id), self.retention)
         pipe.execute()
 
-    def action_succeeded(self, delivery_id: str, job_id: str, *, attempt: int, started: float,
-                         result: dict[str, Any], skipped: bool = False) -> None:
-        """A successful (or skipped) attempt."""
-        self._update_action(delivery_id, job_id, *_succeeded(attempt, started, result, skipped))
-
     def action_failed(self, delivery_id: str, job_id: str, *, attempt: int, started: float | None,
                       error_class: str, message: str, kind: str, next_retry_at: float | None,
                       result: dict[str, Any] | None = None) -> None:

@@ -27,17 +27,15 @@ if TYPE_CHECKING:
 TRACKED = frozenset(TRACKED_RESOURCES)
 """Resources whose last-seen state is kept (those with a lifecycle rules care about)."""
 
-LEARNED = "learned"
-"""The delivery id recorded with a snapshot learned from CVAT's API rather than from a delivery."""
-
 # swap(key, updated_date, delivery_id, snapshot_json, ttl) -> {source, previous-snapshot-json}.
 # The delivery that last set the state is remembered with the snapshot it replaced, so the same
 # delivery processed again (a retry after a 503, or a second receiver) gets the same answer instead
 # of "no change". core.receipts runs it inside the script that also checks for duplicates.
-# A snapshot learned from CVAT's API (``LEARNED``) is only the old state of events newer than it. With
-# the event's own ``updated_date`` it is the state this very event produced, not the one before it;
-# an older event (a late or redelivered one) was never compared with it by a delivery, so it is not
-# "stale" either. Both are first sight: CVAT's own ``before_update``, when sent, still decides.
+# A snapshot learned from CVAT's API (its delivery id is 'learned') is only the old state of events
+# newer than it. With the event's own ``updated_date`` it is the state this very event produced, not
+# the one before it; an older event (a late or redelivered one) was never compared with it by a
+# delivery, so it is not "stale" either. Both are first sight: CVAT's own ``before_update``, when
+# sent, still decides.
 SWAP_FUNCTION = """
 local function swap(key, new_u, new_d, new_s, ttl)
   local cur = redis.call('GET', key)

@@ -255,6 +255,7 @@ def doctor(settings: Settings, *, gateway: ServerGateway | None, redis: Redis | 
     else:
         _cvat(gateway, report, needed, known)
     _secrets(settings, report)
+    report.checks.append(_journal(settings))
     if redis is None:
         report.checks.append(Check("redis", Status.FAIL, redis_problem or "no Redis configured"))
     else:
@@ -399,6 +400,23 @@ def _secrets(settings: Settings, report: Report) -> None:
     else:
         report.checks.append(Check("secrets", Status.FAIL, "no webhook secret: the receiver will not start "
                                    "(`cvat-hooks register` writes one)"))
+
+
+def _journal(settings: Settings) -> Check:
+    """This machine's receiver journal: deliveries it kept while Redis was unreachable, and damaged
+    entries the drain set aside for a human (a crash mid-write, a disk that lied)."""
+    from receiver.journal import QUARANTINE, Journal
+
+    journal = Journal(settings.data_dir / "journal", max_bytes=settings.journal_max_bytes)
+    details = {"directory": str(journal.directory), "bytes": journal.size(), "damaged": journal.quarantined()}
+    if details["damaged"]:
+        return Check("journal", Status.WARN, f"{details['damaged']} damaged entr"
+                     f"{'y' if details['damaged'] == 1 else 'ies'} set aside in {journal.directory / QUARANTINE}: "
+                     "read them (base64 bodies), then remove the file", details)
+    if journal.pending():
+        return Check("journal", Status.WARN, f"{details['bytes']} bytes of deliveries wait in {journal.directory} "
+                     "for Redis: a receiver moves them in when Redis is back", details)
+    return Check("journal", Status.OK, "empty: no delivery waits for Redis", details)
 
 
 def _redis(settings: Settings, redis: Redis, report: Report) -> None:

@@ -85,8 +85,6 @@ class Journal:
         self.max_bytes = max_bytes
         self.on_damaged = on_damaged
         """Called with the reason for each damaged entry set aside (the receiver counts it)."""
-        self.damaged = 0
-        """Damaged entries this process set aside."""
         self._pending_checked = 0.0
         self._pending = False
         self._drainer: threading.Thread | None = None
@@ -222,7 +220,6 @@ class Journal:
 
     def _quarantine(self, path: Path, offset: int, line: bytes, reason: str) -> None:
         """Set a damaged entry aside (kept, fsync'd, for a human), log and count it; never raises."""
-        self.damaged += 1
         log.error("journal %s: damaged entry at byte %d (%s, %d bytes) moved to %s", path.name, offset, reason,
                   len(line), self.directory / QUARANTINE)
         record = json.dumps({"file": path.name, "offset": offset, "reason": reason,
@@ -243,7 +240,7 @@ class Journal:
                 log.debug("journal: could not count a damaged entry: %s", exc)
 
     def quarantined(self) -> int:
-        """How many damaged entries ``quarantine.log`` holds (for doctor and tests)."""
+        """How many damaged entries ``quarantine.log`` holds (``cvat-hooks doctor`` reports them)."""
         try:
             with (self.directory / QUARANTINE).open("rb") as fh:
                 return sum(1 for _ in fh)

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from redis import Redis
 
+from core.delivery_log import DeliveryLog
 from core.settings import WorkerSettings
 from receiver.app import create_app
 from receiver.settings import Settings
@@ -145,3 +146,10 @@ def stored(_action: str, params: Mapping[str, Any]) -> dict[str, Any]:
     """Show a delivery's action parameters as Redis holds them (``Delivery.to_json(shown=stored)``): a
     test that no secret is at rest must read what is stored, not what the registry would show."""
     return dict(params)
+
+
+def succeed(log: DeliveryLog, delivery_id: str, job_id: str, result: dict[str, Any]) -> None:
+    """Record a successful first attempt of an action the way a worker does (``Attempt``)."""
+    attempt = log.attempt(delivery_id, job_id, 1)
+    attempt.start()
+    attempt.succeeded(result)

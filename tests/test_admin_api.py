@@ -15,7 +15,7 @@ from core.delivery_log import INDEX_KEY, DeliveryLog
 from core.queueing import queue
 from receiver.admin import auth
 from receiver.app import create_app
-from tests.conftest import SECRET, capture, post, signed, with_settings
+from tests.conftest import SECRET, capture, post, signed, succeed, with_settings
 
 ADMIN = "admin-token-for-tests-8c1f0e-4b7d2a9e6f13"
 """The admin token of these tests (never the webhook secret, ``SECRET``)."""
@@ -338,7 +338,7 @@ def test_replay_force_reruns_a_succeeded_action(api, redis):
     delivery_id = deliver(api, "update_job_completed.json")
     log = DeliveryLog(redis, retention_seconds=3600)
     [job_id] = log.get(delivery_id).actions
-    log.action_succeeded(delivery_id, job_id, attempt=1, started=time.time(), result={"uri": "file:///x.zip"})
+    succeed(log, delivery_id, job_id, {"uri": "file:///x.zip"})
     url = f"/api/deliveries/{delivery_id}/replay"
     assert api.post(url, json={}, headers=BEARER).status_code == 409
     forced = api.post(url, json={"force": True}, headers=BEARER)
@@ -433,7 +433,7 @@ def test_result_uri_link(api, redis, uri, linked):
     delivery_id = deliver(api, "update_job_completed.json")
     log = DeliveryLog(redis, retention_seconds=3600)
     [job_id] = log.get(delivery_id).actions
-    log.action_succeeded(delivery_id, job_id, attempt=1, started=time.time(), result={"uri": uri, "size": 12})
+    succeed(log, delivery_id, job_id, {"uri": uri, "size": 12})
     login(api)
     page = api.get(f"/ui/deliveries/{delivery_id}").get_data(as_text=True)
     assert uri in page

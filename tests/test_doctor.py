@@ -113,7 +113,7 @@ def test_doctor_all_ok(cli, registered, redis, settings, worker_alive, cvat_serv
     found = checks(result)
     assert {name: c["status"] for name, c in found.items()} == {
         "rules": "OK", "cvat": "OK", "token": "OK", "webhook 1 (project 1)": "OK", "secrets": "OK",
-        "redis": "OK", "redis durability": "OK", "workers": "OK", "queues": "OK", "failed jobs": "OK",
+        "journal": "OK", "redis": "OK", "redis durability": "OK", "workers": "OK", "queues": "OK", "failed jobs": "OK",
         "reconcile": "OK"}
     assert "2.73.0" in found["cvat"]["reason"] and "admin" in found["token"]["reason"]
     assert found["webhook 1 (project 1)"]["details"]["recent_statuses"] == {"200": 1}
@@ -176,3 +176,23 @@ def test_doctor_checks_only_this_deployments_webhooks(cli, registered, cvat_serv
     again = checks(cli("doctor", "--json"))
     assert again["remembered webhooks"]["details"]["webhook_ids"] == [1]
     assert again["webhooks"]["status"] == "WARN" and "no webhook of this deployment" in again["webhooks"]["reason"]
+
+
+def test_doctor_reports_the_receivers_journal(cli, settings, monkeypatch):
+    """Deliveries waiting in this machine's journal for Redis, then a damaged entry the drain set
+    aside: each is a WARN saying what it is and where (the journal is the receiver's own files)."""
+    from receiver.journal import QUARANTINE, Journal
+
+    monkeypatch.delenv("CVAT_URL")
+    journal = Journal(settings.data_dir / "journal")
+    journal.append(b'{"event": "ping"}', 1.0)
+    found = checks(cli("doctor", "--json"))["journal"]
+    assert found["status"] == "WARN" and "wait in" in found["reason"] and found["details"]["bytes"] > 0
+    with journal.current.open("ab") as fh:
+        fh.write(b"not an entry\n")
+    assert journal.drain(lambda body, at: None) == 1
+    found = checks(cli("doctor", "--json"))["journal"]
+    assert found["status"] == "WARN" and found["details"]["damaged"] == 1
+    assert str(journal.directory / QUARANTINE) in found["reason"]
+    (journal.directory / QUARANTINE).unlink()
+    assert checks(cli("doctor", "--json"))["journal"]["status"] == "OK"

@@ -15,7 +15,7 @@ from core.queueing import queue
 from core.replay import why_not
 from operations.cli import main
 from receiver.app import create_app
-from tests.conftest import capture, post, with_settings
+from tests.conftest import capture, post, succeed, with_settings
 
 ADMIN = "rematch-admin-token-0123456789abcdef-xyz"
 BEARER = {"Authorization": f"Bearer {ADMIN}"}
@@ -124,7 +124,7 @@ def test_a_refusal_names_its_remedy_in_each_front_ends_own_terms(client, cli, re
     done = deliver(client, "update_job_completed.json")
     log = DeliveryLog(redis, retention_seconds=3600)
     for job_id in log.get(done).actions:
-        log.action_succeeded(done, job_id, attempt=1, started=time.time(), result={})
+        succeed(log, done, job_id, {})
     for delivery_id, remedy, flag in ((unmatched, "rematch", "--rematch judges"), (done, "force", "--force runs")):
         code, out = cli("deliveries", "replay", delivery_id)
         assert code == 1 and flag in out, out
