@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.procs import ReceiverProc, RedisProc, WorkerProc, clean_env, cli_argv, wait_for
+from workers.actions import public_params
 
 TARGET = 0.2
 """Seconds: the issue's bound on our median share of a small job export."""
@@ -181,7 +182,7 @@ def wait_export(log: Any, since: float, timeout: float = 60.0) -> dict[str, Any]
         for item in log.list(limit=20, event="update:job", since=since):
             if item.status.value in ("succeeded", "failed"):
                 full = log.get(item.id)
-                found.update(full.to_json() if full is not None else {})
+                found.update(full.to_json(shown=public_params) if full is not None else {})
                 return True
         return False
 
