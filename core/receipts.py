@@ -128,12 +128,6 @@ class Batch:
     def rpush(self, name: str, *values: Any) -> None:
         self._op("RPUSH", name, *values)
 
-    def lpush(self, name: str, *values: Any) -> None:
-        self._op("LPUSH", name, *values)
-
-    def sadd(self, name: str, *values: Any) -> None:
-        self._op("SADD", name, *values)
-
     def zadd(self, name: str, mapping: Mapping[Any, float]) -> None:
         args: list[Any] = []
         for member, score in mapping.items():

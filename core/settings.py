@@ -1,4 +1,6 @@
-"""Worker-side configuration, read from the environment in one place.
+"""The settings every process shares (the workers' part, which the receiver's ``Settings`` holds as
+``.workers``), read from the environment in one place: this module and ``receiver.settings`` are the
+only readers of ``os.environ`` (``tests/test_settings_environ.py``).
 
 Names follow cvat-sdk and cvat-cli where they exist (``CVAT_URL``, ``CVAT_ACCESS_TOKEN``), and AWS's
 usual variables for S3 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...), read by boto3 itself.
