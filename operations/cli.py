@@ -26,6 +26,21 @@ def _settings() -> Settings:
     return settings
 
 
+class FromEnvironment(click.Option):
+    """An option that may come from an environment variable (``envvar=``): a bad value from there
+    names the variable, which is what the user wrote (click names only the option)."""
+
+    def process_value(self, ctx: click.Context, value: Any) -> Any:
+        try:
+            return super().process_value(ctx, value)
+        except click.BadParameter as exc:
+            from click.core import ParameterSource
+
+            if self.name is None or ctx.get_parameter_source(self.name) is not ParameterSource.ENVIRONMENT:
+                raise
+            raise click.BadParameter(f"{self.envvar}: {exc.message}", ctx=ctx, param=self) from exc
+
+
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
@@ -47,10 +62,10 @@ def main(ctx: click.Context) -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True, envvar="CVAT_HOOKS_HOST")
-@click.option("--port", default=8000, show_default=True, type=int, envvar="CVAT_HOOKS_PORT")
-@click.option("--workers", default=2, show_default=True, type=int, envvar="CVAT_HOOKS_HTTP_WORKERS",
-              help="gunicorn worker processes")
+@click.option("--host", default="127.0.0.1", show_default=True, cls=FromEnvironment, envvar="CVAT_HOOKS_HOST")
+@click.option("--port", default=8000, show_default=True, type=int, cls=FromEnvironment, envvar="CVAT_HOOKS_PORT")
+@click.option("--workers", default=2, show_default=True, type=int, cls=FromEnvironment,
+              envvar="CVAT_HOOKS_HTTP_WORKERS", help="gunicorn worker processes")
 @click.option("--with-worker/--no-worker", default=None,
               help="also run an RQ worker (default: only with the embedded Redis)")
 def serve(host: str, port: int, workers: int, with_worker: bool | None) -> None:
@@ -69,7 +84,7 @@ def serve(host: str, port: int, workers: int, with_worker: bool | None) -> None:
 @click.option("--burst", is_flag=True, help="stop when the queues are empty")
 @click.option("--queue", "queues", multiple=True, help="serve only these queues (repeatable)")
 @click.option("--class", "kind", type=click.Choice(["split", "fork", "simple"]), default="split", show_default=True,
-              envvar="CVAT_HOOKS_WORKER_CLASS",
+              cls=FromEnvironment, envvar="CVAT_HOOKS_WORKER_CLASS",
               help="split: light actions (in CVAT_HOOKS_LIGHT_PROCESSES children) and exports (in one) run "
                    "in-process under a parent that restarts a crashed child and retries its job at once; "
                    "fork: every job in a forked child; simple: every job in-process, one process")
@@ -99,7 +114,7 @@ def worker(burst: bool, queues: tuple[str, ...], kind: str) -> None:
 
 
 @main.command()
-@click.option("--port", default=8000, type=int, envvar="CVAT_HOOKS_PORT")
+@click.option("--port", default=8000, type=int, cls=FromEnvironment, envvar="CVAT_HOOKS_PORT")
 def healthcheck(port: int) -> None:
     """Container health: the receiver answers /healthz; a worker has a fresh heartbeat in Redis."""
     from workers.health import check
@@ -229,7 +244,7 @@ def sign(payload: Path, secret: str | None) -> None:
 @main.command()
 @click.argument("payload", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--url", help="the receiver's base or webhook URL  [default: the local one, on --port]")
-@click.option("--port", default=8000, show_default=True, type=int, envvar="CVAT_HOOKS_PORT",
+@click.option("--port", default=8000, show_default=True, type=int, cls=FromEnvironment, envvar="CVAT_HOOKS_PORT",
               help="the local receiver's port, without --url")
 @click.option("--secret", help="sign with this secret (default: the service's own: CVAT_HOOKS_SECRET, else "
                                "the secrets store, the trial's included)")
@@ -476,7 +491,7 @@ def _deployment_redis(settings: Settings) -> Any:
 
 @main.command()
 @_scope_options
-@click.option("--url", "public_url", required=True, envvar="CVAT_HOOKS_PUBLIC_URL",
+@click.option("--url", "public_url", required=True, cls=FromEnvironment, envvar="CVAT_HOOKS_PUBLIC_URL",
               help="the receiver's base URL as CVAT reaches it (/webhooks/cvat is added)")
 @click.option("--all", "all_events", is_flag=True,
               help="subscribe to every event of the webhook type, not just those of the rules")

@@ -138,3 +138,23 @@ def test_the_command_line_reports_the_variable(tmp_path: Path, monkeypatch: pyte
     result = CliRunner().invoke(main, ["actions", "list"])
     assert result.exit_code == 1
     assert "configuration: CVAT_HOOKS_RECONCILE_MINUTES must be a number of minutes" in result.output
+
+
+@pytest.mark.parametrize(("variable", "value", "command"), [
+    ("CVAT_HOOKS_PORT", "eighty", ["serve"]),
+    ("CVAT_HOOKS_HTTP_WORKERS", "two", ["serve"]),
+    ("CVAT_HOOKS_WORKER_CLASS", "big", ["worker"]),
+])
+def test_a_bad_option_from_the_environment_names_its_variable(
+        variable: str, value: str, command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Options that also read a variable (``serve``'s port, ``worker``'s class) name the variable when
+    its value is bad, and only the option when the bad value was typed on the command line."""
+    monkeypatch.setenv("CVAT_HOOKS_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv(variable, value)
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 2 and f"{variable}: '{value}'" in result.output, result.output
+    monkeypatch.delenv(variable)
+    option = {"CVAT_HOOKS_PORT": "--port", "CVAT_HOOKS_HTTP_WORKERS": "--workers",
+              "CVAT_HOOKS_WORKER_CLASS": "--class"}[variable]
+    typed = CliRunner().invoke(main, [*command, option, value])
+    assert typed.exit_code == 2 and variable not in typed.output and f"'{value}'" in typed.output, typed.output
