@@ -40,7 +40,7 @@ class SettingError(ValueError):
         super().__init__(f"{variable} must be {rule}, not {shown!r}")
 
 
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+def switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     """A yes/no switch: a word that is neither (a typo of ``true`` turning TLS checks off) is refused."""
     raw = env.get(name)
     if raw is None or not raw.strip():
@@ -51,7 +51,8 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     return word in TRUE_WORDS
 
 
-def _whole(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0, what: str = "a whole number") -> int:
+def whole_number(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0,
+                 what: str = "a whole number") -> int:
     """A whole number of at least ``minimum`` (``default`` when unset or empty)."""
     raw = env.get(name)
     if raw is None or not raw.strip():
@@ -65,7 +66,7 @@ def _whole(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0,
     return value
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, zero: bool = False,
+def number(env: Mapping[str, str], name: str, default: float, *, zero: bool = False,
             what: str = "a number") -> float:
     """A finite number above 0 (or 0 too, with ``zero``: where 0 turns a thing off)."""
     raw = env.get(name)
@@ -82,7 +83,7 @@ def _number(env: Mapping[str, str], name: str, default: float, *, zero: bool = F
 
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:
     """A count of processes: a whole number of at least 1."""
-    return _whole(env, name, default, minimum=1)
+    return whole_number(env, name, default, minimum=1)
 
 
 def _username(env: Mapping[str, str], name: str) -> str | None:
@@ -93,7 +94,7 @@ def _username(env: Mapping[str, str], name: str) -> str | None:
     return raw or None
 
 
-def _list(value: str | None) -> tuple[str, ...]:
+def comma_list(value: str | None) -> tuple[str, ...]:
     return tuple(item.strip() for item in (value or "").split(",") if item.strip())
 
 
@@ -227,8 +228,8 @@ class WorkerSettings:
         return cls(
             redis_url=env.get("CVAT_HOOKS_REDIS_URL") or None,
             data_dir=data_dir,
-            storage_roots=tuple(Path(p) for p in _list(env.get("CVAT_HOOKS_STORAGE_ROOTS"))),
-            retention_days=_whole(env, "CVAT_HOOKS_RETENTION_DAYS", DEFAULT_RETENTION_DAYS, minimum=1,
+            storage_roots=tuple(Path(p) for p in comma_list(env.get("CVAT_HOOKS_STORAGE_ROOTS"))),
+            retention_days=whole_number(env, "CVAT_HOOKS_RETENTION_DAYS", DEFAULT_RETENTION_DAYS, minimum=1,
                                   what="a whole number of days"),
             cvat=CvatSettings(
                 url=env.get("CVAT_URL") or None,
@@ -236,19 +237,19 @@ class WorkerSettings:
                 username=env.get("CVAT_USERNAME") or None,
                 password=env.get("CVAT_PASSWORD") or None,
                 organization=env.get("CVAT_ORG") or env.get("CVAT_HOOKS_CVAT_ORG") or None,
-                verify_tls=_bool(env, "CVAT_HOOKS_CVAT_VERIFY_TLS", True),
-                status_check_period=_number(env, "CVAT_HOOKS_CVAT_POLL_SECONDS", 0.5, what="a number of seconds"),
+                verify_tls=switch(env, "CVAT_HOOKS_CVAT_VERIFY_TLS", True),
+                status_check_period=number(env, "CVAT_HOOKS_CVAT_POLL_SECONDS", 0.5, what="a number of seconds"),
                 service_account=(_username(env, "CVAT_HOOKS_SERVICE_ACCOUNT")
                                  or (env.get("CVAT_USERNAME") or "").strip() or None),
             ),
-            notify_allowed_hosts=_list(env.get("CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS")),
-            notify_timeout=_number(env, "CVAT_HOOKS_NOTIFY_TIMEOUT", 10.0, what="a number of seconds"),
+            notify_allowed_hosts=comma_list(env.get("CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS")),
+            notify_timeout=number(env, "CVAT_HOOKS_NOTIFY_TIMEOUT", 10.0, what="a number of seconds"),
             run_dirs=run_dirs(env) or (),
-            maintenance_seconds=_whole(env, "CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS", 30, minimum=1,
+            maintenance_seconds=whole_number(env, "CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS", 30, minimum=1,
                                       what="a whole number of seconds"),
-            recycle=Recycle(max_rss_mb=_whole(env, "CVAT_HOOKS_WORKER_MAX_RSS_MB", DEFAULT_MAX_RSS_MB,
+            recycle=Recycle(max_rss_mb=whole_number(env, "CVAT_HOOKS_WORKER_MAX_RSS_MB", DEFAULT_MAX_RSS_MB,
                                               what="a whole number of megabytes"),
-                            max_jobs=_whole(env, "CVAT_HOOKS_WORKER_MAX_JOBS", 0)),
+                            max_jobs=whole_number(env, "CVAT_HOOKS_WORKER_MAX_JOBS", 0)),
             light_processes=_positive(env, "CVAT_HOOKS_LIGHT_PROCESSES", 1),
             environment=dict(env),
             aws_environment=tuple(sorted((k, v) for k, v in env.items() if k.startswith("AWS_"))),

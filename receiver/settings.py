@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from core.settings import SettingError, WorkerSettings, _bool, _list, _number, _whole
+from core.settings import SettingError, WorkerSettings, comma_list, number, switch, whole_number
 from core.settings import use_process_settings as core_use_process_settings
 from receiver.secrets_store import add_secret, read_secrets, take_in_legacy
 
@@ -166,20 +166,21 @@ class Settings:
         secret_file = Path(env["CVAT_HOOKS_SECRET_FILE"]) if env.get("CVAT_HOOKS_SECRET_FILE") else None
         default_file = workers.data_dir / SECRETS_FILE
         files = dict.fromkeys((secret_file or default_file, default_file))
-        secrets = tuple(dict.fromkeys((*_list(env.get("CVAT_HOOKS_SECRET")), *read_secrets(files))))
+        secrets = tuple(dict.fromkeys((*comma_list(env.get("CVAT_HOOKS_SECRET")), *read_secrets(files))))
         return cls(
             secrets=secrets,
             secret_file=secret_file,
-            reconcile_minutes=_number(env, "CVAT_HOOKS_RECONCILE_MINUTES", DEFAULT_RECONCILE_MINUTES, zero=True,
+            reconcile_minutes=number(env, "CVAT_HOOKS_RECONCILE_MINUTES", DEFAULT_RECONCILE_MINUTES, zero=True,
                                       what="a number of minutes"),
-            insecure_no_signature=_bool(env, "CVAT_HOOKS_INSECURE_NO_SIGNATURE", False),
+            insecure_no_signature=switch(env, "CVAT_HOOKS_INSECURE_NO_SIGNATURE", False),
             rules_path=Path(env.get("CVAT_HOOKS_RULES") or "rules.yaml"),
-            max_body=_whole(env, "CVAT_HOOKS_MAX_BODY", DEFAULT_MAX_BODY, minimum=1, what="a whole number of bytes"),
-            body_seconds=_number(env, "CVAT_HOOKS_BODY_SECONDS", DEFAULT_BODY_SECONDS, what="a number of seconds"),
+            max_body=whole_number(env, "CVAT_HOOKS_MAX_BODY", DEFAULT_MAX_BODY, minimum=1,
+                                  what="a whole number of bytes"),
+            body_seconds=number(env, "CVAT_HOOKS_BODY_SECONDS", DEFAULT_BODY_SECONDS, what="a number of seconds"),
             dedupe_seconds=_days(env, "CVAT_HOOKS_DEDUPE_DAYS", DEFAULT_DEDUPE_DAYS),
             state_seconds=_days(env, "CVAT_HOOKS_STATE_DAYS", DEFAULT_STATE_DAYS),
             workers=workers,
-            journal_max_bytes=_whole(env, "CVAT_HOOKS_JOURNAL_MAX_BYTES", 256 * 1024 * 1024,
+            journal_max_bytes=whole_number(env, "CVAT_HOOKS_JOURNAL_MAX_BYTES", 256 * 1024 * 1024,
                                      what="a whole number of bytes"),
             admin_token=env.get("CVAT_HOOKS_ADMIN_TOKEN") or None,
             log_format=_choice(env, "CVAT_HOOKS_LOG_FORMAT", LOG_FORMATS, "text"),
@@ -189,7 +190,7 @@ class Settings:
 
 def _days(env: Mapping[str, str], name: str, default: int) -> int:
     """A number of days (fractions allowed) as whole seconds, at least one."""
-    days = _number(env, name, default, what="a number of days")
+    days = number(env, name, default, what="a number of days")
     if days * 86400 < 1:
         raise SettingError(name, "a number of days of at least one second", env.get(name) or "")
     return int(days * 86400)

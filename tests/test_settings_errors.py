@@ -73,7 +73,8 @@ def test_every_checked_variable_has_a_bad_value_row() -> None:
     cannot be added without its error being tested."""
     root = Path(__file__).resolve().parent.parent
     source = "".join((root / name).read_text() for name in ("core/settings.py", "receiver/settings.py"))
-    checked = set(re.findall(r"_(?:whole|number|bool|choice|positive|username|days)\(env, \"([A-Z_]+)\"", source))
+    readers = r"\b(?:whole_number|number|switch|_choice|_positive|_username|_days)"
+    checked = set(re.findall(readers + r"\(env, \"([A-Z_]+)\"", source))
     checked |= set(re.findall(r"SettingError\(\"([A-Z_]+)\"", source))
     assert len(checked) > 15
     assert checked == {name for name, _ in BAD_VALUES}
