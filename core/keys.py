@@ -3,7 +3,7 @@
 A key's name is part of a deployment's data: renaming one orphans what is stored under the old name
 (an upgrade would forget deliveries, dedupe marks, learned state). So the values below never change;
 ``tests/test_keys.py`` pins each one to its literal string, and fails when a module outside this one
-spells a ``cvat-hooks:`` key itself (issue 16, item 3: the prefix was written out in seven modules).
+spells a ``cvat-hooks:`` key itself.
 
 Forms: a plain constant is the key itself; one ending in ``:`` is a prefix the owner appends an id
 to; one holding ``{}`` or ``{name}`` placeholders is a template for :meth:`str.format`. RQ's own keys
