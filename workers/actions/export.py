@@ -76,7 +76,7 @@ def _kind(params: Mapping[str, Any]) -> tuple[str, list[str]]:
 def validate(params: Mapping[str, Any], *, shipped_formats: bool = True) -> list[str]:
     """Types, enums and combinations, and the destination's scheme and shape (not its roots).
 
-    The format is checked against the shipped list of CVAT's names (``_formats``) when the rules
+    The format is checked against the shipped list of CVAT's names (``core.cvat_formats``) when the rules
     load; :func:`plan` turns that off, as the server's own list decides when the action runs
     (:func:`check_format`), and a newer CVAT may offer a format the list does not have yet.
     """

@@ -55,7 +55,7 @@ MODES = tuple(m.value for m in ImportMode)
 def validate(params: Mapping[str, Any], *, shipped_formats: bool = True) -> list[str]:
     """Types and enums, and the source's scheme and shape (not its roots: those are the worker's).
 
-    The format is checked against the shipped list of CVAT's import names (``_formats``) when the
+    The format is checked against the shipped list of CVAT's import names (``core.cvat_formats``) when the
     rules load, as ``export`` checks its own; the run turns that off, as the server's own list then
     decides (:func:`check_format`), and a newer CVAT may import a format the list does not have yet.
     """
