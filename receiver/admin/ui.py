@@ -242,16 +242,25 @@ def replay_delivery(delivery_id: str):  # type: ignore[no-untyped-def]
 @bp.get("/bulk")
 def bulk_confirm():  # type: ignore[no-untyped-def]
     """How many deliveries the list's filters select for a bulk replay, and a button to confirm."""
+    filters = _bulk_filters(request.args)
+    if not isinstance(filters, Filters):
+        return filters
+    found = _bulk_selection(filters)
+    return _page("admin_bulk.html", filters=filters, count=len(found), progress=None,
+                 rematch=request.args.get("rematch") == "1")
+
+
+def _bulk_filters(args: Any) -> Filters | tuple[str, int]:
+    """The filters a bulk replay would replay (``args``: the list's query or the confirming form),
+    or the page saying why they cannot start one."""
     try:
-        filters = Filters.from_args(request.args)
+        filters = Filters.from_args(args)
     except BadFilter as exc:
         return _message("Filter not understood", str(exc), 400)
     if not filters.narrowed:
         return _message("Choose deliveries first", "Filter the list (status, time, rule...) before a bulk "
                         "replay: it replays exactly the deliveries the filters select.", 400)
-    found = _bulk_selection(filters)
-    return _page("admin_bulk.html", filters=filters, count=len(found), progress=None,
-                 rematch=request.args.get("rematch") == "1")
+    return filters
 
 
 def _bulk_selection(filters: Filters) -> list[Delivery]:
@@ -269,12 +278,9 @@ def bulk_start():  # type: ignore[no-untyped-def]
     """Start the confirmed bulk replay in the background; on to its progress page."""
     from receiver.bulk_replay import start
 
-    try:
-        filters = Filters.from_args(request.form)
-    except BadFilter as exc:
-        return _message("Filter not understood", str(exc), 400)
-    if not filters.narrowed:
-        return _message("Choose deliveries first", "A bulk replay needs filters.", 400)
+    filters = _bulk_filters(request.form)
+    if not isinstance(filters, Filters):
+        return filters
     found = _bulk_selection(filters)
     again, force = request.form.get("rematch") == "1", request.form.get("force") == "1"
     options: dict[str, Any] = {"force": force}
