@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,10 +406,13 @@ def test_split_worker_waits_for_redis_instead_of_restarting_children_every_secon
     # error and the parent holds its restart until Redis answers, so after the kill it may be missing.
     assert wait_for(lambda: len(children(worker.pid)) == len(QUEUES) + 1, timeout=20), children(worker.pid)
     stack.redis.kill()
-    os.kill(children(worker.pid)[0], signal.SIGKILL)  # either child: what matters is a death while Redis is down
+    light = int(re.search(r"started light worker \S+ \(pid (\d+)\)", worker.log_text()).group(1))
+    os.kill(light, signal.SIGKILL)  # a death while Redis is down
     time.sleep(8)  # without the wait, the restarted child died and was restarted again about every second
     down = worker.log_text()
-    assert down.count(" died (exit ") <= 2, down[-4000:]  # once per child at most, however long Redis is down
+    # Once per child at most, however long Redis is down. Which ones die is RQ's doing: a child may
+    # end on its own when its Redis calls fail, besides the one killed here.
+    assert max(deaths(down).values(), default=0) <= 1, down[-4000:]
     assert down.count("Redis does not answer") == 1, down[-4000:]
     stack.redis.start()
     body, _ = capture("create_task.json")
@@ -415,7 +420,13 @@ def test_split_worker_waits_for_redis_instead_of_restarting_children_every_secon
     log = stack.log()
     assert wait_for(lambda: log.get(answer["delivery_id"]).status.value == "succeeded", timeout=45), stack.logs()
     assert worker.running and "Redis answers again" in worker.log_text()
-    assert worker.log_text().count(" died (exit ") <= 2, worker.log_text()[-4000:]
+    after = worker.log_text()
+    assert max(deaths(after).values()) <= 1 and after.count("(light) died (exit -9)") == 1, after[-4000:]
+
+
+def deaths(log: str) -> Counter[str]:
+    """How many times the split worker's log says each of its children (by role) died."""
+    return Counter(re.findall(r" \((\w+)\) died \(exit ", log))
 
 
 def test_a_delayed_retry_runs_within_seconds_of_redis_coming_back(stack: Stack):
