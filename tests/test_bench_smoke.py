@@ -41,6 +41,20 @@ def test_dispatch_tiny(tmp_path: Path) -> None:
     assert "forkx1" in text and "| forkx1 |" in md
 
 
+def test_paired_stock_ratio_tiny(tmp_path: Path) -> None:
+    """RQ's stock SimpleWorker and the shipped worker, both up, drain in turn; the target's ratio is
+    the median pair's, and the report judges it."""
+    lines: list[str] = []
+    with procs.RedisProc(tmp_path / "redis") as redis:
+        result = dispatch.paired_stock_ratio(redis, tmp_path, jobs=20, pairs=3, worker_env=None, log=lines.append)
+    assert len(result["pairs"]) == 3 and result["pairs"] == sorted(result["pairs"])
+    assert abs(result["ratio"] - result["pairs"][1]) <= 0.006 and result["ratio"] > 0  # both rounded
+    assert sum(line.startswith("dispatch: pair ") for line in lines) == 3, lines
+    target = next(t for t in report.evaluate({"dispatch": {"setups": {}, "stock": result}})
+                  if t["id"] == "dispatch-vs-stock")
+    assert target["verdict"] == result["verdict"] and "paired drains" in target["measured"]
+
+
 def test_export_tiny(tmp_path: Path) -> None:
     """The real export action writes 1 MB and 5 MB exports locally and to S3, memory sampled."""
     result = export.run(tmp_path, size_mb=5, small_mb=1, export_seconds=0.2, reps=1, log=quiet)
