@@ -405,7 +405,8 @@ def paired_stock_ratio(redis: RedisProc, work: Path, *, jobs: int, pairs: int,
         runs = []
         for i in range(pairs):
             # Who goes first alternates: a drift within a pair then favours neither.
-            order = [(STOCK, stock_queuer, stock), (SHIPPED, ours_queuer, ours)]
+            order: list[tuple[str, Queuer | StockQueuer, list[Proc]]] = [(STOCK, stock_queuer, stock),
+                                                                         (SHIPPED, ours_queuer, ours)]
             measured = {name: drain(redis, q, jobs, started)["worker_cpu_ms_per_job"]
                         for name, q, started in (order if i % 2 == 0 else order[::-1])}
             runs.append(measured)

@@ -1,8 +1,9 @@
 """Intake: req/s and latency of cvat-hooks' receiver against a bare Flask ceiling and adnanh/webhook.
 
 ``wrk`` runs pinned to core 0 (with this process); every server, and cvat-hooks' Redis, to core 1.
-All servers run for the whole phase and the runs are interleaved (rep -> connections -> server), so
-noise from other work on the machine spreads over every server instead of landing on one.
+All servers run for the whole phase and the runs are interleaved (rep -> connections -> server, each
+round starting one server later, after a ``sync``), so noise from other work on the machine, and
+from the run before, spreads over every server instead of landing on one.
 
 Each wrk request is a real signed CVAT ``update:job`` delivery. cvat-hooks answers a repeated body
 as a duplicate (a cheap path), so the "distinct" mode cycles through N pre-signed bodies that are
@@ -10,12 +11,14 @@ each a different event (job id and ``updated_date`` vary): signature, parse, ded
 state, matching 20 rules, the delivery record and two durable jobs, per request. The "duplicate"
 mode cycles through 500 bodies received once before the run. Redis is flushed before every run
 (no worker runs: jobs accumulate), and the counters are read back to check which path was taken.
+cvat-hooks at :data:`BASELINE` runs beside ours the same way, for issue 16's intake target.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -38,6 +41,11 @@ LUA = Path(__file__).resolve().parent / "intake.lua"
 PATH = "/webhooks/cvat"
 DUPLICATE_BODIES = 500
 """Distinct events received once before a duplicate run, then sent again and again."""
+BASELINE = "fa61702"
+"""The code issue 16's intake target was measured on (0.21-0.26x the ceiling at 16 connections, on the
+2026-11-23 host): the last commit before that issue. A ratio to the ceiling moves with the host (on
+2026-12-06 the ceiling ran 2.5x faster than on 2026-11-23, and cvat-hooks 1.7x), so "no lower than
+that ratio" is checked against that code, run beside ours in the same phase."""
 FLAT_TOLERANCE = (5 * MB, 0.05)
 """RSS counts as flat when it grows at most max(5 MB, 5 %) from after warm-up to the end."""
 
@@ -201,10 +209,23 @@ def deliveries_counted(redis: Any) -> dict[str, int]:
     return counts
 
 
+def baseline_tree(rev: str, dest: Path) -> str:
+    """Write this repository's code at ``rev`` to ``dest`` (``git archive``: no worktree, nothing
+    left in the repository); returns the module its ``cvat-hooks`` command runs."""
+    import tomllib
+
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(procs.ROOT), "archive", rev], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    entry = tomllib.loads((dest / "pyproject.toml").read_text())["project"]["scripts"]["cvat-hooks"]
+    return str(entry.split(":")[0])
+
+
 @contextmanager
-def servers(work: Path, distinct: Path, duplicates: Path,
-            log: Callable[[str], None]) -> Iterator[list[Server]]:
-    """Start the three servers (and cvat-hooks' Redis) on the server core; stop them all after."""
+def servers(work: Path, distinct: Path, duplicates: Path, log: Callable[[str], None],
+            baseline: str | None = None) -> Iterator[list[Server]]:
+    """Start the servers (and cvat-hooks' Redis, one per cvat-hooks) on the server core; stop them
+    all after. With ``baseline``, cvat-hooks at that commit runs too, on its own Redis."""
     with ExitStack() as stack:
         logs = work / "logs"
         result: list[Server] = []
@@ -246,28 +267,51 @@ def servers(work: Path, distinct: Path, duplicates: Path,
                              sampled(proc.pid), distinct,
                              notes={"bad_signature_answer": bad[1].decode(errors="replace").strip()}))
 
-        # (c) cvat-hooks serve, with a production-like Redis on the same core
-        redis = RedisProc(work / "redis", cpu=SERVER_CPU)
-        stack.callback(redis.stop)
-        port = procs.free_port()
-        env = {"CVAT_HOOKS_REDIS_URL": redis.url, "CVAT_HOOKS_SECRET": SECRET,
-               "CVAT_HOOKS_RULES": str(RULES), "CVAT_HOOKS_DATA_DIR": str(work / "data"),
-               "CVAT_HOOKS_LOG_FORMAT": "text"}
-        serve = [sys.executable, "-m", "operations.cli", "serve", "--port", str(port)]
-        proc = started(procs.start("cvat-hooks", serve, env=env, cpu=SERVER_CPU, log_dir=logs))
-        procs.wait_http(f"http://127.0.0.1:{port}/readyz", proc)
-        status, answer = post(port, PATH, body, sig)
-        if status != 202:
-            raise RuntimeError(f"cvat-hooks did not queue the capture: {status} {answer!r}")
-        matched = len(json.loads(answer)["jobs"])
-        redis.flush()
+        def cvat_hooks(name: str, module: str = "operations.cli", code: Path = procs.ROOT,
+                       ) -> tuple[RedisProc, int, Proc, int]:
+            """``cvat-hooks serve`` of the code in ``code``, with a production-like Redis on the same
+            core; its Redis, port, process and the jobs the capture queued."""
+            redis = RedisProc(work / f"redis-{name}", cpu=SERVER_CPU)
+            stack.callback(redis.stop)
+            port = procs.free_port()
+            env = {"CVAT_HOOKS_REDIS_URL": redis.url, "CVAT_HOOKS_SECRET": SECRET,
+                   "CVAT_HOOKS_RULES": str(RULES), "CVAT_HOOKS_DATA_DIR": str(work / f"data-{name}"),
+                   "CVAT_HOOKS_LOG_FORMAT": "text", "PYTHONPATH": str(code)}
+            serve = [sys.executable, "-m", module, "serve", "--port", str(port)]
+            proc = started(procs.start(name, serve, env=env, cpu=SERVER_CPU, log_dir=logs, cwd=code))
+            procs.wait_http(f"http://127.0.0.1:{port}/readyz", proc)
+            status, answer = post(port, PATH, body, sig)
+            if status != 202:
+                raise RuntimeError(f"{name} did not queue the capture: {status} {answer!r}")
+            redis.flush()
+            return redis, port, proc, len(json.loads(answer)["jobs"])
+
+        def check_distinct_on(redis: RedisProc) -> Callable[[dict[str, Any]], None]:
+            def check(run: dict[str, Any]) -> None:
+                quiesce(redis)
+                run["outcomes"] = deliveries_counted(redis.client)
+            return check
+
+        # (c) the issue's code, when asked for (before ours: the table reads old, then new)
+        if baseline:
+            module = baseline_tree(baseline, work / "baseline")
+            base_redis, base_port, base_proc, base_matched = cvat_hooks("cvat-hooks-base", module,
+                                                                        work / "baseline")
+            result.append(Server("cvat-hooks-base", f"cvat-hooks at {baseline} (distinct events)", base_port, PATH,
+                                 base_proc, sampled(base_proc.pid), distinct, before_run=base_redis.flush,
+                                 after_run=check_distinct_on(base_redis),
+                                 notes={"commit": baseline, "jobs_per_event": base_matched},
+                                 redis_pid=base_redis.proc.pid))
+
+        # (d) cvat-hooks serve
+        redis, port, proc, matched = cvat_hooks("cvat-hooks")
         sampler = sampled(proc.pid)
         redis_peak = {"rss": 0}
 
         def note_redis(run: dict[str, Any]) -> None:
             redis_peak["rss"] = max(redis_peak["rss"], redis.rss())
 
-        def quiesce() -> None:
+        def quiesce(redis: RedisProc) -> None:
             """Wait for requests wrk left in flight to be processed (counters still for 0.3 s)."""
             last, still_since = None, time.monotonic()
             deadline = time.monotonic() + 10
@@ -280,9 +324,7 @@ def servers(work: Path, distinct: Path, duplicates: Path,
                 time.sleep(0.05)
 
         def check_distinct(run: dict[str, Any]) -> None:
-            quiesce()
-            counts = deliveries_counted(redis.client)
-            run["outcomes"] = counts
+            check_distinct_on(redis)(run)
             note_redis(run)
 
         def prime_duplicates() -> None:
@@ -309,8 +351,9 @@ def servers(work: Path, distinct: Path, duplicates: Path,
 
 
 def run(work: Path, *, seconds: float, reps: int, connections: tuple[int, ...], bodies: int,
-        log: Callable[[str], None]) -> dict[str, Any]:
-    """The whole intake phase; returns cells, ratios inputs and memory per server."""
+        log: Callable[[str], None], baseline: str | None = BASELINE) -> dict[str, Any]:
+    """The whole intake phase; returns cells, ratios inputs and memory per server (with cvat-hooks
+    at ``baseline`` beside ours, unless None)."""
     if shutil.which("wrk") is None or shutil.which("webhook") is None:
         raise RuntimeError("intake needs wrk and webhook: apt-get install -y wrk webhook")
     work.mkdir(parents=True, exist_ok=True)
@@ -320,7 +363,7 @@ def run(work: Path, *, seconds: float, reps: int, connections: tuple[int, ...], 
     n = write_bodies(distinct, distinct_bodies(bodies))
     write_bodies(duplicates, distinct_bodies(DUPLICATE_BODIES, first_job=10_000_000))
     log(f"intake: {n} distinct signed bodies written in {time.monotonic() - t0:.1f}s")
-    with procs.pinned(LOAD_CPU), servers(work, distinct, duplicates, log) as all_servers:
+    with procs.pinned(LOAD_CPU), servers(work, distinct, duplicates, log, baseline) as all_servers:
         return _measure(all_servers, seconds=seconds, reps=reps, connections=connections, bodies=n, log=log)
 
 
@@ -340,8 +383,13 @@ def _measure(all_servers: list[Server], *, seconds: float, reps: int, connection
         server.sampler.mark("warm")
     for rep in range(reps):
         for conns in connections:
-            for server in all_servers:
+            # Each rep starts one server later: a server measured right after another one's run
+            # pays for what that run left (its Redis's AOF being written back), and in a fixed order
+            # that was always the same neighbour (cvat-hooks after its baseline: -10 to -25 %).
+            turn = (rep * len(connections) + connections.index(conns)) % len(all_servers)
+            for server in all_servers[turn:] + all_servers[:turn]:
                 server.before_run()
+                os.sync()  # what the previous run wrote is on disk before this one starts
                 cpu0 = procs.tree_cpu(server.proc.pid)
                 redis0 = procs.tree_cpu(server.redis_pid) if server.redis_pid else 0.0
                 result = wrk(server.url, server.bodies, connections=conns, seconds=seconds)

@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, help="seconds per wrk run (default 10, quick 3)")
     parser.add_argument("--reps", type=int, help="runs per intake cell, median kept (default 3, quick 1)")
     parser.add_argument("--connections", default="1,16,64", help="wrk connection counts")
+    parser.add_argument("--baseline", default=None,
+                        help="intake: the commit of cvat-hooks to run beside this code (default: "
+                             "bench.intake.BASELINE, issue 16's; '' for none)")
     parser.add_argument("--jobs", type=int, help="jobs per dispatch drain (default 2000, quick 300)")
     parser.add_argument("--export-mb", type=float, help="size of the large export (default 500, quick 50)")
     parser.add_argument("--adnanh-events", type=int, help="deliveries per side, adnanh (default 120, quick 6)")
@@ -104,6 +107,7 @@ def run_phases(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], di
     phases: dict[str, Callable[[], dict[str, Any]]] = {
         "intake": lambda: intake.run(work / "intake", seconds=args.seconds, reps=args.reps,
                                      connections=args.connections, bodies=30_000 if args.quick else 80_000,
+                                     baseline=intake.BASELINE if args.baseline is None else args.baseline or None,
                                      log=log),
         "dispatch": lambda: dispatch.run(work / "dispatch", jobs=args.jobs, drains=1 if args.quick else 3,
                                          latency_seconds=3.0 if args.quick else 10.0, log=log),

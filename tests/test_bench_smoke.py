@@ -71,17 +71,47 @@ def test_export_tiny(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("wrk") is None or shutil.which("webhook") is None,
                     reason="intake needs wrk and webhook (apt-get install wrk webhook)")
 def test_intake_tiny(tmp_path: Path) -> None:
-    """wrk drives all three servers; cvat-hooks queues distinct events and dedupes repeated ones."""
+    """wrk drives every server; cvat-hooks, and cvat-hooks at issue 16's commit, queue distinct events,
+    and cvat-hooks dedupes repeated ones."""
     result = intake.run(tmp_path, seconds=1, reps=1, connections=(4,), bodies=3000, log=quiet)
     servers = result["servers"]
-    for name in ("ceiling", "webhook", "cvat-hooks", "cvat-hooks-dup"):
+    for name in ("ceiling", "webhook", "cvat-hooks-base", "cvat-hooks", "cvat-hooks-dup"):
         assert servers[name]["cells"]["4"]["rps"] > 0, name
         assert servers[name]["rss_mb"]["peak"] > 0, name
-    assert servers["cvat-hooks"]["notes"]["outcomes_all_runs"].get("queued", 0) > 0
+    for name in ("cvat-hooks-base", "cvat-hooks"):
+        assert servers[name]["notes"]["outcomes_all_runs"].get("queued", 0) > 0, name
     assert set(servers["cvat-hooks-dup"]["notes"]["outcomes_all_runs"]) == {"duplicate"}
     targets, text, _ = rendered({"intake": result})
-    assert any(t["id"] == "intake-vs-ceiling" for t in targets)
-    assert "adnanh/webhook" in text
+    target = next(t for t in targets if t["id"] == "intake-vs-ceiling")
+    assert intake.BASELINE in target["target"] and intake.BASELINE in target["measured"]
+    assert "adnanh/webhook" in text and f"cvat-hooks at {intake.BASELINE}" in text
+
+
+def test_baseline_tree_is_the_commits_code_and_names_its_command(tmp_path: Path) -> None:
+    """The issue's commit, written apart by git archive, ran its command from receiver.cli; HEAD's
+    runs it from operations.cli."""
+    assert intake.baseline_tree(intake.BASELINE, tmp_path / "then") == "receiver.cli"
+    assert (tmp_path / "then" / "receiver" / "cli.py").is_file() and not (tmp_path / "then" / "operations").exists()
+    assert intake.baseline_tree("HEAD", tmp_path / "now") == "operations.cli"
+
+
+@pytest.mark.parametrize(("base_rps", "verdict"), [(300.0, "PASS"), (350.0, "PASS"), (360.0, "MISS")],
+                         ids=["under", "equal", "over"])
+def test_intake_target_is_judged_against_the_baseline_run_beside_it(base_rps: float, verdict: str) -> None:
+    """With the issue's code in the phase, the target is its ratio to the same ceiling, not 0.21x:
+    350 of 2,300 req/s is 0.15x, a MISS against the fixed figure."""
+    def cell(rps: float) -> dict[str, Any]:
+        return {"cells": {"16": {"rps": rps}}}
+
+    intake_result = {"connections": [16], "servers": {
+        "ceiling": cell(2300.0),
+        "cvat-hooks": {**cell(350.0), "rss_mb": {"warm": 140.0, "end": 141.0, "peak": 141.0}, "rss_flat": True},
+        "cvat-hooks-base": {**cell(base_rps), "notes": {"commit": "abc1234"}}}}
+    target = next(t for t in report.evaluate({"intake": intake_result}) if t["id"] == "intake-vs-ceiling")
+    assert target["verdict"] == verdict and "abc1234" in target["target"], target
+    del intake_result["servers"]["cvat-hooks-base"]
+    alone = next(t for t in report.evaluate({"intake": intake_result}) if t["id"] == "intake-vs-ceiling")
+    assert alone["verdict"] == "MISS" and "0.15x" in alone["measured"]
 
 
 def test_adnanh_tiny(tmp_path: Path) -> None:
