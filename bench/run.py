@@ -85,15 +85,16 @@ def save_phase(phase: str, result: dict[str, Any], *, quick: bool = False) -> Pa
     """Save one bench run apart (``python -m bench.<phase>``) like the suite's results: JSON with
     machine info and its targets, and the Markdown tables; prints them."""
     started = datetime.now()
-    results = {phase: result}
+    stem = f"{phase}-{started:%Y%m%d-%H%M%S}{'-quick' if quick else ''}"
+    path = RESULTS / f"{stem}.json"
+    # Its tables and targets name the file they are saved in, as the suite's do when it reads it back.
+    results = {phase: {**result, "saved_in": f"bench/results/{path.name}"}}
     doc: dict[str, Any] = {"started": started.isoformat(timespec="seconds"), "quick": quick,
                            "machine": procs.machine_info(), "results": results, "result": result, "errors": {}}
     doc["targets"] = evaluate(results)
     print()
     print(text_tables(doc))
     RESULTS.mkdir(exist_ok=True)
-    stem = f"{phase}-{started:%Y%m%d-%H%M%S}{'-quick' if quick else ''}"
-    path = RESULTS / f"{stem}.json"
     path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     path.with_suffix(".md").write_text(markdown(doc))
     print(f"\nsaved bench/results/{stem}.json and .md")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -202,3 +203,17 @@ def test_real_export_result_saved_apart_is_judged(tmp_path: Path, monkeypatch: p
     assert saved == {"ours_median_s": 0.15, "saved_in": f"bench/results/{new.name}"}
     target = next(t for t in report.evaluate({"real_export": saved}) if t["id"] == "real-export")
     assert target["verdict"] == "PASS" and target["measured"] == "0.150 s median"
+
+
+def test_a_result_saved_apart_names_its_own_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tables and targets save_phase writes say where the result is, not '?'."""
+    from bench import run
+
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    path = run.save_phase("real_export", {"runs": 10, "ours_median_s": 0.25, "cvat_median_s": 0.49})
+    name = f"bench/results/{path.name}"
+    assert f"saved apart in {name})" in path.with_suffix(".md").read_text()
+    doc = json.loads(path.read_text())
+    assert next(t for t in doc["targets"] if t["id"] == "real-export")["note"] == name
+    assert run.latest_saved("real_export") == {"runs": 10, "ours_median_s": 0.25, "cvat_median_s": 0.49,
+                                               "saved_in": name}
