@@ -293,8 +293,14 @@ def servers(work: Path, distinct: Path, duplicates: Path, log: Callable[[str], N
             return check
 
         # (c) the code, when asked for (before ours: the table reads old, then new)
+        module = None
         if baseline:
-            module = baseline_tree(baseline, work / "baseline")
+            try:
+                module = baseline_tree(baseline, work / "baseline")
+            except (subprocess.CalledProcessError, OSError) as exc:  # a shallow clone, or no git
+                log(f"intake: cvat-hooks at {baseline} not run (git archive: {exc}); the target falls back "
+                    "to the fixed ratio")
+        if baseline and module:
             base_redis, base_port, base_proc, base_matched = cvat_hooks("cvat-hooks-base", module,
                                                                         work / "baseline")
             result.append(Server("cvat-hooks-base", f"cvat-hooks at {baseline} (distinct events)", base_port, PATH,
@@ -377,8 +383,8 @@ def _measure(all_servers: list[Server], *, seconds: float, reps: int, connection
     # have grown before "warm" is noted and RSS growth after it means growth under load.
     for server in all_servers:
         server.before_run()
-        warm = wrk(server.url, server.bodies, connections=max(connections), seconds=min(3.0, seconds))
-        server.after_run(warm)
+        warm_run = wrk(server.url, server.bodies, connections=max(connections), seconds=min(3.0, seconds))
+        server.after_run(warm_run)
     for server in processes:
         server.sampler.mark("warm")
     for rep in range(reps):

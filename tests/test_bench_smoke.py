@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,8 @@ def test_baseline_tree_is_the_commits_code_and_names_its_command(tmp_path: Path)
     assert intake.baseline_tree(intake.BASELINE, tmp_path / "then") == "receiver.cli"
     assert (tmp_path / "then" / "receiver" / "cli.py").is_file() and not (tmp_path / "then" / "operations").exists()
     assert intake.baseline_tree("HEAD", tmp_path / "now") == "operations.cli"
+    with pytest.raises(subprocess.CalledProcessError):  # what servers() reports and runs without
+        intake.baseline_tree("0" * 40, tmp_path / "none")
 
 
 @pytest.mark.parametrize(("base_rps", "verdict"), [(300.0, "PASS"), (350.0, "PASS"), (360.0, "MISS")],
