@@ -421,7 +421,8 @@ def test_split_worker_waits_for_redis_instead_of_restarting_children_every_secon
     assert wait_for(lambda: log.get(answer["delivery_id"]).status.value == "succeeded", timeout=45), stack.logs()
     assert worker.running and "Redis answers again" in worker.log_text()
     after = worker.log_text()
-    assert max(deaths(after).values()) <= 1 and after.count("(light) died (exit -9)") == 1, after[-4000:]
+    # The light child was killed (or, in a rare race, ended on its own first): it died once.
+    assert deaths(after)["light"] == 1 and max(deaths(after).values()) == 1, after[-4000:]
 
 
 def deaths(log: str) -> Counter[str]:
