@@ -67,7 +67,7 @@ def whole_number(env: Mapping[str, str], name: str, default: int, *, minimum: in
 
 
 def number(env: Mapping[str, str], name: str, default: float, *, zero: bool = False,
-            what: str = "a number") -> float:
+           what: str = "a number") -> float:
     """A finite number above 0 (or 0 too, with ``zero``: where 0 turns a thing off)."""
     raw = env.get(name)
     if raw is None or not raw.strip():
@@ -230,7 +230,7 @@ class WorkerSettings:
             data_dir=data_dir,
             storage_roots=tuple(Path(p) for p in comma_list(env.get("CVAT_HOOKS_STORAGE_ROOTS"))),
             retention_days=whole_number(env, "CVAT_HOOKS_RETENTION_DAYS", DEFAULT_RETENTION_DAYS, minimum=1,
-                                  what="a whole number of days"),
+                                        what="a whole number of days"),
             cvat=CvatSettings(
                 url=env.get("CVAT_URL") or None,
                 access_token=env.get("CVAT_ACCESS_TOKEN") or None,
@@ -246,9 +246,9 @@ class WorkerSettings:
             notify_timeout=number(env, "CVAT_HOOKS_NOTIFY_TIMEOUT", 10.0, what="a number of seconds"),
             run_dirs=run_dirs(env) or (),
             maintenance_seconds=whole_number(env, "CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS", 30, minimum=1,
-                                      what="a whole number of seconds"),
+                                             what="a whole number of seconds"),
             recycle=Recycle(max_rss_mb=whole_number(env, "CVAT_HOOKS_WORKER_MAX_RSS_MB", DEFAULT_MAX_RSS_MB,
-                                              what="a whole number of megabytes"),
+                                                    what="a whole number of megabytes"),
                             max_jobs=whole_number(env, "CVAT_HOOKS_WORKER_MAX_JOBS", 0)),
             light_processes=_positive(env, "CVAT_HOOKS_LIGHT_PROCESSES", 1),
             environment=dict(env),
