@@ -412,9 +412,10 @@ def paired_stock_ratio(redis: RedisProc, work: Path, *, jobs: int, pairs: int,
             runs.append(measured)
             log(f"dispatch: pair {i + 1}/{pairs}: worker CPU per no-op job {SHIPPED} {measured[SHIPPED]} ms, "
                 f"{STOCK} {measured[STOCK]} ms = {measured[SHIPPED] / measured[STOCK]:.2f}x")
-    ratios = sorted(r[SHIPPED] / r[STOCK] for r in runs)
-    ratio = round(ratios[len(ratios) // 2], 2)
-    median_pair = min(runs, key=lambda r: abs(r[SHIPPED] / r[STOCK] - ratios[len(ratios) // 2]))
+    runs.sort(key=lambda r: r[SHIPPED] / r[STOCK])
+    ratios = [r[SHIPPED] / r[STOCK] for r in runs]
+    median_pair = runs[len(runs) // 2]
+    ratio = round(ratios[len(runs) // 2], 2)
     verdict = "PASS" if ratio <= STOCK_RATIO_TARGET else "MISS"
     log(f"dispatch: worker CPU per no-op job, {SHIPPED}x1 over RQ's stock SimpleWorker, median of {pairs} "
         f"pairs: {ratio}x (pairs {', '.join(f'{r:.2f}' for r in ratios)}); target <= {STOCK_RATIO_TARGET}x: "

@@ -329,8 +329,10 @@ def servers(work: Path, distinct: Path, duplicates: Path, log: Callable[[str], N
                     return
                 time.sleep(0.05)
 
+        count_outcomes = check_distinct_on(redis)
+
         def check_distinct(run: dict[str, Any]) -> None:
-            check_distinct_on(redis)(run)
+            count_outcomes(run)
             note_redis(run)
 
         def prime_duplicates() -> None:
