@@ -309,7 +309,10 @@ class ReceiverProc(Proc):
 
 
 class WorkerProc(Proc):
-    """``cvat-hooks worker``: ready once RQ lists a worker with its PID."""
+    """``cvat-hooks worker``: ready once RQ lists a worker with its PID in its loop (idle or busy), so
+    its start-up, its try at the scheduler's locks included, is over before a test moves RQ's clocks
+    (a dead scheduler's locks, refreshed together, expire together: only a test can make them expire
+    in the middle of that try, and a worker that took some of them waits minutes for the rest)."""
 
     def __init__(self, env: Mapping[str, str], log_dir: Path, *, kind: str = "fork",
                  queues: Sequence[str] = (), name: str = "worker") -> None:
@@ -327,7 +330,7 @@ class WorkerProc(Proc):
             if not self.running:
                 raise RuntimeError(f"{self.name} exited:\n{self.log_text()[-3000:]}")
             try:
-                pids = {w.pid for w in Worker.all(connection=redis)}
+                pids = {w.pid for w in Worker.all(connection=redis) if w.get_state() in ("idle", "busy")}
             except Exception:
                 return False
             if self.kind == "split":  # its RQ workers are the children of a supervising parent
@@ -336,7 +339,7 @@ class WorkerProc(Proc):
 
         try:
             if not wait_for(registered, timeout=30, interval=0.05):
-                raise RuntimeError(f"{self.name} did not register:\n{self.log_text()[-3000:]}")
+                raise RuntimeError(f"{self.name} did not start serving:\n{self.log_text()[-3000:]}")
         finally:
             redis.close()
 
