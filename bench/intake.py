@@ -1,8 +1,8 @@
 """Intake: req/s and latency of cvat-hooks' receiver against a bare Flask ceiling and adnanh/webhook.
 
 ``wrk`` runs pinned to core 0 (with this process); every server, and cvat-hooks' Redis, to core 1.
-All servers run for the whole phase and the runs are interleaved (rep -> connections -> server, each
-round starting one server later, after a ``sync``), so noise from other work on the machine, and
+All servers run for the whole phase and the runs are interleaved (rep -> connections -> server, in
+:func:`run_order`, each after a ``sync``), so noise from other work on the machine, and
 from the run before, spreads over every server instead of landing on one.
 
 Each wrk request is a real signed CVAT ``update:job`` delivery. cvat-hooks answers a repeated body
@@ -358,6 +358,19 @@ def servers(work: Path, distinct: Path, duplicates: Path, log: Callable[[str], N
         yield result
 
 
+def run_order(servers: list[Any], round_no: int) -> list[Any]:
+    """The order of the servers' runs in round ``round_no``: a server measured right after another
+    one's run pays for what that run left (its Redis's AOF being written back), and in a fixed order
+    that was always the same neighbour (cvat-hooks after its baseline: -10 to -25 %). So each round
+    starts one server later, and every other cycle of rounds goes backwards: over two cycles each
+    server runs first twice, and right after each of its two neighbours in the list as often."""
+    turn = round_no % len(servers)
+    order = servers[turn:] + servers[:turn]
+    if round_no // len(servers) % 2:
+        order.reverse()
+    return order
+
+
 def run(work: Path, *, seconds: float, reps: int, connections: tuple[int, ...], bodies: int,
         log: Callable[[str], None], baseline: str | None = BASELINE) -> dict[str, Any]:
     """The whole intake phase; returns cells, ratios inputs and memory per server (with cvat-hooks
@@ -391,11 +404,7 @@ def _measure(all_servers: list[Server], *, seconds: float, reps: int, connection
         server.sampler.mark("warm")
     for rep in range(reps):
         for conns in connections:
-            # Each rep starts one server later: a server measured right after another one's run
-            # pays for what that run left (its Redis's AOF being written back), and in a fixed order
-            # that was always the same neighbour (cvat-hooks after its baseline: -10 to -25 %).
-            turn = (rep * len(connections) + connections.index(conns)) % len(all_servers)
-            for server in all_servers[turn:] + all_servers[:turn]:
+            for server in run_order(all_servers, rep * len(connections) + connections.index(conns)):
                 server.before_run()
                 os.sync()  # what the previous run wrote is on disk before this one starts
                 cpu0 = procs.tree_cpu(server.proc.pid)

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +233,15 @@ def test_a_result_saved_apart_names_its_own_file(tmp_path: Path, monkeypatch: py
     assert next(t for t in doc["targets"] if t["id"] == "real-export")["note"] == name
     assert run.latest_saved("real_export") == {"runs": 10, "ours_median_s": 0.25, "cvat_median_s": 0.49,
                                                "saved_in": name}
+
+
+def test_intake_run_order_gives_every_server_each_place_and_both_neighbours():
+    """Over two cycles of rounds each server runs first twice and follows each of its two
+    neighbours equally often: none always pays for the same server's run."""
+    names = ["ceiling", "webhook", "base", "ours", "dup"]
+    orders = [intake.run_order(names, r) for r in range(2 * len(names))]
+    assert all(sorted(order) == sorted(names) for order in orders)
+    assert Counter(order[0] for order in orders) == {name: 2 for name in names}
+    follows = Counter((a, b) for order in orders for a, b in zip(order, order[1:], strict=False))
+    assert follows[("base", "ours")] == follows[("dup", "ours")] > 0
+    assert all(len({a for a, b in follows if b == name}) == 2 for name in names)
