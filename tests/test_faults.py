@@ -51,6 +51,7 @@ from tests.conftest import SECRET, capture, signed
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, jsonb_order
 from tests.cvat_server import exports as cvat_exports
 from tests.procs import ReceiverProc, RedisProc, WorkerProc, children, clean_env, cli_argv, wait_for
+from workers import rq_gaps
 
 MAINTENANCE_SECONDS = 1
 """RQ maintenance interval of the workers here (30 s by default): how soon a running worker retries
@@ -430,14 +431,16 @@ def deaths(log: str) -> Counter[str]:
     return Counter(re.findall(r" \((\w+)\) died \(exit ", log))
 
 
-def test_a_delayed_retry_runs_within_seconds_of_redis_coming_back(stack: Stack):
+@pytest.mark.parametrize("kind", ["split", "fork", "simple"])
+def test_a_delayed_retry_runs_within_seconds_of_redis_coming_back(stack: Stack, kind: str):
     """Redis SIGKILLed while a retry waits in RQ's scheduled registry, and restarted after the retry
-    was due: RQ's scheduler, which ends on a Redis error, is back within seconds (its own child of
-    the split worker, restarted as soon as Redis answers), not at the workers' next maintenance
-    round (30 s here, as by default), and the retry runs once."""
+    was due: the scheduler is back within seconds, not at the workers' next maintenance round (30 s
+    here, as by default), and the retry runs once. RQ's own scheduler ends on a Redis error: the
+    split worker restarts its scheduler child as soon as Redis answers; a fork or simple worker's
+    scheduler waits for Redis instead of ending (``workers.rq_gaps.WorkerScheduler``)."""
     stack.set_rules(LABELS_RULE)
     env = {**stack.env, "CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS": "30"}
-    worker = WorkerProc(env, stack.tmp / "logs", kind="split", name="split")
+    worker = WorkerProc(env, stack.tmp / "logs", kind=kind, name=kind)
     stack.procs.append(worker)
     worker.start()
     stack.started_up()
@@ -459,6 +462,36 @@ def test_a_delayed_retry_runs_within_seconds_of_redis_coming_back(stack: Stack):
                                                      ("retrying", "TransientError"), ("started", None),
                                                      ("succeeded", None)]
     assert worker.running
+
+
+@pytest.mark.parametrize("kind", ["fork", "simple"])
+def test_a_scheduler_lock_freed_after_the_worker_started_is_taken_within_seconds(stack: Stack, kind: str):
+    """Another scheduler held the exports queue's lock when the worker started, so the worker's
+    scheduler took only the other queues'. Once that lock is free (its holder stopped), a delayed
+    retry waiting on the exports queue runs within seconds: RQ's own scheduler tries a lock it lacks
+    only every 2 minutes (``workers.rq_gaps.WorkerScheduler``, gap 4)."""
+    redis = stack.client()
+    other = RQScheduler([EXPORT_QUEUE], connection=redis)
+    assert other.acquire_locks() == {EXPORT_QUEUE}
+    worker = stack.worker(kind)
+    assert wait_for(lambda: f"Acquired scheduler lock for {LIGHT_QUEUE}" in worker.log_text(), timeout=20), \
+        stack.logs()
+    stack.started_up()
+    stack.cvat.fail_next(1, 503, path="/api/")
+    body, _ = capture("update_job_completed.json")
+    answer = stack.app().post("/webhooks/cvat", data=body, headers=signed(body)).json
+    scheduled = ScheduledJobRegistry(EXPORT_QUEUE, connection=redis)
+    assert wait_for(lambda: scheduled.get_job_ids() == answer["jobs"], timeout=20), stack.logs()
+    other.release_locks()
+    freed = time.monotonic()
+    log = stack.log()
+    assert wait_for(lambda: log.get(answer["delivery_id"]).status.value == "succeeded", timeout=30), \
+        (steps(log.get(answer["delivery_id"])), stack.logs())
+    took = time.monotonic() - freed
+    assert took < rq_gaps.REACQUIRE_SECONDS + 5, f"the retry ran {took:.1f} s after the lock was freed"
+    assert steps(log.get(answer["delivery_id"])) == [("received", None), ("started", None),
+                                                     ("retrying", "TransientError"), ("started", None),
+                                                     ("succeeded", None)]
 
 
 # -- the receiver killed under load -----------------------------------------------------------------

@@ -27,7 +27,9 @@ written here by hand.
 4. **A standby scheduler takes over within seconds.** RQ's scheduler retries to take a lock it does
    not hold every ``DEFAULT_SCHEDULER_FALLBACK_PERIOD`` (2 min); :class:`Scheduler` every few
    seconds. With a stable name, a scheduler restarted after a Redis failover refreshes its own lock
-   instead of waiting 61 s for it to expire (rq/rq#2189: a scheduler ends on a Redis error).
+   instead of waiting 61 s for it to expire (rq/rq#2189: a scheduler ends on a Redis error). In a
+   fork or simple worker, :class:`WorkerScheduler` waits for Redis rather than ending, where RQ's
+   worker would start its scheduler again only at its next maintenance round (30 s).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import RedisError
 from rq.executions import Execution
 from rq.job import JobStatus
 from rq.scheduler import RQScheduler
@@ -61,6 +64,9 @@ LOCK_WAIT_SECONDS = 10.0
 
 REACQUIRE_SECONDS = 5.0
 """How often a :class:`Scheduler` without every lock tries to take the missing ones."""
+
+REDIS_RETRY_SECONDS = 1.0
+"""How often a :class:`WorkerScheduler` that Redis failed tries again."""
 
 
 @contextmanager
@@ -252,3 +258,32 @@ class Scheduler(RQScheduler):
         if self.lock_acquisition_time is None:
             return True
         return (datetime.now() - self.lock_acquisition_time).total_seconds() > REACQUIRE_SECONDS
+
+
+class WorkerScheduler(Scheduler):
+    """Gap 4 in a fork or simple worker, where the scheduler is a process of the worker's own rather
+    than a child the split worker's parent restarts: RQ's loop ends on a Redis error (rq/rq#2189)
+    and RQ's worker starts it again only at its next maintenance round (30 s), so this one runs the
+    loop again every :data:`REDIS_RETRY_SECONDS` until Redis answers, and keeps its name (and so its
+    locks) throughout. Asked to stop while Redis is away, it ends: its locks expire on their own."""
+
+    stopping = False
+
+    def request_stop(self, signum: Any = None, frame: Any = None) -> None:
+        self.stopping = True
+        super().request_stop(signum, frame)
+
+    def work(self) -> None:
+        logged = -60.0
+        while True:
+            try:
+                super().work()
+                return
+            except RedisError as exc:
+                if self.stopping:
+                    return
+                if time.monotonic() - logged >= 30:  # a line when Redis goes, then one every half minute
+                    logged = time.monotonic()
+                    log.warning("scheduler %s: Redis failed it (%s: %s); trying again every %s s", self.name,
+                                type(exc).__name__, exc, REDIS_RETRY_SECONDS)
+                time.sleep(REDIS_RETRY_SECONDS)

@@ -2,7 +2,8 @@
 
 The classes add only what ``workers.rq_gaps`` says RQ lacks (a job taken but never started is put
 back on its queue before RQ's maintenance would drop it; a SimpleWorker's job stays registered for
-about a minute, renewed) and a stop after a job at the recycling limits. Everything of one action's
+about a minute, renewed; a scheduler that waits out a Redis failure and takes missing locks within
+seconds) and a stop after a job at the recycling limits. Everything of one action's
 attempt is in the job function (``workers.jobs.run_action``) and RQ's failure callback.
 """
 
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from redis.exceptions import RedisError
 from rq import SimpleWorker, Worker
 from rq.exceptions import StopRequested
+from rq.scheduler import RQScheduler
 from rq.worker import BaseWorker
 
 from core.contract import JOB_FUNCTION, QUEUES, ActionCall
@@ -84,6 +86,18 @@ class Maintained:
     """Why it stopped at its recycling limits, once it has."""
     stop_requested = False
     jobs_done = 0
+    scheduler: RQScheduler | None
+    our_scheduler: rq_gaps.WorkerScheduler | None = None
+    """The scheduler :func:`run` gives the worker in place of RQ's own (gap 4 of ``workers.rq_gaps``)."""
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        """RQ's start of a worker (registered, subscribed), then, when it has one, its scheduler
+        started in a process of its own, as RQ's is: RQ stops it with the worker, and its
+        maintenance starts it again should it end."""
+        super().bootstrap(*args, **kwargs)  # type: ignore[misc]
+        if self.our_scheduler is not None:
+            self.scheduler = self.our_scheduler
+            self.scheduler.start()
 
     def clean_registries(self) -> None:
         for q in self.queues:
@@ -194,8 +208,9 @@ def work(worker: BaseWorker, *, burst: bool, with_scheduler: bool) -> Ended:
 
 def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] = QUEUES, kind: str = "fork",
         name: str | None = None, at_start: Callable[[Redis], object] | None = None) -> None:
-    """``cvat-hooks worker --class fork|simple``: one worker, with RQ's scheduler, until stopped (or,
-    with ``burst``, until the queues are empty).
+    """``cvat-hooks worker --class fork|simple``: one worker, with a scheduler (gap 4 of
+    ``workers.rq_gaps``), until stopped (or, with ``burst``, until the queues are empty: RQ's
+    scheduler then moves what is due once).
 
     ``at_start`` is called with the worker's Redis before it works, unless ``burst``: the command
     line schedules the periodic reconcile there, so a one-off burst worker leaves no periodic job
@@ -208,12 +223,31 @@ def run(settings: WorkerSettings, *, burst: bool = False, queues: Sequence[str] 
     worker = build_worker(settings, queues=queues, kind=kind, name=name)
     if at_start is not None and not burst:
         at_start(worker.connection)
+    # One scheduler for every worker this runs, so its name, and the locks it holds, stay the same.
+    scheduler = None if burst else rq_gaps.WorkerScheduler(worker.queue_names(), worker.connection,
+                                                           serializer=SERIALIZER)
     restarts = 0
-    while work(worker, burst=burst, with_scheduler=True) is Ended.FAILED:
+    while True:
+        worker.our_scheduler = scheduler  # type: ignore[attr-defined]
+        if work(worker, burst=burst, with_scheduler=burst) is not Ended.FAILED:
+            break
         log.error("worker %s: starting a new worker in 1 s", worker.name)
-        time.sleep(1)
         restarts += 1
-        worker = build_worker(settings, queues=queues, kind=kind, name=f"{name}.{restarts}" if name else None)
+        worker = rebuilt(settings, queues=queues, kind=kind, name=f"{name}.{restarts}" if name else None)
+
+
+def rebuilt(settings: WorkerSettings, **options: Any) -> BaseWorker:
+    """:func:`build_worker`'s worker, a second from now or once Redis answers again: RQ's worker
+    talks to Redis as it is made, and Redis being away is what usually ended the last one."""
+    tries = 0
+    while True:
+        time.sleep(1)
+        try:
+            return build_worker(settings, **options)
+        except RedisError as exc:
+            if tries % 30 == 0:  # a line now, then one every half minute
+                log.warning("worker: Redis does not answer (%s: %s); trying every second", type(exc).__name__, exc)
+            tries += 1
 
 
 def rss_bytes() -> int:
