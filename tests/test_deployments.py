@@ -204,11 +204,14 @@ def test_register_in_the_trial_remembers_in_the_embedded_redis(cli, cvat_server,
 
 
 def embedded_servers(data_dir: Path) -> list[psutil.Process]:
-    """redis-server processes serving the trial's embedded Redis of ``data_dir`` (it runs there)."""
+    """redis-server processes serving the trial's embedded Redis of ``data_dir`` (it runs there);
+    one that has exited and waits to be reaped (a zombie, re-parented when the command ended) is
+    not serving."""
     found = []
     for proc in psutil.process_iter(["name"]):
         try:
-            if "redis-server" in (proc.info["name"] or "") and Path(proc.cwd()) == data_dir:
+            if ("redis-server" in (proc.info["name"] or "") and proc.status() != psutil.STATUS_ZOMBIE
+                    and Path(proc.cwd()) == data_dir):
                 found.append(proc)
         except psutil.Error:  # gone meanwhile, or not ours to look at
             continue
