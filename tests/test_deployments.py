@@ -28,7 +28,7 @@ from tests import cvat_fixtures
 from tests import live_receiver as live
 from tests.conftest import SECRET, RedisServer, free_port
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer
-from tests.procs import clean_env, cli_argv
+from tests.procs import clean_env, cli_argv, wait_for
 
 cvat_server = cvat_fixtures.cvat_server
 webhook_sink = cvat_fixtures.webhook_sink
@@ -228,6 +228,7 @@ def test_a_command_that_fails_in_the_trial_leaves_no_embedded_redis_running(cvat
                      "CVAT_HOOKS_RULES": str(rules), "CVAT_HOOKS_DATA_DIR": str(data_dir)})
     done = subprocess.run(cli_argv("register", "--project", "1", "--url", "http://127.0.0.1:9"), env=env,
                           capture_output=True, text=True, timeout=60)
+    wait_for(lambda: not embedded_servers(data_dir), timeout=10)  # the last one may still be exiting
     left = embedded_servers(data_dir)
     for proc in left:  # started by the command above: stopped here whatever the verdict
         proc.kill()
