@@ -310,9 +310,9 @@ class ReceiverProc(Proc):
 
 class WorkerProc(Proc):
     """``cvat-hooks worker``: ready once RQ lists a worker with its PID in its loop (idle or busy), so
-    its start-up, its try at the scheduler's locks included, is over before a test moves RQ's clocks
-    (a dead scheduler's locks, refreshed together, expire together: only a test can make them expire
-    in the middle of that try, and a worker that took some of them waits minutes for the rest)."""
+    its start-up, its scheduler's first try at the queues' locks included, is over before a test
+    moves RQ's clocks (a dead scheduler's locks, refreshed together, expire together: only a test can
+    make them expire in the middle of that try)."""
 
     def __init__(self, env: Mapping[str, str], log_dir: Path, *, kind: str = "fork",
                  queues: Sequence[str] = (), name: str = "worker") -> None:

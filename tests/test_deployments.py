@@ -192,6 +192,21 @@ def test_register_changes_nothing_in_cvat_when_redis_is_unreachable(cli, cvat_se
     assert not (settings.data_dir / "webhook-secrets").exists()
 
 
+def embedded_servers(data_dir: Path) -> list[psutil.Process]:
+    """redis-server processes serving the trial's embedded Redis of ``data_dir`` (it runs there);
+    one that has exited and waits to be reaped (a zombie, re-parented when the command ended) is
+    not serving."""
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if ("redis-server" in (proc.info["name"] or "") and proc.status() != psutil.STATUS_ZOMBIE
+                    and Path(proc.cwd()) == data_dir):
+                found.append(proc)
+        except psutil.Error:  # gone meanwhile, or not ours to look at
+            continue
+    return found
+
+
 def test_register_in_the_trial_remembers_in_the_embedded_redis(cli, cvat_server, settings, monkeypatch):
     """Without CVAT_HOOKS_REDIS_URL (the trial), register starts the embedded Redis in the data directory
     (created if need be) and remembers the webhook there, where webhooks list finds it."""
@@ -209,21 +224,6 @@ def test_register_in_the_trial_remembers_in_the_embedded_redis(cli, cvat_server,
             proc.terminate()
         for proc in psutil.wait_procs(started, timeout=10)[1]:
             proc.kill()
-
-
-def embedded_servers(data_dir: Path) -> list[psutil.Process]:
-    """redis-server processes serving the trial's embedded Redis of ``data_dir`` (it runs there);
-    one that has exited and waits to be reaped (a zombie, re-parented when the command ended) is
-    not serving."""
-    found = []
-    for proc in psutil.process_iter(["name"]):
-        try:
-            if ("redis-server" in (proc.info["name"] or "") and proc.status() != psutil.STATUS_ZOMBIE
-                    and Path(proc.cwd()) == data_dir):
-                found.append(proc)
-        except psutil.Error:  # gone meanwhile, or not ours to look at
-            continue
-    return found
 
 
 def test_a_command_that_fails_in_the_trial_leaves_no_embedded_redis_running(cvat_server, tmp_path):
