@@ -1,7 +1,7 @@
 """Dispatch: how fast the shipped workers drain light actions, and how soon an event's action starts.
 
 Workers are ``cvat-hooks worker`` as shipped (``--class split``, the default: light actions in a
-supervised in-process child, exports in a forking one) and, for comparison, ``--class fork`` and
+supervised in-process child, exports in one of their own) and, for comparison, ``--class fork`` and
 ``--class simple`` (through ``bench.worker``, which only adds the ``bench_noop`` action), 1 and 2
 processes (``cvat-hooks worker`` commands), on a production-like Redis. Jobs are queued the way the
 receiver queues them: the delivery record and the job in one Redis transaction, through
