@@ -403,8 +403,7 @@ def test_split_worker_waits_for_redis_instead_of_restarting_children_every_secon
     (a traceback and a fork a second for as long as Redis is down). Then actions run as usual."""
     stack.set_rules(LABELS_RULE)
     worker = stack.worker("split", name="split")
-    # A child per queue, and the scheduler's, all up before Redis goes: RQ's scheduler ends on a Redis
-    # error and the parent holds its restart until Redis answers, so after the kill it may be missing.
+    # A child per queue, and the scheduler's, all up before Redis goes.
     assert wait_for(lambda: len(children(worker.pid)) == len(QUEUES) + 1, timeout=20), children(worker.pid)
     stack.redis.kill()
     light = int(re.search(r"started light worker \S+ \(pid (\d+)\)", worker.log_text()).group(1))
@@ -435,9 +434,8 @@ def deaths(log: str) -> Counter[str]:
 def test_a_delayed_retry_runs_within_seconds_of_redis_coming_back(stack: Stack, kind: str):
     """Redis SIGKILLed while a retry waits in RQ's scheduled registry, and restarted after the retry
     was due: the scheduler is back within seconds, not at the workers' next maintenance round (30 s
-    here, as by default), and the retry runs once. RQ's own scheduler ends on a Redis error: the
-    split worker restarts its scheduler child as soon as Redis answers; a fork or simple worker's
-    scheduler waits for Redis instead of ending (``workers.rq_gaps.WorkerScheduler``)."""
+    here, as by default), and the retry runs once. RQ's own scheduler ends on a Redis error; every
+    worker class's scheduler waits for Redis instead (``workers.rq_gaps.WorkerScheduler``)."""
     stack.set_rules(LABELS_RULE)
     env = {**stack.env, "CVAT_HOOKS_WORKER_MAINTENANCE_SECONDS": "30"}
     worker = WorkerProc(env, stack.tmp / "logs", kind=kind, name=kind)
@@ -449,6 +447,7 @@ def test_a_delayed_retry_runs_within_seconds_of_redis_coming_back(stack: Stack, 
     answer = stack.app().post("/webhooks/cvat", data=body, headers=signed(body)).json
     scheduled = ScheduledJobRegistry(LIGHT_QUEUE, connection=stack.client())
     assert wait_for(lambda: scheduled.get_job_ids() == answer["jobs"], timeout=20), stack.logs()
+    schedulers = scheduler_pids(worker.log_text())
     stack.redis.kill()
     time.sleep(3)  # the retry (2 s) falls due while Redis is away
     stack.redis.start()
@@ -462,6 +461,14 @@ def test_a_delayed_retry_runs_within_seconds_of_redis_coming_back(stack: Stack, 
                                                      ("retrying", "TransientError"), ("started", None),
                                                      ("succeeded", None)]
     assert worker.running
+    # The split worker's scheduler child waited Redis out: it was not replaced.
+    assert scheduler_pids(worker.log_text()) == schedulers and len(schedulers) == (kind == "split"), \
+        worker.log_text()[-4000:]
+
+
+def scheduler_pids(log: str) -> list[int]:
+    """The scheduler children a split worker's log says it started, in order."""
+    return [int(pid) for pid in re.findall(r"started scheduler worker \S+ \(pid (\d+)\)", log)]
 
 
 @pytest.mark.parametrize("kind", ["fork", "simple"])

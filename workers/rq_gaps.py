@@ -26,10 +26,10 @@ written here by hand.
    ``maintain_heartbeats`` from one thread per worker.
 4. **A standby scheduler takes over within seconds.** RQ's scheduler retries to take a lock it does
    not hold every ``DEFAULT_SCHEDULER_FALLBACK_PERIOD`` (2 min); :class:`Scheduler` every few
-   seconds. With a stable name, a scheduler restarted after a Redis failover refreshes its own lock
-   instead of waiting 61 s for it to expire (rq/rq#2189: a scheduler ends on a Redis error). In a
-   fork or simple worker, :class:`WorkerScheduler` waits for Redis rather than ending, where RQ's
-   worker would start its scheduler again only at its next maintenance round (30 s).
+   seconds. RQ's scheduler ends on a Redis error (rq/rq#2189), and RQ's worker starts it again
+   only at its next maintenance round (30 s): :class:`WorkerScheduler`, which every worker class
+   runs, waits for Redis instead, and with a stable name refreshes its own lock after a Redis
+   failover instead of waiting 61 s for it to expire.
 """
 
 from __future__ import annotations
@@ -261,11 +261,11 @@ class Scheduler(RQScheduler):
 
 
 class WorkerScheduler(Scheduler):
-    """Gap 4 in a fork or simple worker, where the scheduler is a process of the worker's own rather
-    than a child the split worker's parent restarts: RQ's loop ends on a Redis error (rq/rq#2189)
-    and RQ's worker starts it again only at its next maintenance round (30 s), so this one runs the
-    loop again every :data:`REDIS_RETRY_SECONDS` until Redis answers, and keeps its name (and so its
-    locks) throughout. Asked to stop while Redis is away, it ends: its locks expire on their own."""
+    """Gap 4 where a scheduler runs (a fork or simple worker's process of its own, the split worker's
+    scheduler child): RQ's loop ends on a Redis error (rq/rq#2189) and RQ's worker starts it again
+    only at its next maintenance round (30 s), so this one runs the loop again every
+    :data:`REDIS_RETRY_SECONDS` until Redis answers, and keeps its name (and so its locks)
+    throughout. Asked to stop while Redis is away, it ends: its locks expire on their own."""
 
     stopping = False
 

@@ -32,10 +32,11 @@ number of jobs: ``WorkerSettings.recycle``), with exit code :data:`RECYCLED`; th
 fresh one at once.
 
 RQ's scheduler (delayed retries, the periodic reconcile) runs in a child of its own rather than in
-each worker: it ends on a Redis error (rq/rq#2189), and RQ's workers restart theirs only at their
+each worker. RQ's ends on a Redis error (rq/rq#2189), and RQ's workers restart theirs only at their
 next maintenance round (30 s here), which left delayed retries waiting 7-38 s after a Redis
-failover. The parent restarts it as soon as Redis answers, under the same name, so it refreshes its
-own lock rather than waiting for it to expire.
+failover; this child runs ``workers.rq_gaps.WorkerScheduler``, as fork and simple workers do, which
+waits for Redis instead and goes on within a second of its answer, under the same name, so it
+refreshes its own lock rather than waiting for it to expire.
 
 A child that dies while Redis does not answer (it cannot dequeue, nor record anything) is restarted
 once Redis answers again; the parent waits for it rather than restarting the child every second.
@@ -127,21 +128,16 @@ SCHEDULER = "scheduler"
 
 
 def run_scheduler(settings: WorkerSettings, queues: Sequence[str], name: str) -> int:
-    """The scheduler child: RQ's scheduler loop (``workers.rq_gaps.Scheduler``) until stopped (0), or
-    until Redis fails it (1: the parent restarts it as soon as Redis answers, under the same name, so
-    it takes its own lock back at once)."""
+    """The scheduler child: RQ's scheduler loop, waiting out Redis failures
+    (``workers.rq_gaps.WorkerScheduler``), until stopped (0)."""
     from core.queueing import SERIALIZER
     from core.redis_conn import connect
-    from workers.rq_gaps import Scheduler
+    from workers.rq_gaps import WorkerScheduler
 
     # Held while the scheduler runs: RQ's scheduler makes its connections from this one's settings,
     # which for Sentinel refer back to this connection's pool.
     redis = connect(settings.redis_url)
-    try:
-        Scheduler(queues, redis, name=name, serializer=SERIALIZER).work()
-    except RedisError as exc:
-        log.warning("worker: scheduler %s stopped on %s: %s", name, type(exc).__name__, exc)
-        return 1
+    WorkerScheduler(queues, redis, name=name, serializer=SERIALIZER).work()
     return 0
 
 
@@ -234,11 +230,6 @@ class Supervisor:
             if code == RECYCLED:
                 log.info("worker %s (%s) stopped at its recycling limits; starting a fresh one", child.name,
                          child.role)
-            elif child.role == SCHEDULER:
-                log.warning("worker: scheduler %s ended (exit %s); restarting it once Redis answers", child.name,
-                            code)
-                self._pause(RESTART_PAUSE if time.monotonic() - child.started < RESTART_PAUSE else 0.0)
-                self._wait_for_redis()
             else:
                 log.error("worker %s (%s) died (exit %s); restarting it", child.name, child.role, code)
                 if time.monotonic() - child.started < RESTART_PAUSE:
