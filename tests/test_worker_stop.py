@@ -8,15 +8,19 @@ outcome users see, for every worker class.
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import signal
 import time
 from pathlib import Path
 
 import pytest
+from rq.scheduler import RQScheduler
 
+from core.contract import QUEUES
 from tests.conftest import ROOT, SECRET
-from tests.procs import WorkerProc, alive, kill_pids, wait_for
+from tests.procs import RedisProc, WorkerProc, alive, kill_pids, wait_for
 
 STOP_SECONDS = 10.0
 """How long a worker may take to stop after SIGTERM."""
@@ -48,3 +52,63 @@ def test_a_worker_stops_within_seconds_of_sigterm(kind: str, redis_server, redis
     # 0 after a warm shutdown; -SIGTERM when the signal came before RQ installed its handlers (the
     # default action: a prompt stop too). Anything else is a crash.
     assert code in (0, -signal.SIGTERM), (code, worker.log_text()[-2000:])
+
+
+def worker_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
+    rules = tmp_path / "rules.yaml"
+    shutil.copy(ROOT / "rules.yaml", rules)
+    return {"CVAT_HOOKS_REDIS_URL": redis_url, "CVAT_HOOKS_SECRET": SECRET, "CVAT_HOOKS_RULES": str(rules),
+            "CVAT_HOOKS_DATA_DIR": str(tmp_path / "data")}
+
+
+@pytest.mark.parametrize("kind", ["split", "fork", "simple"])
+def test_a_worker_asked_to_stop_while_redis_is_away_stops(kind: str, tmp_path: Path):
+    """SIGTERM while Redis does not answer: RQ's teardown then fails on Redis, and the worker must
+    still stop (exit 0, nothing left running) rather than start a new worker that waits for Redis
+    until someone SIGKILLs it, leaving that worker's scheduler behind."""
+    redis = RedisProc(tmp_path / "redis", tmp_path / "logs").start()
+    worker = WorkerProc(worker_env(redis.url, tmp_path), tmp_path / "logs", kind=kind).start()
+    left: list[int] = []
+    try:
+        assert wait_for(lambda: len(worker.tree()) > 1, timeout=10), "no scheduler process started"
+        redis.kill()
+        time.sleep(1.5)  # the worker's and the scheduler's next calls meet Redis gone
+        pids = worker.tree()
+        worker.popen.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        code = worker.popen.wait(timeout=60)  # type: ignore[union-attr]
+        assert wait_for(lambda: not any(alive(pid) for pid in pids), timeout=STOP_SECONDS), \
+            worker.log_text()[-3000:]
+        left = [pid for pid in pids if alive(pid)]
+    finally:
+        worker.stop(timeout=1)
+        kill_pids([pid for pid in left if alive(pid)])
+        redis.kill()
+    assert code == 0, (code, worker.log_text()[-3000:])
+    assert "starting a new worker" not in worker.log_text(), worker.log_text()[-3000:]
+
+
+@pytest.mark.parametrize("kind", ["split", "fork", "simple"])
+def test_a_scheduler_whose_worker_is_gone_stops(kind: str, redis_server, redis, tmp_path: Path):
+    """The worker's main process SIGKILLed alone (what ``os._exit`` in a simple worker's action does):
+    its scheduler, which waits out Redis failures, must not live on as an orphan; it stops within
+    seconds and releases its locks for the next worker's scheduler. (A split worker's other children
+    serve on as orphans: they are stopped here, after the check.)"""
+    worker = WorkerProc(worker_env(redis_server.url, tmp_path), tmp_path / "logs", kind=kind).start()
+    pids: list[int] = []
+    try:
+        assert wait_for(lambda: "Acquired scheduler lock" in worker.log_text(), timeout=20), worker.log_text()
+        pids = worker.tree()
+        main = pids[0]
+        scheduler = ([int(p) for p in re.findall(r"started scheduler worker \S+ \(pid (\d+)\)", worker.log_text())]
+                     if kind == "split" else pids[1:])
+        assert scheduler and set(scheduler) <= set(pids), (scheduler, pids, worker.log_text()[-3000:])
+        os.kill(main, signal.SIGKILL)
+        worker.popen.wait(timeout=10)  # type: ignore[union-attr]
+        assert wait_for(lambda: not any(alive(pid) for pid in scheduler), timeout=STOP_SECONDS), \
+            worker.log_text()[-3000:]
+        assert "is gone; stopping" in worker.log_text(), worker.log_text()[-3000:]
+        locks = [RQScheduler.get_locking_key(q) for q in QUEUES]
+        assert wait_for(lambda: not redis.exists(*locks), timeout=5), worker.log_text()[-3000:]
+    finally:
+        kill_pids([pid for pid in pids if alive(pid)])
+        worker.stop(timeout=1)

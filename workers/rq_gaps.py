@@ -29,12 +29,14 @@ written here by hand.
    seconds. RQ's scheduler ends on a Redis error (rq/rq#2189), and RQ's worker starts it again
    only at its next maintenance round (30 s): :class:`WorkerScheduler`, which every worker class
    runs, waits for Redis instead, and with a stable name refreshes its own lock after a Redis
-   failover instead of waiting 61 s for it to expire.
+   failover instead of waiting 61 s for it to expire. It ends once its worker is gone, which RQ's
+   did at its first Redis error.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -265,22 +267,39 @@ class WorkerScheduler(Scheduler):
     scheduler child): RQ's loop ends on a Redis error (rq/rq#2189) and RQ's worker starts it again
     only at its next maintenance round (30 s), so this one runs the loop again every
     :data:`REDIS_RETRY_SECONDS` until Redis answers, and keeps its name (and so its locks)
-    throughout. Asked to stop while Redis is away, it ends: its locks expire on their own."""
+    throughout. Asked to stop while Redis is away, it ends: its locks expire on their own.
+
+    It also ends once the process that started it is gone (a simple worker whose action called
+    ``os._exit``, a worker SIGKILLed alone): nothing else would stop it, and waiting out Redis
+    failures it would run for ever, an orphan holding the locks its worker's successor needs."""
 
     stopping = False
+    parent: int | None = None
+    """The PID of the process that started this one (the worker), taken when the loop starts."""
 
     def request_stop(self, signum: Any = None, frame: Any = None) -> None:
         self.stopping = True
         super().request_stop(signum, frame)
 
+    def orphaned(self) -> bool:
+        """Whether the worker that started this scheduler is gone (this process was reparented)."""
+        return self.parent is not None and os.getppid() != self.parent
+
+    def heartbeat(self) -> None:
+        if self.orphaned() and not self.stopping:
+            log.warning("scheduler %s: its worker (PID %s) is gone; stopping", self.name, self.parent)
+            self.request_stop()
+        super().heartbeat()
+
     def work(self) -> None:
+        self.parent = os.getppid()
         logged = -60.0
         while True:
             try:
                 super().work()
                 return
             except RedisError as exc:
-                if self.stopping:
+                if self.stopping or self.orphaned():
                     return
                 if time.monotonic() - logged >= 30:  # a line when Redis goes, then one every half minute
                     logged = time.monotonic()

@@ -197,6 +197,9 @@ def work(worker: BaseWorker, *, burst: bool, with_scheduler: bool) -> Ended:
     except RedisError as exc:  # RQ's start or teardown met Redis gone
         if burst:
             raise
+        if getattr(worker, "stop_requested", False):  # asked to stop (SIGTERM): never start another
+            log.warning("worker %s: stopping as asked (%s: %s)", worker.name, type(exc).__name__, exc)
+            return Ended.STOPPED
         log.error("worker %s: stopped on %s: %s", worker.name, type(exc).__name__, exc)
         return Ended.FAILED
     if getattr(worker, "recycled", None):
