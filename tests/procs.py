@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -306,6 +307,11 @@ class ReceiverProc(Proc):
 
         if not wait_for(healthy, timeout=30, interval=0.05):
             raise RuntimeError(f"{self.name} did not answer /healthz:\n{self.log_text()[-3000:]}")
+
+
+def scheduler_pids(log: str) -> list[int]:
+    """The scheduler children a split worker's log says it started, in order."""
+    return [int(pid) for pid in re.findall(r"started scheduler worker \S+ \(pid (\d+)\)", log)]
 
 
 class WorkerProc(Proc):

@@ -50,7 +50,7 @@ from receiver.settings import Settings
 from tests.conftest import SECRET, capture, signed
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, jsonb_order
 from tests.cvat_server import exports as cvat_exports
-from tests.procs import ReceiverProc, RedisProc, WorkerProc, children, clean_env, cli_argv, wait_for
+from tests.procs import ReceiverProc, RedisProc, WorkerProc, children, clean_env, cli_argv, scheduler_pids, wait_for
 from workers import rq_gaps
 
 MAINTENANCE_SECONDS = 1
@@ -464,11 +464,6 @@ def test_a_delayed_retry_runs_within_seconds_of_redis_coming_back(stack: Stack, 
     # The split worker's scheduler child waited Redis out: it was not replaced.
     assert scheduler_pids(worker.log_text()) == schedulers, worker.log_text()[-4000:]
     assert len(schedulers) == (1 if kind == "split" else 0), worker.log_text()[-4000:]
-
-
-def scheduler_pids(log: str) -> list[int]:
-    """The scheduler children a split worker's log says it started, in order."""
-    return [int(pid) for pid in re.findall(r"started scheduler worker \S+ \(pid (\d+)\)", log)]
 
 
 @pytest.mark.parametrize("kind", ["split", "fork", "simple"])

@@ -9,7 +9,6 @@ outcome users see, for every worker class.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import time
@@ -20,21 +19,25 @@ from rq.scheduler import RQScheduler
 
 from core.contract import QUEUES
 from tests.conftest import ROOT, SECRET
-from tests.procs import RedisProc, WorkerProc, alive, kill_pids, wait_for
+from tests.procs import RedisProc, WorkerProc, alive, kill_pids, scheduler_pids, wait_for
 
 STOP_SECONDS = 10.0
 """How long a worker may take to stop after SIGTERM."""
+
+
+def worker_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
+    """A worker's environment on ``redis_url``, with the shipped rules copied into ``tmp_path``."""
+    rules = tmp_path / "rules.yaml"
+    shutil.copy(ROOT / "rules.yaml", rules)
+    return {"CVAT_HOOKS_REDIS_URL": redis_url, "CVAT_HOOKS_SECRET": SECRET, "CVAT_HOOKS_RULES": str(rules),
+            "CVAT_HOOKS_DATA_DIR": str(tmp_path / "data")}
 
 
 @pytest.mark.parametrize("kind", ["split", "fork", "simple"])
 def test_a_worker_stops_within_seconds_of_sigterm(kind: str, redis_server, redis, tmp_path: Path):
     """SIGTERM to an idle worker (``redis``: an empty database): it exits by itself, well before
     anyone would SIGKILL it, and none of its processes (its scheduler's included) outlives it."""
-    rules = tmp_path / "rules.yaml"
-    shutil.copy(ROOT / "rules.yaml", rules)
-    env = {"CVAT_HOOKS_REDIS_URL": redis_server.url, "CVAT_HOOKS_SECRET": SECRET,
-           "CVAT_HOOKS_RULES": str(rules), "CVAT_HOOKS_DATA_DIR": str(tmp_path / "data")}
-    worker = WorkerProc(env, tmp_path / "logs", kind=kind).start()
+    worker = WorkerProc(worker_env(redis_server.url, tmp_path), tmp_path / "logs", kind=kind).start()
     assert wait_for(lambda: len(worker.tree()) > 1, timeout=10), "no scheduler process started"
     pids = worker.tree()
     left: list[int] = []
@@ -53,12 +56,6 @@ def test_a_worker_stops_within_seconds_of_sigterm(kind: str, redis_server, redis
     # default action: a prompt stop too). Anything else is a crash.
     assert code in (0, -signal.SIGTERM), (code, worker.log_text()[-2000:])
 
-
-def worker_env(redis_url: str, tmp_path: Path) -> dict[str, str]:
-    rules = tmp_path / "rules.yaml"
-    shutil.copy(ROOT / "rules.yaml", rules)
-    return {"CVAT_HOOKS_REDIS_URL": redis_url, "CVAT_HOOKS_SECRET": SECRET, "CVAT_HOOKS_RULES": str(rules),
-            "CVAT_HOOKS_DATA_DIR": str(tmp_path / "data")}
 
 
 @pytest.mark.parametrize("kind", ["split", "fork", "simple"])
@@ -99,8 +96,7 @@ def test_a_scheduler_whose_worker_is_gone_stops(kind: str, redis_server, redis, 
         assert wait_for(lambda: "Acquired scheduler lock" in worker.log_text(), timeout=20), worker.log_text()
         pids = worker.tree()
         main = pids[0]
-        scheduler = ([int(p) for p in re.findall(r"started scheduler worker \S+ \(pid (\d+)\)", worker.log_text())]
-                     if kind == "split" else pids[1:])
+        scheduler = scheduler_pids(worker.log_text()) if kind == "split" else pids[1:]
         assert scheduler and set(scheduler) <= set(pids), (scheduler, pids, worker.log_text()[-3000:])
         os.kill(main, signal.SIGKILL)
         worker.popen.wait(timeout=10)  # type: ignore[union-attr]
