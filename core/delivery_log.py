@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from core import json_text
 from core.keys import DELIVERIES_KEY as INDEX_KEY
 from core.keys import DELIVERY_KEY, DELIVERY_TIMELINE_KEY
 from core.redaction import Redactor
@@ -198,15 +199,16 @@ class DeliveryLog:
         :class:`~core.receipts.Batch` applied in one (either way they land with its jobs)."""
         did = record["delivery_id"]
         key = record_key(did)
-        record = {**record, "received_at": iso(at), "received_ts": at}
+        at_iso = iso(at)
+        record = {**record, "received_at": at_iso, "received_ts": at}
         # Any: redis-py's Mapping is invariant.
         fields: dict[Any, str | bytes] = dict([_packed(self.redact.dumps(record))])
         for action in actions:
-            state = {**action, "status": ActionStatus.QUEUED.value, "attempts": 0, "queued_at": iso(at)}
+            state = {**action, "status": ActionStatus.QUEUED.value, "attempts": 0, "queued_at": at_iso}
             fields[f"action:{action['job_id']}"] = self.redact.dumps(state)
         pipe.hset(key, mapping=fields)
         pipe.expire(key, self.retention)
-        step = {"t": iso(at), "step": "received", "message": self._receipt_message(record)}
+        step = {"t": at_iso, "step": "received", "message": self._receipt_message(record)}
         pipe.rpush(timeline_key(did), self.redact.dumps(step))
         pipe.expire(timeline_key(did), self.retention)
         pipe.zadd(INDEX_KEY, {did: at})
@@ -234,11 +236,12 @@ class DeliveryLog:
         several receivers all count (issue 6). Nothing is written for a record already expired.
         """
         key = record_key(delivery_id)
-        step = {"t": iso(at), "step": "duplicate", "message": "same event received again; nothing queued"}
+        at_iso = iso(at)
+        step = {"t": at_iso, "step": "duplicate", "message": "same event received again; nothing queued"}
         with batch.if_exists(key):
             batch.hincrby(key, DUPLICATES_FIELD, 1)
-            batch.hset(key, LAST_DUPLICATE_FIELD, iso(at))
-            batch.rpush(timeline_key(delivery_id), json.dumps(step))
+            batch.hset(key, LAST_DUPLICATE_FIELD, at_iso)
+            batch.rpush(timeline_key(delivery_id), json_text.dumps(step))
 
     # -- worker side ---------------------------------------------------------------------------
 
@@ -454,7 +457,7 @@ class Attempt:
         changes, step = _started(self.number, self.started)
         with self.deliveries.redis.pipeline(transaction=False) as pipe:
             pipe.hget(key, f"action:{self.job_id}")
-            pipe.hset(key, STARTED_PREFIX + self.job_id, json.dumps(changes))
+            pipe.hset(key, STARTED_PREFIX + self.job_id, json_text.dumps(changes))
             # The end of the attempt keeps the record for the retention from then: not needed here.
             self.deliveries._queue_step(pipe, self.delivery_id, self.job_id, step, keep=False)
             raw = pipe.execute()[0]

@@ -1,27 +1,42 @@
 """Putting action calls on RQ queues: one place for the serializer, retry, timeouts and callbacks.
 
-Jobs are serialized as JSON (RQ's ``JSONSerializer``), so a queued job is readable by anything and
-survives an upgrade of our code; the receiver, the replay command and the workers all go through
-:func:`queue` so they agree on it.
+Jobs are serialized as JSON (:class:`JobSerializer`, the JSON of RQ's ``JSONSerializer``), so a
+queued job is readable by anything and survives an upgrade of our code; the receiver, the replay
+command and the workers all go through :func:`queue` so they agree on it.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rq import Callback, Queue, Retry
-from rq.serializers import JSONSerializer
 
+from core import json_text
 from core.contract import FAILURE_CALLBACK, JOB_FUNCTION, ActionCall, job_timeout
 
 if TYPE_CHECKING:
     from redis import Redis
     from redis.client import Pipeline
 
-SERIALIZER = JSONSerializer
+
+class JobSerializer:
+    """RQ's ``JSONSerializer``, written by orjson (``core.json_text``): the same JSON, read by
+    ``json.loads`` as before, so jobs queued by either are read by both."""
+
+    @staticmethod
+    def dumps(obj: Any) -> bytes:
+        return json_text.dumps(obj)
+
+    @staticmethod
+    def loads(data: bytes | str) -> Any:
+        return json.loads(data)
+
+
+SERIALIZER = JobSerializer
 RESULT_TTL = 500
 """Seconds RQ keeps a finished job and its result: RQ's own default. The delivery log keeps the
 outcome for the retention, and nothing of ours reads RQ's copy. Kept for 7 days, RQ's copy was

@@ -126,7 +126,8 @@ def test_jobs_are_what_rqs_enqueue_many_writes_on_a_real_pipeline(redis):
 SECRETS = ["s3cr3t-token", 'quo"te\\key', "ünïcode-secret"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.lists(st.sampled_from(
-        ["a", " ", ":", "@", "/", '"', "\\", "\n", "é", "http://", "u:p@", *SECRETS]), max_size=12).map("".join),
+        ["a", " ", ":", "@", "/", '"', "\\", "\n", "\x00", "\x7f", "é", "\u2028", "😀", "http://", "u:p@",
+         *SECRETS]), max_size=12).map("".join),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
     max_leaves=20,
 )
