@@ -65,13 +65,11 @@ def guard(rule: Rule, event_name: str, own: bool, account: str | None) -> tuple[
     it was stopped, why it was not (the opt-out), or that it could not be told (account unknown).
     """
     decl = looping_action(rule, event_name)
-    if decl is None:
+    if decl is None or (account and not own):
         return False, None
     cause = f"this rule's action {decl.action} causes {event_name}"
     if not account:
         return False, f"loop guard off: cvat-hooks's own CVAT account is unknown ({cause})"
-    if not own:
-        return False, None
     if rule.allow_self_trigger:
         return False, (f"caused by cvat-hooks's own CVAT account ({account}) and {cause}, "
                        f"not skipped: {OPT_OUT_KEY} is true")
