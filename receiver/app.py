@@ -17,6 +17,7 @@ from receiver import views
 from receiver.admin import init_admin
 from receiver.current import EXTENSION
 from receiver.dispatch import Intake
+from receiver.endpoint import WebhookEndpoint
 from receiver.journal import Journal
 from receiver.rules import RuleStore
 from receiver.rules.store import LastGoodRules
@@ -31,7 +32,8 @@ def create_app(settings: Settings | None = None, *, redis: Redis | None = None) 
     settings.require_secret()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body
-    init_intake(app, settings, redis)
+    intake = init_intake(app, settings, redis)
+    app.wsgi_app = WebhookEndpoint(app.wsgi_app, intake)  # type: ignore[method-assign]
     app.register_blueprint(views.bp)
     init_admin(app)
     return app

@@ -1,4 +1,4 @@
-"""HTTP endpoints: the only module that touches ``flask.request``."""
+"""HTTP endpoints, all but the webhook (``receiver.endpoint``): the only module that touches ``flask.request``."""
 
 from __future__ import annotations
 
@@ -8,19 +8,17 @@ from importlib import metadata
 
 from flask import Blueprint, current_app, jsonify, request
 from redis.exceptions import RedisError
-from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from core import metrics
 from core.contract import QUEUES
+from receiver import endpoint
 from receiver.current import intake
-from receiver.deadlines import BodyDeadlines
-from receiver.signature import HEADER
 
 bp = Blueprint("cvat_hooks", __name__)
-BODY_DEADLINES = BodyDeadlines()
 log = logging.getLogger(__name__)
 LINKS = {
-    "webhooks": ("/webhooks/cvat", "where CVAT POSTs its signed deliveries (the webhook's Target URL)"),
+    "webhooks": (endpoint.PATH, "where CVAT POSTs its signed deliveries (the webhook's Target URL)"),
     "readyz": ("/readyz", "readiness: Redis, rules, and whether actions can reach CVAT"),
     "healthz": ("/healthz", "liveness"),
     "metrics": ("/metrics", "Prometheus metrics of every receiver and worker"),
@@ -29,42 +27,6 @@ LINKS = {
     "readme": ("/readme", "the README: set-up, configuration, rules, commands"),
 }
 """What ``GET /`` points to: path and what is there."""
-
-
-
-@bp.post("/webhooks/cvat")
-def webhook():  # type: ignore[no-untyped-def]
-    """Receive one CVAT delivery: verify, parse, match, record, enqueue; answer fast."""
-    limit = intake().settings.max_body
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestEntityTooLarge()
-    body = read_body(intake().settings.body_seconds)
-    if body is None:
-        metrics.safe_inc(intake().redis, "cvat_hooks_rejected_total", reason="body_timeout")
-        return jsonify({"error": "body not received in time"}), 408, {"Connection": "close"}
-    if request.content_length is None and len(body) >= limit and request.environ["wsgi.input"].read(1):
-        # MAX_CONTENT_LENGTH stops reading a chunked body at the limit without a word: what is left
-        # says it was larger (otherwise the cut body would only fail its signature, a 401).
-        raise RequestEntityTooLarge()
-    answer = intake().receive(body, request.headers.get(HEADER), peer=request.remote_addr or "-")
-    return jsonify(answer.body), answer.status
-
-
-def read_body(seconds: float) -> bytes | None:
-    """The raw body, or ``None`` if the client did not send all of it within ``seconds``
-    (``receiver.deadlines`` says why gunicorn alone does not bound that)."""
-    sock = request.environ.get("gunicorn.socket")
-    try:
-        if sock is None:  # the test client or werkzeug's server: nothing to cut off
-            body = request.get_data(cache=False)
-        else:
-            with BODY_DEADLINES.reading(sock, seconds):
-                body = request.get_data(cache=False)
-    except (OSError, ClientDisconnected):  # gunicorn's NoMoreData (a chunked body cut short) is an OSError
-        return None
-    if request.content_length is not None and len(body) < request.content_length:
-        return None  # cut off before its Content-Length arrived
-    return body
 
 
 @bp.get("/")

@@ -140,6 +140,19 @@ def test_chunked_body_over_the_limit_is_413(receiver: Gunicorn) -> None:
         conn.close()
 
 
+def test_chunked_body_within_the_limit_is_received(receiver: Gunicorn) -> None:
+    """The same in chunks, under the limit: read to its end and answered like any delivery."""
+    body = capture("update_job_completed.json")[0]
+    conn = http.client.HTTPConnection("127.0.0.1", receiver.port, timeout=20)
+    try:
+        conn.request("POST", "/webhooks/cvat", body=iter([body[i:i + 500] for i in range(0, len(body), 500)]),
+                     headers=signed(body), encode_chunked=True)
+        answer = conn.getresponse()
+        assert answer.status == 202, answer.read()[:200]
+    finally:
+        conn.close()
+
+
 HEADERS = [
     # (id, raw request) -- each beyond one of gunicorn_command's limits
     ("request-line-over-8190", b"GET /healthz?" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"),

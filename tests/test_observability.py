@@ -119,10 +119,10 @@ def test_readyz_says_actions_needing_cvat_will_fail_and_stays_ready(client, sett
 def test_a_413_is_logged(client, settings, caplog):
     """A body over CVAT_HOOKS_MAX_BODY is refused with 413 and one warning line saying so and from whom."""
     body = b'{"event": "ping", "pad": "' + b"x" * settings.max_body + b'"}'
-    with caplog.at_level(logging.WARNING, logger="receiver.views"):
+    with caplog.at_level(logging.WARNING, logger="receiver.endpoint"):
         answer = post(client, body)
     assert answer.status_code == 413
-    [line] = [r.getMessage() for r in caplog.records if r.name == "receiver.views"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "receiver.endpoint"]
     assert "413 for POST /webhooks/cvat" in line and f"{len(body)} bytes" in line
     assert "CVAT_HOOKS_MAX_BODY" in line
 
@@ -192,7 +192,7 @@ def test_gunicorn_and_the_receiver_log_json_when_asked(settings, tmp_path):
     records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     assert all(re.match(r"^\d{4}-\d\d-\d\dT[\d:.]+Z$", r["time"]) for r in records)
     loggers = {r["logger"] for r in records}
-    assert {"gunicorn.error", "gunicorn.access", "receiver.views"} <= loggers, loggers
+    assert {"gunicorn.error", "gunicorn.access", "receiver.endpoint"} <= loggers, loggers
     assert any(r["logger"] == "gunicorn.access" and '"GET /healthz HTTP/1.1" 200' in r["message"] for r in records)
 
 
