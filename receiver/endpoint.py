@@ -51,7 +51,7 @@ class WebhookEndpoint:
         status = HTTPStatus(answer.status)
         start_response(f"{status.value} {status.phrase}", [
             ("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers])
-        return [body]
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     def deliver(self, environ: WSGIEnvironment) -> tuple[Answer, list[tuple[str, str]]]:
         """Read one delivery within the size and time limits, then hand it to the intake."""
@@ -59,7 +59,8 @@ class WebhookEndpoint:
         peer = environ.get("REMOTE_ADDR") or "-"
         length = content_length(environ)
         if length is not None and length > settings.max_body:
-            return self.too_large(f"{length} bytes", peer), []
+            # Closed: kept open, the server would read the whole declared body before the next request.
+            return self.too_large(f"{length} bytes", peer), [("Connection", "close")]
         body = read_body(environ, length, settings.max_body, settings.body_seconds)
         if body is None:
             metrics.safe_inc(self.intake.redis, "cvat_hooks_rejected_total", reason="body_timeout")

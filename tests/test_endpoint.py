@@ -48,6 +48,20 @@ def test_another_method_is_405_saying_post(client, method):
     assert answer.status_code == 405 and answer.headers["Allow"] == "POST" and "POST" in answer.json["error"]
 
 
+def test_a_head_request_gets_the_headers_alone(client):
+    """HEAD: the 405's status and headers, no body."""
+    answer = client.head("/webhooks/cvat")
+    assert answer.status_code == 405 and answer.headers["Allow"] == "POST" and answer.data == b""
+
+
+def test_a_body_declared_too_large_is_413_and_the_connection_closed(settings, client, redis):
+    """Refused unread; closed, or the server would read the whole declared body before the next request."""
+    body = b'{"event": "ping", "pad": "' + b"x" * settings.max_body + b'"}'
+    answer = post(client, body)
+    assert answer.status_code == 413 and answer.headers["Connection"] == "close"
+    assert str(settings.max_body) in answer.json["error"]
+
+
 @pytest.mark.parametrize("path", ["/webhooks/cvat/", "/webhooks", "/webhooks/cvatx"])
 def test_other_paths_go_on_to_flask(client, path):
     """Only the exact path is the endpoint's: the rest get Flask's answers."""
