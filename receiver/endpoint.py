@@ -5,7 +5,7 @@ provider) cost about 0.2 ms of the receiver's CPU per delivery, more than a seve
 nothing this endpoint uses: it reads one header and the raw body, and answers JSON. So
 :class:`WebhookEndpoint` wraps the Flask app's ``wsgi_app`` (Flask's own way to add WSGI
 middleware) and answers this one route itself; every other request goes on to Flask (the admin UI
-and API, health, metrics). Only this module and ``receiver.views`` read requests.
+and API, health, metrics).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""HTTP endpoints, all but the webhook (``receiver.endpoint``): the only module that touches ``flask.request``."""
+"""The service's own HTTP endpoints (the webhook is ``receiver.endpoint``, the admin UI and API ``receiver.admin``)."""
 
 from __future__ import annotations
 
