@@ -74,17 +74,23 @@ class WebhookEndpoint:
             return Answer(500, {"error": "internal error; see the receiver's log"}), []
 
     def too_large(self, size: str, peer: str) -> Answer:
-        """413, counted and logged like the one the Flask routes give (``receiver.views.too_large``)."""
-        limit = self.intake.settings.max_body
-        metrics.safe_inc(self.intake.redis, "cvat_hooks_rejected_total", reason="too_large")
-        log.warning("request: 413 for POST %s from %s: %s, over CVAT_HOOKS_MAX_BODY (%d bytes)", PATH, peer, size,
-                    limit)
-        return Answer(413, {"error": f"body larger than {limit} bytes"})
+        return too_large(self.intake, "POST", PATH, peer, size)
+
+
+def too_large(intake: Intake, method: str, path: str, peer: str, size: str) -> Answer:
+    """413 for any route (this one, and the Flask routes' ``receiver.views.too_large``), counted and logged."""
+    limit = intake.settings.max_body
+    metrics.safe_inc(intake.redis, "cvat_hooks_rejected_total", reason="too_large")
+    log.warning("request: 413 for %s %s from %s: %s, over CVAT_HOOKS_MAX_BODY (%d bytes)", method, path, peer, size,
+                limit)
+    return Answer(413, {"error": f"body larger than {limit} bytes"})
 
 
 def content_length(environ: WSGIEnvironment) -> int | None:
-    """The declared body size, read as werkzeug reads it: ``None`` for a chunked body or none
-    declared, 0 for a value that is not a size."""
+    """The declared body size, read as werkzeug's ``get_content_length`` reads it (``None`` for a
+    chunked body or none declared, 0 for a value that is not a size), but for the transfer coding's
+    name taken without case, as HTTP and gunicorn take it (werkzeug's would read ``Chunked`` as no
+    chunking)."""
     value = environ.get("CONTENT_LENGTH")
     encodings = environ.get("HTTP_TRANSFER_ENCODING", "")
     if value is None or "chunked" in (e.strip().lower() for e in encodings.split(",")):

@@ -115,8 +115,6 @@ def prometheus_metrics():  # type: ignore[no-untyped-def]
 @bp.app_errorhandler(RequestEntityTooLarge)
 def too_large(exc: RequestEntityTooLarge):  # type: ignore[no-untyped-def]
     """413 as JSON, like every other answer CVAT will show in its delivery log."""
-    metrics.safe_inc(intake().redis, "cvat_hooks_rejected_total", reason="too_large")
     size = f"{request.content_length} bytes" if request.content_length is not None else "a chunked body"
-    log.warning("request: 413 for %s %s from %s: %s, over CVAT_HOOKS_MAX_BODY (%d bytes)", request.method,
-                request.path, request.remote_addr or "-", size, intake().settings.max_body)
-    return jsonify({"error": f"body larger than {intake().settings.max_body} bytes"}), 413
+    answer = endpoint.too_large(intake(), request.method, request.path, request.remote_addr or "-", size)
+    return jsonify(answer.body), answer.status
