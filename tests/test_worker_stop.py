@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from rq import Worker
 from rq.scheduler import RQScheduler
 
 from core.contract import QUEUES
 from tests.conftest import ROOT, SECRET
 from tests.procs import RedisProc, WorkerProc, alive, kill_pids, scheduler_pids, wait_for
+from workers.supervisor import plan
 
 STOP_SECONDS = 10.0
 """How long a worker may take to stop after SIGTERM."""
@@ -85,26 +87,65 @@ def test_a_worker_asked_to_stop_while_redis_is_away_stops(kind: str, tmp_path: P
 
 
 @pytest.mark.parametrize("kind", ["split", "fork", "simple"])
-def test_a_scheduler_whose_worker_is_gone_stops(kind: str, redis_server, redis, tmp_path: Path):
-    """The worker's main process SIGKILLed alone (what ``os._exit`` in a simple worker's action does):
-    its scheduler, which waits out Redis failures, must not live on as an orphan; it stops within
-    seconds and releases its locks for the next worker's scheduler. (A split worker's other children
-    serve on as orphans: they are stopped here, after the check.)"""
+def test_nothing_outlives_a_worker_whose_main_process_is_killed_alone(kind: str, redis_server, redis,
+                                                                      tmp_path: Path):
+    """The worker's main process SIGKILLed alone (what ``os._exit`` in a simple worker's action does,
+    or the OOM killer to a split worker's parent): nothing it started may live on as an orphan. Its
+    scheduler, which waits out Redis failures, stops within seconds and releases its locks for the
+    next worker's scheduler; a split worker's children stop as on SIGTERM (RQ's warm shutdown: each
+    unregisters itself), with nobody left to restart them or hand their jobs to RQ."""
     worker = WorkerProc(worker_env(redis_server.url, tmp_path), tmp_path / "logs", kind=kind).start()
     pids: list[int] = []
     try:
         assert wait_for(lambda: "Acquired scheduler lock" in worker.log_text(), timeout=20), worker.log_text()
         pids = worker.tree()
-        main = pids[0]
-        scheduler = scheduler_pids(worker.log_text()) if kind == "split" else pids[1:]
-        assert scheduler and set(scheduler) <= set(pids), (scheduler, pids, worker.log_text()[-3000:])
+        main, started = pids[0], pids[1:]
+        scheduler = scheduler_pids(worker.log_text()) if kind == "split" else started
+        assert scheduler and set(scheduler) <= set(started), (scheduler, pids, worker.log_text()[-3000:])
+        if kind == "split":
+            assert len(started) == len(plan(QUEUES, 1)) + 1, (started, worker.log_text()[-3000:])
+        assert Worker.count(connection=redis) >= 1
         os.kill(main, signal.SIGKILL)
         worker.popen.wait(timeout=10)  # type: ignore[union-attr]
-        assert wait_for(lambda: not any(alive(pid) for pid in scheduler), timeout=STOP_SECONDS), \
-            worker.log_text()[-3000:]
-        assert "is gone; stopping" in worker.log_text(), worker.log_text()[-3000:]
+        assert wait_for(lambda: not any(alive(pid) for pid in started), timeout=STOP_SECONDS), \
+            ([pid for pid in started if alive(pid)], worker.log_text()[-3000:])
         locks = [RQScheduler.get_locking_key(q) for q in QUEUES]
         assert wait_for(lambda: not redis.exists(*locks), timeout=5), worker.log_text()[-3000:]
+        if kind == "split":
+            assert Worker.count(connection=redis) == 0, worker.log_text()[-3000:]
+        else:  # the main process was the RQ worker: its registration is left for RQ's cleanup
+            assert "is gone; stopping" in worker.log_text(), worker.log_text()[-3000:]
     finally:
         kill_pids([pid for pid in pids if alive(pid)])
         worker.stop(timeout=1)
+
+
+def test_a_child_whose_parent_died_before_it_asked_stops_at_once(tmp_path: Path):
+    """``stop_with_parent`` called after the parent is already gone (the race the kernel's signal
+    cannot cover) stops the child as that signal would have, instead of leaving it to serve on."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "orphan.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from workers.supervisor import stop_with_parent\n"
+        "parent = os.getpid()\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
+        "if os.fork():\n"
+        "    os._exit(0)\n"
+        "while os.getppid() == parent:\n"
+        "    time.sleep(0.01)\n"
+        "print(os.getpid(), flush=True)\n"
+        "assert stop_with_parent(parent)\n"
+        "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})\n"
+        "time.sleep(30)\n"
+        "print('served on', flush=True)\n")
+    with subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True) as proc:
+        assert proc.wait(timeout=10) == 0
+        orphan = int(proc.stdout.readline())  # type: ignore[union-attr]
+        try:
+            assert wait_for(lambda: not alive(orphan), timeout=5)
+        finally:
+            kill_pids([orphan] if alive(orphan) else [])
+        assert "served on" not in proc.stdout.read()  # type: ignore[union-attr]

@@ -25,7 +25,9 @@ What a crashing action takes down (segfault, ``os._exit``, the OOM killer), and 
   its registration runs out: up to 75 s later);
 - the parent runs no job code; if it is killed with the children (the container), RQ's maintenance
   in any live worker (or the restarted one) retries their jobs once RQ deems them abandoned: about
-  75 s after the kill (``workers.worker.JOB_MONITORING_SECONDS`` + 60).
+  75 s after the kill (``workers.worker.JOB_MONITORING_SECONDS`` + 60). Killed alone, it takes
+  its children with it (:func:`stop_with_parent`): each stops as on SIGTERM, after the action it is
+  running, so none serves on unsupervised.
 
 A child also ends on its own, after the action that brings it to its recycling limits (memory, or a
 number of jobs: ``WorkerSettings.recycle``), with exit code :data:`RECYCLED`; the parent starts a
@@ -49,6 +51,7 @@ it from a job another worker just took.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -72,6 +75,9 @@ log = logging.getLogger(__name__)
 RECYCLED = 75
 """A child's exit code when it stopped at its recycling limits (``WorkerSettings.recycle``) to be
 replaced at once (EX_TEMPFAIL, which cvat-hooks uses for nothing else)."""
+
+PR_SET_PDEATHSIG = 1
+"""Linux's ``prctl`` option: the signal the kernel sends a process when its parent dies."""
 
 RESTART_PAUSE = 1.0
 """Seconds to wait before restarting a child that died within that long of its start (a crash loop),
@@ -172,6 +178,7 @@ class Supervisor:
         child.started = time.monotonic()
         stops = {signal.SIGTERM, signal.SIGINT}
         signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # a stop must not reach the child's copy of our handler
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: never returns
             code = 1
@@ -179,6 +186,7 @@ class Supervisor:
                 os.setpgrp()
                 for sig in stops:
                     signal.signal(sig, signal.SIG_DFL)
+                stop_with_parent(parent)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
                 code = self.run_child(child)
             except SystemExit as exc:  # RQ's cold shutdown
@@ -279,6 +287,23 @@ class Supervisor:
                 log.error("worker %s: could not hand its jobs to RQ's retry (RQ will, once it deems them "
                           "abandoned): %s", child.name, exc)
         stop_group(pid)
+
+
+def stop_with_parent(parent: int) -> bool:
+    """Have the kernel send this child SIGTERM, the stop its parent would pass on, when ``parent``
+    dies (``PR_SET_PDEATHSIG``): a parent killed alone (SIGKILL, the OOM killer) must not leave
+    children serving on with nobody to restart them, hand their jobs to RQ or stop them. A parent
+    already gone before the call gets the same stop at once. Where the kernel has no such call
+    (not Linux), nothing happens: ``False``."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 def stop_group(pgid: int, timeout: float = 2.0) -> None:
