@@ -291,9 +291,8 @@ class DeliveryLog:
 
     def action_note(self, delivery_id: str, job_id: str, message: str, **data: Any) -> None:
         """A step inside an attempt (``export started``, ``downloaded 12 MB``...)."""
-        step = {"t": iso(now()), "job_id": job_id, "step": "note", "message": message, **data}
         pipe = self.redis.pipeline(transaction=False)
-        pipe.rpush(timeline_key(delivery_id), json.dumps(self.redact.data(step)))
+        self._queue_step(pipe, delivery_id, job_id, {"step": "note", "message": message, **data}, keep=False)
         pipe.expire(timeline_key(delivery_id), self.retention)
         pipe.execute()
 

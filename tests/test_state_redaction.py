@@ -41,3 +41,18 @@ def test_snapshots_learned_from_cvat_are_redacted(redis: object) -> None:
     store.learn("job", [{"id": 41, "updated_date": "2026-01-01", "name": f"x {SECRET}"}])
     assert store.last("job", 41) == {"id": 41, "updated_date": "2026-01-01", "name": "x ***"}
     assert SECRET.encode() not in _stored(redis)
+
+
+def test_an_actions_note_is_redacted_and_kept_as_the_other_steps(redis: object) -> None:
+    """A note an action writes (``ctx.note``) has the secret and URL credentials masked, and is kept
+    in the timeline for the retention, after the steps before it."""
+    from core.delivery_log import DeliveryLog, timeline_key
+
+    log = DeliveryLog(redis, retention_seconds=600, redactor=Redactor([SECRET]))  # type: ignore[arg-type]
+    log.action_note("d1", "j1", f"sent with {SECRET}", url=f"https://bot:{SECRET}@hooks.example/x", size="é")
+    steps = redis.lrange(timeline_key("d1"), 0, -1)  # type: ignore[attr-defined]
+    assert len(steps) == 1 and SECRET.encode() not in steps[0] and b"bot:" not in steps[0]
+    step = json.loads(steps[0])
+    assert {k: step[k] for k in ("job_id", "step", "message", "size")} == \
+        {"job_id": "j1", "step": "note", "message": "sent with ***", "size": "é"}
+    assert 0 < redis.ttl(timeline_key("d1")) <= 600  # type: ignore[attr-defined]
