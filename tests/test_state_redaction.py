@@ -44,8 +44,8 @@ def test_snapshots_learned_from_cvat_are_redacted(redis: object) -> None:
 
 
 def test_an_actions_note_is_redacted_and_kept_as_the_other_steps(redis: object) -> None:
-    """A note an action writes (``ctx.note``) has the secret and URL credentials masked, and is kept
-    in the timeline for the retention, after the steps before it."""
+    """A note an action writes (``ctx.note``) has the secret and URL credentials masked, keeps its
+    data (text beyond ASCII included), and is kept in the timeline for the retention."""
     from core.delivery_log import DeliveryLog, timeline_key
 
     log = DeliveryLog(redis, retention_seconds=600, redactor=Redactor([SECRET]))  # type: ignore[arg-type]
