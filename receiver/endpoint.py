@@ -11,7 +11,7 @@ and API, health, metrics).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,9 @@ PATH = "/webhooks/cvat"
 """Where CVAT POSTs its signed deliveries (the webhook's Target URL)."""
 SIGNATURE = "HTTP_X_SIGNATURE_256"
 """``X-Signature-256`` as WSGI names it."""
+CLOSE = (("Connection", "close"),)
+"""The headers of an answer that refuses a body: the connection is closed, else the server would read
+the rest of a body it was sent (a declared 10 GB) before the next request."""
 BODY_DEADLINES = BodyDeadlines()
 READ_CHUNK = 65536
 """Bytes asked of the server per read of a body."""
@@ -53,28 +56,24 @@ class WebhookEndpoint:
             ("Content-Type", "application/json"), ("Content-Length", str(len(body))), *headers])
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
-    def deliver(self, environ: WSGIEnvironment) -> tuple[Answer, list[tuple[str, str]]]:
+    def deliver(self, environ: WSGIEnvironment) -> tuple[Answer, Sequence[tuple[str, str]]]:
         """Read one delivery within the size and time limits, then hand it to the intake."""
         settings = self.intake.settings
         peer = environ.get("REMOTE_ADDR") or "-"
         length = content_length(environ)
         if length is not None and length > settings.max_body:
-            # Closed: kept open, the server would read the whole declared body before the next request.
-            return self.too_large(f"{length} bytes", peer), [("Connection", "close")]
+            return too_large(self.intake, "POST", PATH, peer, f"{length} bytes"), CLOSE
         body = read_body(environ, length, settings.max_body, settings.body_seconds)
         if body is None:
             metrics.safe_inc(self.intake.redis, "cvat_hooks_rejected_total", reason="body_timeout")
-            return Answer(408, {"error": "body not received in time"}), [("Connection", "close")]
+            return Answer(408, {"error": "body not received in time"}), CLOSE
         if length is None and len(body) > settings.max_body:
-            return self.too_large("a chunked body", peer), [("Connection", "close")]
+            return too_large(self.intake, "POST", PATH, peer, "a chunked body"), CLOSE
         try:
             return self.intake.receive(body, environ.get(SIGNATURE), peer=peer), []
         except Exception:
             log.exception("delivery: failed unexpectedly (%d bytes from %s)", len(body), peer)
             return Answer(500, {"error": "internal error; see the receiver's log"}), []
-
-    def too_large(self, size: str, peer: str) -> Answer:
-        return too_large(self.intake, "POST", PATH, peer, size)
 
 
 def too_large(intake: Intake, method: str, path: str, peer: str, size: str) -> Answer:
