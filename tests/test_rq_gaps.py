@@ -72,6 +72,18 @@ def test_rq_fails_a_job_stuck_in_its_intermediate_queue_without_running_it(redis
     assert job.get_status() == "failed" and q.failed_job_registry.get_job_ids() == [job.id]
 
 
+def test_rq_leaves_a_jobs_first_seen_stamp_when_it_leaves_the_intermediate_queue(redis: Redis):
+    """Gap 1 (rq/rq#2061): ``IntermediateQueue.remove`` keeps the job's first-seen stamp, so a job put
+    back on its queue would be failed as stuck by the first cleanup that sees it there again, before
+    its worker registers it (``rq_gaps.out_of_intermediate`` drops the stamp too)."""
+    q = queue(LIGHT_QUEUE, redis)
+    job = q.enqueue(nap, 0)
+    redis.lmove(q.key, q.intermediate_queue.key, "LEFT", "RIGHT")
+    redis.set(q.intermediate_queue.get_first_seen_key(job.id), time.time() - 120)
+    q.intermediate_queue.remove(job.id)
+    assert q.intermediate_queue.get_first_seen(job.id) is not None
+
+
 def test_rqs_simple_worker_registers_a_job_for_its_whole_time_limit(redis: Redis):
     """Gap 3: RQ's SimpleWorker registers a running job for its time limit + 60 s (and does not renew
     it); ours for the monitoring interval + 60 s, as RQ's forking worker does."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from redis import Redis
+from rq import SimpleWorker
 from rq.job import Job
 
 from bench import dispatch
@@ -320,3 +321,9 @@ def test_a_job_stuck_in_the_intermediate_queue_is_put_back_once_after_rqs_minute
     assert q.job_ids == [stuck.id, waiting.id]
     assert stuck_list.get_job_ids() == [running.id, fresh.id]
     assert stuck.get_status() == "queued" and stuck.retries_left is None
+    # Taken again by a live worker, and found by a cleanup before that worker registers it (another
+    # worker's maintenance): its stamp went with it, so it is only noted, not failed as stuck.
+    assert stuck_list.get_first_seen(stuck.id) is None
+    redis.lmove(q.key, stuck_list.key, "LEFT", "RIGHT")
+    stuck_list.cleanup(SimpleWorker([q], connection=redis), q)
+    assert stuck.get_status() == "queued" and q.failed_job_registry.count == 0

@@ -13,6 +13,9 @@ written here by hand.
    (``StartedJobRegistry.cleanup`` skips a job that is not ``started``: rq/rq#2015). Such a job is
    put back at the front of its queue instead (:func:`requeue_unstarted`, :func:`requeue_stuck`),
    under RQ's maintenance lock, so only one worker does it: it runs once, without spending a retry.
+   Its first-seen stamp goes with it (RQ's ``IntermediateQueue.remove`` leaves it for a day): kept,
+   it would make the next cleanup fail the job at once, when the stamp is a minute old, if it finds
+   the job between another worker's dequeue and registration.
 2. **A dead in-process worker's jobs, at once.** A supervisor that saw its child die knows that the
    child's started jobs are not running. :func:`hand_over` makes their registrations expire now and
    runs RQ's own abandoned-job handling (our failure callback, then ``job.retry`` or the failed
@@ -103,7 +106,7 @@ def requeue_unstarted(queue: Queue, entries: Iterable[tuple[str, str]]) -> list[
             [removed] = pipe.execute()
         if not removed:
             continue  # another caller took it
-        queue.intermediate_queue.remove(job_id)
+        out_of_intermediate(queue, job_id)
         queue.enqueue_job(job, at_front=True)
         put_back.append(job_id)
     return put_back
@@ -134,10 +137,20 @@ def requeue_stuck(queue: Queue) -> list[str]:
         job = queue.fetch_job(job_id)
         if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
             continue  # RQ's cleanup deals with those
-        stuck.remove(job_id)
+        out_of_intermediate(queue, job_id)
         queue.enqueue_job(job, at_front=True)
         put_back.append(job_id)
     return put_back
+
+
+def out_of_intermediate(queue: Queue, job_id: str) -> None:
+    """``job_id`` off RQ's intermediate queue, with its first-seen stamp (rq/rq#2061): a job put back
+    on its queue passes through the intermediate queue again, and a stamp left from before would
+    make the next cleanup fail it as stuck for a minute. RQ has no call that drops the stamp; its
+    key is RQ's own (``get_first_seen_key``)."""
+    stuck = queue.intermediate_queue
+    stuck.remove(job_id)
+    queue.connection.delete(stuck.get_first_seen_key(job_id))
 
 
 def hand_over(queue: Queue, worker_name: str) -> tuple[list[str], list[str]]:
