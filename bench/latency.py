@@ -25,6 +25,7 @@ from typing import Any
 
 from bench import procs, stack
 from bench.procs import Proc, RedisProc
+from core.settings import DEFAULT_LIGHT_PROCESSES
 
 SENDERS = 4
 """Sender threads: at 100 events/s each has 40 ms per delivery, several times an answer's time."""
@@ -149,7 +150,8 @@ def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
-def run(work: Path, *, rate: float = 100.0, seconds: float = 10.0, warmup: int = 50, light_processes: int = 1,
+def run(work: Path, *, rate: float = 100.0, seconds: float = 10.0, warmup: int = 50,
+        light_processes: int = DEFAULT_LIGHT_PROCESSES,
         log: Callable[[str], None]) -> dict[str, Any]:
     """Warm up, then ``rate`` events/s for ``seconds``."""
     work.mkdir(parents=True, exist_ok=True)
@@ -179,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="2 s of events instead of 10")
     parser.add_argument("--rate", type=float, default=100.0, help="events per second")
     parser.add_argument("--seconds", type=float, help="seconds of events (default 10, quick 2)")
-    parser.add_argument("--light-processes", type=int, default=1, help="CVAT_HOOKS_LIGHT_PROCESSES of the worker")
+    parser.add_argument("--light-processes", type=int, default=DEFAULT_LIGHT_PROCESSES,
+                        help="CVAT_HOOKS_LIGHT_PROCESSES of the worker (default: the shipped one)")
     args = parser.parse_args(argv)
     from bench.run import log, save_phase
 

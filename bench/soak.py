@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from core.events import delivery_id_of
+from core.settings import DEFAULT_LIGHT_PROCESSES
 from receiver.signature import sign
 from tests.captures import capture
 from tests.cvat_server import DEFAULT_TOKEN, CvatTestServer, WebhookSink, jsonb_order
@@ -356,8 +357,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="cvat-hooks worker processes (default 2)")
     parser.add_argument("--worker-class", choices=("split", "fork", "simple"), default="split",
                         help="cvat-hooks worker --class (default: split, the shipped setup)")
-    parser.add_argument("--light-processes", type=int, default=1,
-                        help="light children of each split worker (CVAT_HOOKS_LIGHT_PROCESSES, default 1)")
+    parser.add_argument("--light-processes", type=int, default=DEFAULT_LIGHT_PROCESSES,
+                        help="light children of each split worker (CVAT_HOOKS_LIGHT_PROCESSES, default "
+                             f"{DEFAULT_LIGHT_PROCESSES}, the shipped one)")
     parser.add_argument("--fsync", choices=("always", "everysec"), default="always",
                         help="Redis appendfsync (default always: no acknowledged write lost to a kill)")
     parser.add_argument("--drain-minutes", type=float, default=30.0, help="longest wait for the queues to drain")

@@ -23,6 +23,7 @@ from typing import Any
 from bench import procs
 from bench.cvat_stand_in import READY
 from bench.procs import Proc, RedisProc
+from core.settings import DEFAULT_LIGHT_PROCESSES
 
 PAYLOAD = procs.ROOT / "tests" / "payloads" / "cvat-2.73" / "update_job_completed.json"
 """A real delivery of CVAT 2.73: a job moved to acceptance and completed."""
@@ -180,7 +181,7 @@ def receiver(work: Path, env: Mapping[str, str], *, name: str = "cvat-hooks-serv
 
 
 @contextmanager
-def worker(work: Path, redis: RedisProc, env: Mapping[str, str], *, light_processes: int = 1,
+def worker(work: Path, redis: RedisProc, env: Mapping[str, str], *, light_processes: int = DEFAULT_LIGHT_PROCESSES,
            expect: int | None = None, name: str = "cvat-hooks-worker") -> Iterator[Proc]:
     """``cvat-hooks worker`` (its default ``split`` class, ``light_processes`` light children and the
     exports child); yields it once its RQ workers are registered."""

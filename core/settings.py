@@ -23,6 +23,11 @@ DEFAULT_MAX_RSS_MB = 512
 """A child of the split worker starts at about 60-70 MB of RSS, most of it pages shared with its
 parent, which preloaded cvat-sdk and boto3; an export adds a few MB (bench/). A child past 512 MB
 holds memory some action left behind. The Kubernetes manifest limits the whole worker to 1 GiB."""
+DEFAULT_LIGHT_PROCESSES = 2
+"""Light children of a split worker. With one, a notification to a slow host holds up every label
+check and job update behind it, and a host slower than usual leaves the one child behind at 100
+events/s (bench/latency.py: p99 60-400 ms in slow minutes, 5-10 ms with two). A second child costs
+about 9 MB of private memory at start: it shares the parent's preloaded pages."""
 
 
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -193,7 +198,7 @@ class WorkerSettings:
     protected_files: tuple[Path, ...] = ()
     """Files of the service outside the data directory that no export may replace: the secrets file
     (``CVAT_HOOKS_SECRET_FILE``) and the rules file (``CVAT_HOOKS_RULES``)."""
-    light_processes: int = 1
+    light_processes: int = DEFAULT_LIGHT_PROCESSES
     """Children of the default ``split`` worker that run light actions. Each runs one action at a
     time, and light actions mostly wait on CVAT or a notified host: more children run more of them
     at once, sharing the parent's preloaded pages, where another container would load its own."""
@@ -250,7 +255,7 @@ class WorkerSettings:
             recycle=Recycle(max_rss_mb=whole_number(env, "CVAT_HOOKS_WORKER_MAX_RSS_MB", DEFAULT_MAX_RSS_MB,
                                                     what="a whole number of megabytes"),
                             max_jobs=whole_number(env, "CVAT_HOOKS_WORKER_MAX_JOBS", 0)),
-            light_processes=_positive(env, "CVAT_HOOKS_LIGHT_PROCESSES", 1),
+            light_processes=_positive(env, "CVAT_HOOKS_LIGHT_PROCESSES", DEFAULT_LIGHT_PROCESSES),
             environment=dict(env),
             aws_environment=tuple(sorted((k, v) for k, v in env.items() if k.startswith("AWS_"))),
             protected_files=tuple(Path(p) for p in (env.get("CVAT_HOOKS_SECRET_FILE"),

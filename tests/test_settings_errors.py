@@ -113,7 +113,7 @@ def test_defaults_are_unchanged(tmp_path: Path) -> None:
     workers = settings.workers
     assert (workers.retention_days, workers.cvat.verify_tls, workers.cvat.status_check_period, workers.notify_timeout,
             workers.maintenance_seconds, workers.recycle.max_rss_mb, workers.recycle.max_jobs,
-            workers.light_processes) == (30, True, 0.5, 10.0, 30, 512, 0, 1)
+            workers.light_processes) == (30, True, 0.5, 10.0, 30, 512, 0, 2)
 
 
 def test_a_settings_error_carries_no_secret(tmp_path: Path) -> None:

@@ -263,7 +263,7 @@ def test_light_processes_run_that_many_light_actions_at_once(tmp_path: Path, lig
 def test_light_processes_must_be_a_positive_count():
     from core.settings import WorkerSettings
 
-    assert WorkerSettings.from_env({}).light_processes == 1
+    assert WorkerSettings.from_env({}).light_processes == 2
     assert WorkerSettings.from_env({"CVAT_HOOKS_LIGHT_PROCESSES": "4"}).light_processes == 4
     for bad in ("0", "-2", "two"):
         with pytest.raises(ValueError, match=f"CVAT_HOOKS_LIGHT_PROCESSES must be .* not '{bad}'"):

@@ -19,6 +19,7 @@ from rq import Worker
 from rq.scheduler import RQScheduler
 
 from core.contract import QUEUES
+from core.settings import DEFAULT_LIGHT_PROCESSES
 from tests.conftest import ROOT, SECRET
 from tests.procs import RedisProc, WorkerProc, alive, kill_pids, scheduler_pids, wait_for
 from workers.supervisor import plan
@@ -103,7 +104,8 @@ def test_nothing_outlives_a_worker_whose_main_process_is_killed_alone(kind: str,
         scheduler = scheduler_pids(worker.log_text()) if kind == "split" else started
         assert scheduler and set(scheduler) <= set(started), (scheduler, pids, worker.log_text()[-3000:])
         if kind == "split":
-            assert len(started) == len(plan(QUEUES, 1)) + 1, (started, worker.log_text()[-3000:])
+            children = plan(QUEUES, DEFAULT_LIGHT_PROCESSES) + ["scheduler"]
+            assert len(started) == len(children), (started, worker.log_text()[-3000:])
         assert Worker.count(connection=redis) >= 1
         os.kill(main, signal.SIGKILL)
         worker.popen.wait(timeout=10)  # type: ignore[union-attr]

@@ -99,7 +99,7 @@ class Child:
     started: float = 0.0
 
 
-def plan(queues: Sequence[str], light_processes: int = 1) -> list[Child]:
+def plan(queues: Sequence[str], light_processes: int) -> list[Child]:
     """The children for ``queues``: each long-running queue (exports, auto-annotation) in one of its
     own, every other queue in ``light_processes`` others, all in-process."""
     light = tuple(q for q in queues if q not in OWN_PROCESS_QUEUES)
