@@ -40,6 +40,7 @@ from redis import Redis
 from bench import procs
 from bench.noop_action import ENV, NAME, STARTS_KEY
 from bench.procs import MB, Proc, RedisProc
+from core.settings import DEFAULT_LIGHT_PROCESSES
 
 SHIPPED = "split"
 """The class ``cvat-hooks worker`` runs by default: the setup issue 5's dispatch targets are about."""
@@ -53,14 +54,15 @@ SETUPS: tuple[tuple[str, int], ...] = ((STOCK, 1), (SHIPPED, 1), (SHIPPED, 2), (
 """(setup, processes): ``cvat-hooks worker`` as :data:`KINDS` says, scaled by processes."""
 KINDS: dict[str, tuple[str, dict[str, str], int]] = {
     STOCK: (STOCK, {}, 1),
-    SHIPPED: (SHIPPED, {}, 3),
+    SHIPPED: (SHIPPED, {}, DEFAULT_LIGHT_PROCESSES + 2),
     "split2": (SHIPPED, {"CVAT_HOOKS_LIGHT_PROCESSES": "2"}, 4),
     "fork": ("fork", {}, 1),
     "simple": ("simple", {}, 1),
 }
-"""setup -> (``--class``, its environment, RQ workers it registers). ``split`` has a light child and
-one per long-running queue (exports, auto-annotation); ``split2`` is one ``split`` command with two
-light children, the way to run two light processes in one container."""
+"""setup -> (``--class``, its environment, RQ workers it registers). ``split`` is the shipped setup:
+``DEFAULT_LIGHT_PROCESSES`` light children and one per long-running queue (exports,
+auto-annotation); ``split2`` is one ``split`` command with two light children, whatever the
+default."""
 
 
 def _calls(n: int, *, tag: str, crash: bool = False, attempts: int = 0, queue: str | None = None) -> list[Any]:

@@ -2,8 +2,9 @@
 
 Everything else in the workers is RQ's own classes and hooks. Each gap below names the RQ issue that
 would remove it, and ``tests/test_rq_gaps.py`` holds a test of RQ's own behaviour that fails when RQ
-changes it (then the gap and that test go). Only RQ's public calls are used: no key is built or
-written here by hand.
+changes it (then the gap and that test go). Only RQ's public calls are used: no key is built here
+by hand, and the one deleted directly (a job's first-seen stamp) is named by RQ's own
+``IntermediateQueue.get_first_seen_key``.
 
 1. **A job taken but never started.** A worker takes a job off its queue (``LMOVE`` into RQ's
    intermediate queue for one queue, ``BLPOP`` for several), registers it in the StartedJobRegistry,
