@@ -26,7 +26,7 @@ holds memory some action left behind. The Kubernetes manifest limits the whole w
 DEFAULT_LIGHT_PROCESSES = 2
 """Light children of a split worker. With one, a notification to a slow host holds up every label
 check and job update behind it, and a host slower than usual leaves the one child behind at 100
-events/s (bench/latency.py: p99 60-400 ms in slow minutes, 5-10 ms with two). A second child costs
+events/s (bench/latency.py: p99 60-400 ms in slow minutes, 9-23 ms with two). A second child costs
 about 9 MB of private memory at start: it shares the parent's preloaded pages."""
 
 
