@@ -305,7 +305,7 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_run(stack: Stac
 
 TAKE_AND_DIE = """
 import os, signal, sys
-from core.settings import DEFAULT_LIGHT_PROCESSES, WorkerSettings
+from core.settings import WorkerSettings
 from workers.worker import build_worker
 worker = build_worker(WorkerSettings.from_env(), queues=[sys.argv[1]], kind=sys.argv[2], name="taker")
 worker.bootstrap()
