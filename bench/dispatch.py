@@ -268,7 +268,7 @@ def latency(redis: RedisProc, queuer: Queuer | StockQueuer, *, rate: float, seco
             "mean_ms": round(statistics.fmean(lat), 2) if lat else None}
 
 
-TOOK_DOWN = {SHIPPED: "the light child (its parent restarts it)", "split2": "one light child (its parent restarts it)",
+TOOK_DOWN = {SHIPPED: "one light child (its parent restarts it)", "split2": "one light child (its parent restarts it)",
              "fork": "the work-horse", "simple": "the whole worker"}
 """What one crashing action takes down, by class (what the probe then checks)."""
 

@@ -1,7 +1,7 @@
 """Export: the time an export takes beyond the CVAT server's own, and the worker's memory growth.
 
 The real export action runs in the shipped worker (``cvat-hooks worker``, its default ``split``
-setup: a parent, a light child, and the exports child that runs the export in-process) against
+setup: a parent, its light children, and the exports child that runs the export in-process) against
 the test CVAT server (``python -m tests.cvat_server``), which streams generated exports without
 holding them, and an S3 endpoint served by moto in a process of its own. Only the worker's
 process tree is measured: moto keeps uploaded objects in memory, which says nothing about
