@@ -32,6 +32,7 @@ from workers.jobs import on_work_horse_killed, runtime
 
 if TYPE_CHECKING:
     from redis import Redis
+    from redis.client import Pipeline
     from rq.job import Job
     from rq.queue import Queue
 
@@ -81,6 +82,7 @@ class Maintained:
 
     queues: list[Queue]
     name: str
+    connection: Redis
     recycle: Recycle | None = None
     recycled: str | None = None
     """Why it stopped at its recycling limits, once it has."""
@@ -111,6 +113,22 @@ class Maintained:
             except Exception as exc:  # maintenance must go on: RQ's own cleanup follows
                 log.warning("worker: looking for unstarted jobs on %s failed: %s", q.name, exc)
         super().clean_registries()  # type: ignore[misc]
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """RQ's heartbeat, its three commands sent in one round trip when RQ gives it no pipeline.
+
+        RQ sends a heartbeat alone three times for every job (after the dequeue, after the job, and
+        before the next blocking dequeue: "heartbeat() is called 7 times just to run a 3 second
+        job", rq/rq#945), each as three round trips: nine of the 25 round trips a light child made
+        per notification, each costing CPU in the child and in Redis. The one after the dequeue
+        also sits between an event's enqueue and its action's start (bench/README.md, latency).
+        ``tests/test_worker_round_trips.py`` fails when RQ batches them itself; then this goes."""
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline=pipeline)  # type: ignore[misc]
+            return
+        with self.connection.pipeline(transaction=False) as batched:
+            super().heartbeat(timeout, pipeline=batched)  # type: ignore[misc]
+            batched.execute()
 
     def request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
