@@ -191,7 +191,7 @@ class _Builder:
             return None, False
         node = item[1]
         if not isinstance(node, ScalarNode) or not _SLUG.fullmatch(node.value):
-            shown = node.value if isinstance(node, ScalarNode) else "a " + node.id
+            shown = node.value if isinstance(node, ScalarNode) else "a " + getattr(node, "id", "node")
             self.error(node, f"id {shown!r} is not a slug (lowercase letters, digits, '-' and '_', "
                              "starting with a letter or digit)", label)
             return None, False
