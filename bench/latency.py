@@ -49,11 +49,14 @@ rules:
 
 
 class _Sink(BaseHTTPRequestHandler):
-    """Answers every POST with 204 at once."""
+    """Answers every POST with 204 at once, keeping the connection open as webhook hosts do."""
+
+    protocol_version = "HTTP/1.1"
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.send_response(204)
+        self.send_header("Content-Length", "0")
         self.end_headers()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name

@@ -365,3 +365,97 @@ def test_name_is_resolved_once_and_that_address_used(hook: Hook, redis: Redis,
     result, _ = send({"url": f"http://rebind.test:{port}/x", "text": "hi"}, redis, settings=settings)
     assert result["status"] == 200 and lookups == ["rebind.test"]
     assert hook.requests[0].headers["Host"] == f"rebind.test:{port}"
+
+
+# -- kept connections ---------------------------------------------------------------------------
+
+@dataclass
+class KeepAliveHook:
+    """An HTTP/1.1 endpoint that keeps connections open, as real webhook hosts do: records the client
+    address each POST came from (one address, one connection)."""
+
+    url: str
+    peers: list[tuple[str, int]] = field(default_factory=list)
+    delay: float = 0.0
+    hang_up: bool = False
+    """Close each connection after its answer without saying so (a host's idle timeout)."""
+
+
+@pytest.fixture
+def keepalive() -> Iterator[KeepAliveHook]:
+    state = KeepAliveHook(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            state.peers.append(self.client_address)
+            time.sleep(state.delay)
+            try:
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.close_connection = state.hang_up
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    yield state
+    notify.KEPT.close()
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_notifications_to_one_host_share_a_kept_connection(keepalive: KeepAliveHook, redis: Redis) -> None:
+    for run in range(3):
+        send({"url": keepalive.url, "text": "hi"}, redis, run=run)
+    assert len(keepalive.peers) == 3 and len(set(keepalive.peers)) == 1, keepalive.peers
+
+
+def test_a_connection_idle_too_long_is_not_used_again(keepalive: KeepAliveHook, redis: Redis,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(notify, "KEEP_ALIVE_SECONDS", 0.05)
+    send({"url": keepalive.url, "text": "hi"}, redis)
+    time.sleep(0.1)
+    send({"url": keepalive.url, "text": "hi"}, redis, run=1)
+    assert len(set(keepalive.peers)) == 2, keepalive.peers
+
+
+def test_a_connection_that_failed_is_not_used_again(keepalive: KeepAliveHook, redis: Redis) -> None:
+    """A timeout leaves the connection in an unknown state: the next POST opens a new one."""
+    send({"url": keepalive.url, "text": "hi"}, redis)
+    keepalive.delay = 0.5
+    with pytest.raises(TransientError, match="no answer"):
+        send({"url": keepalive.url, "text": "hi", "timeout": 0.1}, redis, run=1)
+    keepalive.delay = 0.0
+    send({"url": keepalive.url, "text": "hi"}, redis, run=2)
+    assert len(keepalive.peers) == 3 and keepalive.peers[0] == keepalive.peers[1] != keepalive.peers[2]
+
+
+def test_a_kept_connection_serves_one_name_only(keepalive: KeepAliveHook, redis: Redis) -> None:
+    """Another name for the same address (``Host``, and the TLS server name for https) gets its own."""
+    settings = WorkerSettings(notify_allowed_hosts=("127.0.0.1", "localhost"))
+    send({"url": keepalive.url, "text": "hi"}, redis, settings=settings)
+    send({"url": keepalive.url.replace("127.0.0.1", "localhost"), "text": "hi"}, redis, settings=settings, run=1)
+    assert len(set(keepalive.peers)) == 2, keepalive.peers
+
+
+def test_a_connection_the_host_closed_is_replaced_without_a_failure(keepalive: KeepAliveHook, hook: Hook,
+                                                                    redis: Redis) -> None:
+    """A host that hung up on the kept connection while it was idle (``keepalive.hang_up``), or that
+    answers HTTP/1.0 and closes every connection (``hook``): each notification still goes out once."""
+    keepalive.hang_up = True
+    for run in range(3):
+        assert send({"url": keepalive.url, "text": "hi"}, redis, run=run)[0]["status"] == 204
+        time.sleep(0.05)  # the server's side of the connection is closed by now
+        assert send({"url": hook.url, "text": "hi"}, redis, run=10 + run)[0]["status"] == 200
+    assert len(set(keepalive.peers)) == 3 and len(hook.requests) == 3

@@ -40,6 +40,10 @@ from the payload included), and the request is built from that decision (securit
 - the connection goes to that very address, with the name as ``Host`` header and TLS server name
   (certificate checked against the name), so a second DNS answer cannot swap the address.
 
+A worker keeps its connection to a host for the next notification to the same name and address
+(:class:`KeptConnections`, idle for :data:`KEEP_ALIVE_SECONDS` at most). A host that closes a kept
+connection just as it is used fails that attempt, which is retried like any connection error.
+
 Webhook URLs are secrets (a Slack URL is its own credential), so results, notes and errors only
 ever show ``scheme://host/first-segment/…``, never the rest of the path or the query.
 
@@ -58,15 +62,21 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from core.errors import ErrorKind, PermanentError, TransientError, classify
 from core.rule_secrets import forbidden, is_reference, references, unseal
 from workers.actions._params import call_key, has_placeholder, text, unknown_params
 from workers.context import ActionContext
+
+if TYPE_CHECKING:
+    import urllib3
 
 PARAMS = ("url", "text", "format", "timeout", "headers")
 IDEMPOTENCY_HEADER = "Idempotency-Key"
@@ -306,32 +316,97 @@ def resolve(target: Target, allowed: tuple[str, ...]) -> str:
                          "(or its network) in CVAT_HOOKS_NOTIFY_ALLOWED_HOSTS to allow it")
 
 
+KEEP_ALIVE_SECONDS = 4.0
+"""How long a worker keeps an idle connection to a notified host for its next notification: less than
+the idle timeout of common servers (Apache 5 s, nginx 75 s), so a kept connection is seldom one the
+server is closing as it is used again."""
+MAX_KEPT = 16
+"""Hosts a worker keeps a connection to at most (the least recently used one is closed first)."""
+
+
+class KeptConnections:
+    """One kept-alive connection per host a worker notifies, so a rule that notifies Slack on every
+    event pays one TCP (and TLS) handshake, not one per notification (bench/: a POST on a new
+    connection cost the worker about twice the CPU of one on a kept one).
+
+    A connection is kept per (scheme, address, port, name): the address is the one :func:`resolve`
+    checked, so a kept connection never goes anywhere a fresh one could not; the name is the TLS
+    server name and ``Host``. One that failed is closed, never used again."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pools: OrderedDict[tuple[str, str, int, str], tuple[urllib3.HTTPConnectionPool, float]] = OrderedDict()
+
+    def pool(self, target: Target, address: str) -> urllib3.HTTPConnectionPool:
+        """The pool for ``target`` at ``address``: the kept one, unless it has been idle too long."""
+        key = (target.scheme, address, target.port, target.host)
+        with self.lock:
+            kept = self.pools.pop(key, None)
+            if kept is not None and time.monotonic() - kept[1] <= KEEP_ALIVE_SECONDS:
+                pool = kept[0]
+            else:
+                if kept is not None:
+                    kept[0].close()
+                pool = _new_pool(target, address)
+            self.pools[key] = (pool, time.monotonic())
+            while len(self.pools) > MAX_KEPT:
+                self.pools.popitem(last=False)[1][0].close()
+            return pool
+
+    def used(self, target: Target, address: str, *, ok: bool) -> None:
+        """After a POST: keep the connection idle from now, or close it after a failure."""
+        key = (target.scheme, address, target.port, target.host)
+        with self.lock:
+            kept = self.pools.pop(key, None)
+            if kept is None:
+                return
+            if ok:
+                self.pools[key] = (kept[0], time.monotonic())
+            else:
+                kept[0].close()
+
+    def close(self) -> None:
+        with self.lock:
+            while self.pools:
+                self.pools.popitem()[1][0].close()
+
+
+def _new_pool(target: Target, address: str) -> urllib3.HTTPConnectionPool:
+    """A pool of one connection to ``address`` with the target's name for TLS (no retries)."""
+    import urllib3  # lazily: the receiver imports this module to validate rules
+
+    if target.scheme == "https":
+        return urllib3.HTTPSConnectionPool(address, port=target.port, retries=False, maxsize=1,
+                                           server_hostname=target.host, assert_hostname=target.host)
+    return urllib3.HTTPConnectionPool(address, port=target.port, retries=False, maxsize=1)
+
+
+KEPT = KeptConnections()
+
+
 def post(target: Target, address: str, payload: dict[str, Any], *, timeout: float,
          headers: Mapping[str, str], shown: str) -> int:
     """POST JSON once to ``address`` (no retries, no redirects, no second DNS lookup) with the
     target's name as ``Host`` and TLS server name; errors say only the redacted URL."""
-    import urllib3  # lazily: the receiver imports this module to validate rules
+    import urllib3
 
     data = json.dumps(payload).encode()
     all_headers = {**{k: v for k, v in headers.items() if k.lower() != "host"},
                    "Host": target.host_header, "Content-Type": "application/json", "User-Agent": "cvat-hooks"}
-    pool_options: dict[str, Any] = {"port": target.port, "retries": False, "maxsize": 1,
-                                    "timeout": urllib3.Timeout(total=timeout)}
-    pool: urllib3.HTTPConnectionPool
-    if target.scheme == "https":
-        pool = urllib3.HTTPSConnectionPool(address, server_hostname=target.host, assert_hostname=target.host,
-                                           **pool_options)
-    else:
-        pool = urllib3.HTTPConnectionPool(address, **pool_options)
+    pool = KEPT.pool(target, address)
+    ok = False
     try:
-        with pool:
-            response = pool.urlopen("POST", target.request_uri, body=data, headers=all_headers, redirect=False,
-                                    retries=False, assert_same_host=False, preload_content=True)
+        response = pool.urlopen("POST", target.request_uri, body=data, headers=all_headers, redirect=False,
+                                retries=False, assert_same_host=False, preload_content=True,
+                                timeout=urllib3.Timeout(total=timeout))
+        ok = True
     except (urllib3.exceptions.SSLError, urllib3.exceptions.LocationValueError) as exc:
         # Raised from None: urllib3's messages quote the full URL, a secret.
         raise PermanentError(f"notify {shown}: {type(exc).__name__}") from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise TransientError(f"notify {shown}: no answer ({type(exc).__name__})") from None
+    finally:
+        KEPT.used(target, address, ok=ok)
     return int(response.status)
 
 
@@ -381,5 +456,4 @@ def run(ctx: ActionContext) -> dict[str, Any]:
         raise error(f"notify {shown}: HTTP {status}")
     result = {"url": shown, "status": status, "format": fmt, "bytes": len(json.dumps(payload).encode())}
     ctx.redis.set(marker, json.dumps(result), ex=MARKER_TTL)
-    ctx.note(f"sent ({status})", url=shown)
-    return result
+    return result  # no note of its own: the success step that follows carries this result
