@@ -84,7 +84,7 @@ def paced(port: int, deliveries: list[tuple[bytes, str]], *, rate: float) -> tup
     start = time.perf_counter() + 0.05
 
     def sender(k: int) -> None:
-        poster = stack.Poster(port)
+        poster = stack.RawPoster(port)
         try:
             for i in range(k, len(deliveries), SENDERS):
                 pause = start + i / rate - time.perf_counter()
