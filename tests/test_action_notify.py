@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -63,18 +64,25 @@ def hook() -> Iterator[Hook]:
 
         do_GET = do_POST  # noqa: N815 - a followed redirect arrives as a GET
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
+    with serving(Handler) as base:
+        state.url = f"{base}{SECRET_PATH}?sig=querysecret"
+        yield state
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` on a loopback port, quiet, in a thread; yields its base URL."""
+    handler.log_message = lambda self, format, *args: None  # type: ignore[method-assign]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}{SECRET_PATH}?sig=querysecret"
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
 
 
 LOOPBACK = WorkerSettings(notify_allowed_hosts=("127.0.0.1",))
@@ -400,19 +408,10 @@ def keepalive() -> Iterator[KeepAliveHook]:
                 pass
             self.close_connection = state.hang_up
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    yield state
-    notify.KEPT.close()
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    with serving(Handler) as base:
+        state.url = f"{base}/hook"
+        yield state
+        notify.KEPT.close()
 
 
 def test_notifications_to_one_host_share_a_kept_connection(keepalive: KeepAliveHook, redis: Redis) -> None:
