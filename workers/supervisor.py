@@ -13,8 +13,8 @@ nothing else with it.
 
 What a crashing action takes down (segfault, ``os._exit``, the OOM killer), and how it is recovered:
 
-- an action runs in a child of its queue (``light`` for ``cvat-hooks-actions``: one, or
-  ``CVAT_HOOKS_LIGHT_PROCESSES``; one for each long-running queue), one at a time in each child: a
+- an action runs in a child of its queue (``light`` for ``cvat-hooks-actions``:
+  ``CVAT_HOOKS_LIGHT_PROCESSES``, two by default; one for each long-running queue), one at a time in each child: a
   crash ends that child and the one action it was running, nothing else (jobs still queued are in
   Redis; the other children go on). The parent sees it exit at once (``waitpid``) and hands what
   that child had taken to RQ right away (``workers.rq_gaps.hand_over``): a started job to RQ's own

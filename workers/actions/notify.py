@@ -337,9 +337,13 @@ class KeptConnections:
         self.lock = threading.Lock()
         self.pools: OrderedDict[tuple[str, str, int, str], tuple[urllib3.HTTPConnectionPool, float]] = OrderedDict()
 
+    @staticmethod
+    def key(target: Target, address: str) -> tuple[str, str, int, str]:
+        return target.scheme, address, target.port, target.host
+
     def pool(self, target: Target, address: str) -> urllib3.HTTPConnectionPool:
         """The pool for ``target`` at ``address``: the kept one, unless it has been idle too long."""
-        key = (target.scheme, address, target.port, target.host)
+        key = self.key(target, address)
         with self.lock:
             kept = self.pools.pop(key, None)
             if kept is not None and time.monotonic() - kept[1] <= KEEP_ALIVE_SECONDS:
@@ -355,7 +359,7 @@ class KeptConnections:
 
     def used(self, target: Target, address: str, *, ok: bool) -> None:
         """After a POST: keep the connection idle from now, or close it after a failure."""
-        key = (target.scheme, address, target.port, target.host)
+        key = self.key(target, address)
         with self.lock:
             kept = self.pools.pop(key, None)
             if kept is None:
