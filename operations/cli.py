@@ -284,13 +284,18 @@ def _command_redis(settings: Settings) -> Any:
     connection is the last one, so ours is closed first, error or not: a client still open (one a
     ClickException's traceback holds, say) would keep the server running after the command."""
     from core.redis_conn import connect
-    from operations.serve import redis_url_for
+    from operations.serve import forget_closed_clients, redis_url_for
 
     url, embedded = redis_url_for(settings)
     redis = connect(url)
     context = click.get_current_context()
     context.meta["cvat_hooks.embedded_redis"] = embedded
-    context.call_on_close(redis.close)
+
+    def close() -> None:
+        redis.close()
+        forget_closed_clients(embedded)
+
+    context.call_on_close(close)
     return redis
 
 
