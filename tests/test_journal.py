@@ -16,6 +16,7 @@ from core.queueing import queue
 from receiver.app import create_app
 from receiver.journal import Journal, JournalFull
 from tests.conftest import RedisServer, capture, post
+from tests.procs import wait_for
 
 
 @pytest.fixture
@@ -25,14 +26,6 @@ def own_redis(tmp_path: Path):
     yield server
     server.stop()
 
-
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_deliveries_survive_redis_downtime_once_each(settings, own_redis, tmp_path):

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from receiver.rules import RulesError, RuleStore, load_rules
+from tests.procs import wait_for
 
 
 def fake_validate(name: str, params: Mapping[str, Any]) -> list[str]:
@@ -209,18 +210,6 @@ def test_readyz_says_why_rules_are_missing_or_stale(settings: Any, rules_file: P
 # -- noticed when it happens, logged once, shown everywhere (issue 18, item 7) --------------------------
 
 
-def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` every 20 ms for up to ``timeout`` seconds; its last verdict."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
-
-
 def test_the_watcher_applies_and_refuses_edits_without_any_request(tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """The watcher thread refuses a bad edit at once (ERROR with file:line) and logs a good one (version, count)."""
@@ -231,14 +220,14 @@ def test_the_watcher_applies_and_refuses_edits_without_any_request(tmp_path: Pat
     try:
         with caplog.at_level(logging.INFO, logger="receiver.rules.store"):
             write(path, BAD, tick=1)
-            assert wait_until(lambda: store.last_error is not None)
+            assert wait_for(lambda: store.last_error is not None)
             [refused] = [r for r in caplog.records if r.levelno == logging.ERROR]
             assert f"{path}:5: rule 'broken'" in refused.getMessage()
             status = store.status()
             assert status["reload_failed"] and status["rule_count"] == 1
             assert status["last_reload_error"]["message"].startswith(f"{path}:5:")
             write(path, rules_text("a", "b"), tick=2)
-            assert wait_until(lambda: store.last_error is None)
+            assert wait_for(lambda: store.last_error is None)
         [good] = [r for r in caplog.records if "reloaded" in r.getMessage()]
         assert good.levelno == logging.INFO
         assert f"version {store.current.digest[:12]}, 2 rule(s)" in good.getMessage()
@@ -277,7 +266,7 @@ def test_a_refused_edit_shows_in_readyz_api_and_metrics_before_any_delivery(sett
     assert ready["failing"] == [] and ready["rules"]["reload_failed"] is False
     good = rules_file.read_text()
     rules_file.write_text(good + "  - id: broken\n    on: update:job\n    do: []\n")
-    assert wait_until(lambda: client.get("/readyz").json["failing"] == ["rules"], timeout=5)
+    assert wait_for(lambda: client.get("/readyz").json["failing"] == ["rules"], timeout=5)
     answer = client.get("/readyz")
     assert answer.status_code == 200 and answer.json["status"] == "ready"
     assert answer.json["checks"]["rules"].startswith("failing: ")
@@ -289,5 +278,5 @@ def test_a_refused_edit_shows_in_readyz_api_and_metrics_before_any_delivery(sett
     assert "cvat_hooks_rules_reload_failed 1.0" in text
     assert f'cvat_hooks_rules_info{{source="{rules_file}",version="{api["status"]["version"]}"}} 1.0' in text
     rules_file.write_text(good + "\n")
-    assert wait_until(lambda: client.get("/readyz").json["failing"] == [], timeout=5)
+    assert wait_for(lambda: client.get("/readyz").json["failing"] == [], timeout=5)
     assert "cvat_hooks_rules_reload_failed 0.0" in client.get("/metrics").get_data(as_text=True)

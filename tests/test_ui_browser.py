@@ -22,6 +22,7 @@ from core.queueing import queue
 from receiver.admin import auth
 from receiver.app import create_app
 from tests.conftest import capture, free_port, post, signed, with_settings
+from tests.procs import wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -193,15 +194,6 @@ ISSUE_RULE = ("  - id: notify-issues\n    on: create:issue\n    do:\n      - act
               "        url: http://127.0.0.1:9/hook\n        text: an issue was created\n")
 
 
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    """Poll ``predicate`` every 50 ms for up to ``timeout`` seconds; its last verdict."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
-
 
 def test_rules_page_shows_version_and_a_refused_edit(live, settings, browser_page):
     """The Rules page lists the rules and their version; a refused edit shows as a banner on every page."""
@@ -214,7 +206,7 @@ def test_rules_page_shows_version_and_a_refused_edit(live, settings, browser_pag
     assert page.locator("#rules tbody tr").count() == len(store.current.rules) == 2
     assert page.locator("#rules-banner").count() == 0
     settings.rules_path.write_text(settings.rules_path.read_text() + BROKEN_RULE)
-    assert wait_until(lambda: store.last_error is not None)
+    assert wait_for(lambda: store.last_error is not None)
     page.reload()
     assert f"{settings.rules_path}:" in page.locator("#rules-error pre").inner_text()
     assert "refused" in page.locator("#rules-reload").inner_text()
@@ -236,7 +228,7 @@ def test_why_nothing_matched_and_rematch(live, settings, browser_page):
     assert "event create:issue not in on (create:task)" in verdicts
     store = live.app.extensions["cvat_hooks"].rules
     settings.rules_path.write_text(settings.rules_path.read_text() + ISSUE_RULE)
-    assert wait_until(lambda: len(store.current.rules) == 3)
+    assert wait_for(lambda: len(store.current.rules) == 3)
     page.reload()
     assert page.locator("#verdicts .verdict.matched").inner_text().startswith("notify-issues")
     page.click("#rematch")
