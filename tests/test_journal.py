@@ -27,7 +27,6 @@ def own_redis(tmp_path: Path):
     server.stop()
 
 
-
 def test_deliveries_survive_redis_downtime_once_each(settings, own_redis, tmp_path):
     """Accepted while Redis is down (202 journaled), each processed exactly once after it returns."""
     from redis import Redis

@@ -194,7 +194,6 @@ ISSUE_RULE = ("  - id: notify-issues\n    on: create:issue\n    do:\n      - act
               "        url: http://127.0.0.1:9/hook\n        text: an issue was created\n")
 
 
-
 def test_rules_page_shows_version_and_a_refused_edit(live, settings, browser_page):
     """The Rules page lists the rules and their version; a refused edit shows as a banner on every page."""
     page = browser_page
